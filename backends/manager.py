@@ -1,0 +1,571 @@
+"""BackendManager: the one owner of the loaded backend.
+
+The loaded backend lives in a worker process (``backends.worker``). The manager starts it,
+loads, queues generations (one at a time: one GPU serves everyone), stops them, reads stats,
+and notices when the worker dies. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Listener
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any
+
+from loguru import logger
+from pydantic import ValidationError
+
+from backends import machine
+from backends.api import BackendError, GenerateRequest, MemoryPlan, Progress
+from backends.modelinfo import ModelInfo, inspect
+from backends.plugins import BackendEntry, Plugins
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = float(os.environ.get("MOECHAT_WORKER_START_TIMEOUT", "120"))
+
+
+class Cancelled(BackendError):
+    pass
+
+
+def settings_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "Some settings are not valid. " + "; ".join(parts) + "."
+
+
+@dataclass
+class LoadState:
+    status: str = "empty"  # empty | loading | ready | failed
+    backend: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: ModelInfo | None = None
+    progress: Progress | None = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    plan: MemoryPlan | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+@dataclass
+class Event:
+    """What a generation stream yields: ``queued`` (position), ``chunk`` (text), ``done``."""
+
+    kind: str
+    text: str = ""
+    position: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class WorkerProcess:
+    """One worker process and the connection to it. Routes messages to per-request queues."""
+
+    def __init__(self, entry: BackendEntry, python: str | None, on_exit: Callable[[WorkerProcess], None]):
+        self.entry = entry
+        self.on_exit = on_exit
+        self.control: Queue[dict] = Queue()
+        self.streams: dict[str, Queue[dict]] = {}
+        self.lock = threading.Lock()
+        self.alive = True
+        self.stderr_tail: deque[str] = deque(maxlen=30)
+        self.expected_exit = False
+        key = secrets.token_bytes(16)
+        self._tmp = tempfile.mkdtemp(prefix="moechat-")
+        address = os.path.join(self._tmp, "worker.sock")
+        listener = Listener(address, family="AF_UNIX", authkey=key)
+        cls = entry.cls
+        env = dict(os.environ, MOECHAT_WORKER_KEY=key.hex(), PYTHONUNBUFFERED="1")
+        module_root = Path(sys.modules[cls.__module__].__file__).resolve().parents[cls.__module__.count(".")]
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(PROJECT_ROOT), str(module_root), env.get("PYTHONPATH", "")] if p)
+        self.proc = subprocess.Popen(
+            [python or sys.executable, "-m", "backends.worker", "--address", address,
+             "--backend", f"{cls.__module__}:{cls.__qualname__}"],
+            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(PROJECT_ROOT),
+        )
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        accepted: list = []
+        t = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+        t.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while t.is_alive() and self.proc.poll() is None and time.monotonic() < deadline:
+            t.join(0.1)
+        listener.close()
+        if not accepted:
+            self.proc.kill()
+            tail = " ".join(list(self.stderr_tail)[-3:])
+            raise BackendError(f"The {entry.name} worker process did not start"
+                               f"{' (' + python + ')' if python else ''}: {tail or 'no output'}")
+        self.conn = accepted[0]
+        self.pid = self.proc.pid
+        threading.Thread(target=self._read, daemon=True, name=f"manager-reader-{entry.name}").start()
+
+    def _pump_stderr(self) -> None:
+        for line in self.proc.stderr:
+            line = line.rstrip()
+            self.stderr_tail.append(line)
+            sys.stderr.write(line + "\n")
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            gen_id = msg.get("id")
+            if gen_id is not None:
+                with self.lock:
+                    q = self.streams.get(gen_id)
+                if q is not None:
+                    q.put(msg)
+            else:
+                self.control.put(msg)
+        self.alive = False
+        self.proc.wait()
+        self.control.put({"op": "exit"})
+        with self.lock:
+            streams = list(self.streams.values())
+        for q in streams:
+            q.put({"op": "exit"})
+        self.on_exit(self)
+
+    def exit_description(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return "is still running"
+        if code < 0:
+            import signal
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, EOFError, BrokenPipeError) as exc:
+            raise BackendError(f"The {self.entry.name} worker is gone ({self.exit_description()}).") from exc
+
+    def request(self, msg: dict, reply: str, timeout: float = 30) -> dict:
+        self.send(msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = self.control.get(timeout=0.2)
+            except Empty:
+                continue
+            if got["op"] == reply:
+                return got
+            if got["op"] == "exit":
+                raise BackendError(f"The {self.entry.name} worker {self.exit_description()}.")
+        raise BackendError(f"The {self.entry.name} worker did not answer {msg['op']!r} in {timeout:.0f} s.")
+
+    def stop(self, timeout: float = 20) -> None:
+        self.expected_exit = True
+        if self.proc.poll() is None:
+            try:
+                self.conn.send({"op": "unload"})
+            except (OSError, EOFError):
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        self.expected_exit = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Generation:
+    """A queued or running generation. Iterate it for ``Event``s; ``stop()`` ends it early."""
+
+    def __init__(self, manager: BackendManager, request: GenerateRequest, user: str | None):
+        self.manager = manager
+        self.request = request
+        self.user = user
+        self.id = f"g{next(manager._ids)}"
+        self.stopped = False
+        self.started = False
+        self.backend: str | None = None
+        self.model: str | None = None
+
+    def stop(self) -> None:
+        self.stopped = True
+        worker = self.manager._worker
+        if self.started and worker is not None and worker.alive:
+            try:
+                worker.send({"op": "cancel", "id": self.id})
+            except BackendError:
+                pass
+        with self.manager._turns:
+            self.manager._turns.notify_all()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.manager._run(self)
+
+
+class BackendManager:
+    """Owns the one loaded backend. Thread-safe; every public method may be called from any thread."""
+
+    def __init__(self, plugins: Plugins, data_dir: Path | None = None):
+        self.plugins = plugins
+        self.data_dir = data_dir or machine.data_dir()
+        self.state = LoadState()
+        self._worker: WorkerProcess | None = None
+        self._ids = itertools.count(1)
+        self._turns = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._load_lock = threading.Lock()
+        self._cancel_load = threading.Event()
+        self.history: deque[dict[str, Any]] = deque(maxlen=50)
+        self.memory_log: dict[str, Any] = {}
+        self._stats_lock = threading.Lock()
+
+    # ---- listing ------------------------------------------------------------------------
+    def backends(self) -> dict[str, BackendEntry]:
+        return self.plugins.backends()
+
+    def suggest(self, model: ModelInfo) -> str | None:
+        return self.plugins.pm.hook.suggest_backend(model=model)
+
+    # ---- loading ------------------------------------------------------------------------
+    def resolve_model(self, folder: str) -> ModelInfo:
+        """The ModelInfo of ``folder``; the demo model (created on first use) when empty."""
+        if not folder:
+            from backends.demo import is_demo
+            demo = self.data_dir / "demo-model"
+            if not is_demo(demo):
+                self._set_progress(Progress("Creating the demo model (first run only)"))
+                subprocess.run(
+                    [sys.executable, "-c", "import sys; from pathlib import Path; from backends.demo import "
+                     "demo_model_dir; demo_model_dir(Path(sys.argv[1]))", str(self.data_dir)],
+                    check=True, cwd=str(PROJECT_ROOT), capture_output=True,
+                )
+            folder = str(demo)
+        return inspect(folder)
+
+    def plan(self, backend: str, settings: dict[str, Any]) -> tuple[ModelInfo, Any, MemoryPlan | None]:
+        entry = self.backends()[backend]
+        try:
+            parsed = entry.cls.Settings.model_validate(settings)
+        except ValidationError as exc:
+            raise BackendError(settings_error(exc)) from exc
+        model = self.resolve_model(getattr(parsed, "model", ""))
+        return model, parsed, entry.cls.plan(model, parsed, machine.this_machine())
+
+    def load(self, backend: str, settings: dict[str, Any] | None = None, *,
+             on_progress: Callable[[Progress], None] | None = None, force: bool = False,
+             user: str | None = None) -> dict[str, Any]:
+        """Unload whatever is loaded, then load ``backend`` with ``settings``. Blocks until the
+        model is ready; raises BackendError with a sentence on any failure. Waits its turn
+        behind generations already queued."""
+        settings = dict(settings or {})
+        backends = self.backends()
+        if backend not in backends:
+            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
+        entry = backends[backend]
+        probe = entry.probe()
+        if not probe.available:
+            raise BackendError(f"The {backend} backend cannot run here: {probe.reason}")
+        with self._load_lock:
+            self._cancel_load.clear()
+            ticket = self._enqueue(f"load-{next(self._ids)}")
+            try:
+                self._wait_turn(ticket, lambda: self._cancel_load.is_set())
+                return self._load_locked(entry, settings, on_progress, force, user)
+            finally:
+                self._release(ticket)
+
+    def _load_locked(self, entry, settings, on_progress, force, user) -> dict[str, Any]:
+        self._unload_locked()
+        self.state = LoadState(status="loading", backend=entry.name, settings=settings,
+                               progress=Progress("Checking the model folder"))
+        self._on_progress = on_progress
+        self.plugins.emit("load_started", backend=entry.name, settings=settings, user=user)
+        try:
+            model, parsed, plan = self.plan(entry.name, settings)
+            self.state.model, self.state.plan = model, plan
+            if plan is not None and not plan.fits and not force:
+                raise BackendError(plan_refusal(plan))
+            settings = parsed.model_dump()
+            if "model" in settings:
+                settings["model"] = model.path
+            self.state.settings = settings
+            self.memory_log = {"before_load": memory_snapshot()}
+            self._set_progress(Progress("Starting the worker process"))
+            if self._cancel_load.is_set():
+                raise Cancelled("Loading was cancelled.")
+            worker = WorkerProcess(entry, entry.cls.worker_python(parsed), self._worker_exited)
+            self._worker = worker
+            worker.send({"op": "load", "settings": settings})
+            info = self._await_loaded(worker)
+        except BackendError as exc:
+            self._fail_load(entry.name, str(exc))
+            raise
+        except Exception as exc:
+            logger.exception("load of {} failed", entry.name)
+            self._fail_load(entry.name, f"Loading failed: {type(exc).__name__}: {exc}")
+            raise BackendError(self.state.error) from exc
+        info.setdefault("model_name", Path(model.path).name)
+        self.state = LoadState(status="ready", backend=entry.name, settings=settings, model=model,
+                               info=info, plan=plan)
+        self.plugins.emit("load_finished", backend=entry.name, info=info, user=user)
+        logger.info("{} loaded {} in {:.1f} s", entry.name, model.path, info.get("load_time_s", 0))
+        return info
+
+    def _await_loaded(self, worker: WorkerProcess) -> dict[str, Any]:
+        while True:
+            if self._cancel_load.is_set():
+                worker.kill()
+                raise Cancelled("Loading was cancelled.")
+            try:
+                msg = worker.control.get(timeout=0.2)
+            except Empty:
+                continue
+            op = msg["op"]
+            if op == "progress":
+                self._set_progress(Progress(msg["stage"], msg["done"], msg["total"], msg["unit"]))
+            elif op == "loaded":
+                return msg["info"]
+            elif op == "load_error":
+                worker.stop()
+                raise BackendError(msg["message"])
+            elif op == "exit":
+                if self._cancel_load.is_set():
+                    raise Cancelled("Loading was cancelled.")
+                tail = next((line for line in reversed(worker.stderr_tail) if line.strip()), "")
+                raise BackendError(f"The {worker.entry.name} worker {worker.exit_description()} while "
+                                   f"loading{': ' + tail if tail else ''}. Check the settings and load again.")
+
+    def _set_progress(self, progress: Progress) -> None:
+        self.state.progress = progress
+        cb = getattr(self, "_on_progress", None)
+        if cb is not None:
+            try:
+                cb(progress)
+            except Exception:
+                logger.exception("progress callback failed")
+
+    def _fail_load(self, backend: str, message: str) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker = None
+        model, plan = self.state.model, self.state.plan
+        self.state = LoadState(status="failed", backend=backend, error=message, model=model, plan=plan)
+        self.plugins.emit("load_failed", backend=backend, error=message)
+
+    def cancel_load(self) -> None:
+        """Stop a load in progress; the worker is killed, nothing stays half-loaded."""
+        self._cancel_load.set()
+        with self._turns:
+            self._turns.notify_all()
+
+    def unload(self) -> None:
+        with self._load_lock:
+            ticket = self._enqueue(f"unload-{next(self._ids)}")
+            try:
+                self._wait_turn(ticket, lambda: False)
+                self._unload_locked()
+            finally:
+                self._release(ticket)
+
+    def _unload_locked(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        name = worker.entry.name
+        worker.stop()
+        self.memory_log["after_unload"] = memory_snapshot()
+        self.memory_log["worker_exited"] = worker.proc.poll() is not None
+        self.state = LoadState()
+        self.plugins.emit("unloaded", backend=name, memory=self.memory_log)
+
+    def _worker_exited(self, worker: WorkerProcess) -> None:
+        if worker.expected_exit or self._worker is not worker:
+            return
+        message = (f"The {worker.entry.name} backend process {worker.exit_description()}. "
+                   "Your chats are kept; load the model again to continue.")
+        logger.error(message)
+        self._worker = None
+        self.state = LoadState(status="failed", backend=worker.entry.name, error=message,
+                               model=self.state.model, settings=self.state.settings)
+        self.plugins.emit("worker_crashed", backend=worker.entry.name, message=message)
+
+    # ---- generation -----------------------------------------------------------------------
+    def generate(self, request: GenerateRequest, user: str | None = None) -> Generation:
+        return Generation(self, request, user)
+
+    def _enqueue(self, ticket: str) -> str:
+        with self._turns:
+            self._queue.append(ticket)
+        return ticket
+
+    def _release(self, ticket: str) -> None:
+        with self._turns:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+            self._turns.notify_all()
+
+    def _wait_turn(self, ticket: str, cancelled: Callable[[], bool]) -> None:
+        with self._turns:
+            while self._queue[0] != ticket:
+                if cancelled():
+                    raise Cancelled("Cancelled while waiting in the queue.")
+                self._turns.wait(0.5)
+            if cancelled():
+                raise Cancelled("Cancelled while waiting in the queue.")
+
+    def queue_position(self, gen: Generation) -> int:
+        with self._turns:
+            return self._queue.index(gen.id) if gen.id in self._queue else -1
+
+    def _run(self, gen: Generation) -> Iterator[Event]:
+        ticket = self._enqueue(gen.id)
+        try:
+            reported = 0
+            while True:
+                with self._turns:
+                    position = self._queue.index(ticket)
+                    if position and position == reported and not gen.stopped:
+                        self._turns.wait(0.5)
+                        continue
+                if gen.stopped:
+                    yield Event("done", finish_reason="cancelled")
+                    return
+                if position == 0:
+                    break
+                reported = position
+                yield Event("queued", position=position)
+            worker = self._worker
+            if worker is None or not worker.alive or not self.state.ready:
+                yield Event("done", finish_reason="error", error=self.not_ready_message())
+                return
+            gen.backend = self.state.backend
+            gen.model = self.state.info.get("model_name")
+            yield from self._stream(worker, gen)
+        finally:
+            self._release(ticket)
+
+    def not_ready_message(self) -> str:
+        if self.state.status == "loading":
+            return "The model is still loading; send again when it is ready."
+        if self.state.status == "failed" and self.state.error:
+            return f"No model is loaded. The last load failed: {self.state.error}"
+        return "No model is loaded. Choose a backend and a model folder, then press Load."
+
+    def _stream(self, worker: WorkerProcess, gen: Generation) -> Iterator[Event]:
+        q: Queue[dict] = Queue()
+        with worker.lock:
+            worker.streams[gen.id] = q
+        try:
+            gen.started = True
+            worker.send({"op": "generate", "id": gen.id, "request": gen.request.model_dump()})
+            if gen.stopped:
+                worker.send({"op": "cancel", "id": gen.id})
+            while True:
+                msg = q.get()
+                if msg["op"] == "chunk":
+                    yield Event("chunk", text=msg["text"])
+                elif msg["op"] == "done":
+                    usage = dict(msg["usage"], backend=gen.backend, model=gen.model)
+                    self.history.append(usage)
+                    self.plugins.emit("generation_finished", backend=gen.backend, user=gen.user,
+                                      finish_reason=msg["finish_reason"], usage=usage)
+                    yield Event("done", finish_reason=msg["finish_reason"], usage=usage, error=msg["error"])
+                    return
+                elif msg["op"] == "exit":
+                    yield Event("done", finish_reason="error", error=(
+                        f"The {worker.entry.name} backend process {worker.exit_description()} while "
+                        "generating. What was written so far is kept; load the model again to continue."))
+                    return
+        except GeneratorExit:
+            if worker.alive:
+                try:
+                    worker.send({"op": "cancel", "id": gen.id})
+                except BackendError:
+                    pass
+                # wait for the worker to finish this request so the next one starts clean
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    try:
+                        if q.get(timeout=0.5)["op"] in ("done", "exit"):
+                            break
+                    except Empty:
+                        if not worker.alive:
+                            break
+            raise
+        finally:
+            with worker.lock:
+                worker.streams.pop(gen.id, None)
+
+    # ---- stats ------------------------------------------------------------------------------
+    def stats(self, timeout: float = 10) -> dict[str, Any]:
+        """Load facts, the last generation's timing, the backend's own keys and memory."""
+        out: dict[str, Any] = {"status": self.state.status, "backend": self.state.backend}
+        if self.state.model is not None:
+            out["model"] = self.state.model.path
+        if self.state.status == "loading" and self.state.progress is not None:
+            out["progress"] = self.state.progress.__dict__
+        if self.state.error:
+            out["error"] = self.state.error
+        if self.history:
+            out["last"] = dict(self.history[-1])
+        out["queue_length"] = len(self._queue)
+        out["load"] = {k: v for k, v in self.state.info.items() if k not in ("gpus", "worker_rss_bytes")}
+        out["memory"] = self.memory_log
+        worker = self._worker
+        if worker is not None and worker.alive and self.state.ready:
+            out["worker_pid"] = worker.pid
+            try:
+                out["backend_stats"] = self.worker_stats(worker, timeout)
+            except BackendError as exc:
+                out["backend_stats_error"] = str(exc)
+        return out
+
+    def worker_stats(self, worker: WorkerProcess, timeout: float) -> dict[str, Any]:
+        with self._stats_lock:
+            return worker.request({"op": "stats"}, "stats", timeout)["stats"]
+
+    def close(self) -> None:
+        self.cancel_load()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop(timeout=10)
+
+
+def memory_snapshot() -> dict[str, Any]:
+    m = machine.this_machine()
+    return {"host_available_bytes": m.host_available,
+            "gpus": [{"index": g.index, "used_bytes": g.used, "total_bytes": g.total} for g in m.gpus]}
+
+
+def plan_refusal(plan: MemoryPlan) -> str:
+    from backends.planning import describe
+    return describe(plan) + " Change the settings as advised, or load anyway with force."

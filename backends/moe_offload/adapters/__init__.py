@@ -1,0 +1,73 @@
+"""One adapter per MoE family: what in a checkpoint is a routed expert, and how to build the rest.
+
+The engine (store, cache, dispatch, generation) knows nothing about a family. Adding a family
+means one module here with an ``Adapter`` subclass listed in ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+PROJS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    moe_layers: tuple[int, ...]   # checkpoint layer indices that have routed experts
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+
+
+class Adapter:
+    """Base adapter for models whose routed experts are stored per expert as
+    ``<prefix>.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.<suffix>`` and whose transformers
+    implementation has a fused ``*Experts`` module called as ``experts(x, top_k_index, top_k_weights)``."""
+
+    model_types: tuple[str, ...] = ()
+    expert_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(\w+)$")
+    skip_re: re.Pattern | None = None
+
+    def parse_expert(self, name: str) -> tuple[int, int, str, str] | None:
+        """(layer, expert, proj, suffix) for a routed-expert tensor, else None."""
+        m = self.expert_re.match(name)
+        if not m:
+            return None
+        return int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+
+    def skip(self, name: str) -> bool:
+        """Tensors the model does not use (e.g. multi-token-prediction heads)."""
+        return bool(self.skip_re and self.skip_re.match(name))
+
+    def shapes(self, config: Any) -> ExpertShapes:
+        raise NotImplementedError
+
+    def build_resident(self, config: Any, make_experts: Callable[[int], Any]) -> Any:
+        """The model on the meta device with every routed-experts module replaced by
+        ``make_experts(layer_index)``."""
+        raise NotImplementedError
+
+    def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
+        return 0
+
+    def state_bytes(self, config: Any, dtype_bytes: int) -> int:
+        """Per-sequence recurrent state that does not grow with context."""
+        return 0
+
+
+def adapter_for(model_type: str) -> Adapter:
+    from backends.moe_offload.adapters.qwen3_moe import Qwen3MoeAdapter
+    from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+
+    for cls in (Qwen3NextAdapter, Qwen3MoeAdapter):
+        if model_type in cls.model_types:
+            return cls()
+    from backends.api import BackendError
+    raise BackendError(f"moe-offload does not know the model type {model_type!r} yet; it runs "
+                       "qwen3_next and qwen3_moe models. Pick another backend for this model.")
+
+
+SUPPORTED = ("qwen3_next", "qwen3_moe")

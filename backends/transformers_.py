@@ -1,0 +1,54 @@
+"""The ``transformers`` backend: a model in full precision on the CPU or GPU, with accelerate's
+device_map and per-device memory caps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.api import BackendError, Probe, ProgressCallback, Progress
+from backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
+from backends.hookspecs import hookimpl
+
+
+def load_pretrained(folder: str, progress: ProgressCallback, **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+    progress(Progress("Loading weights"))
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackendError(f"transformers could not load {folder}: {exc}") from exc
+
+
+class TransformersBackend(HFBackend):
+    name = "transformers"
+    label = "transformers: full precision, CPU or GPU"
+    description = ("Hugging Face transformers with accelerate's device_map. Simple and exact; "
+                   "offloaded weights cross PCIe on every token, so large models are slow.")
+    Settings = HFSettings
+
+    @classmethod
+    def probe(cls) -> Probe:
+        from importlib.util import find_spec
+        missing = [m for m in ("torch", "transformers", "accelerate") if find_spec(m) is None]
+        if missing:
+            return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
+        return Probe(True)
+
+    def load(self, settings: HFSettings, progress: ProgressCallback) -> dict[str, Any]:
+        progress(Progress("Reading the tokenizer"))
+        self.tokenizer = self.load_tokenizer(settings.model)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        mm = max_memory(settings, device)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if device == "cuda":
+            kwargs.update(device_map="auto", max_memory=mm)
+        self.model = load_pretrained(settings.model, progress, **kwargs).eval()
+        self.max_context = model_context(self.model.config, settings.max_context)
+        return {"model_name": settings.model.rstrip("/").split("/")[-1], "device": device,
+                "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes(self.model)}
+
+
+@hookimpl
+def register_backends(register):
+    register(TransformersBackend)
