@@ -73,7 +73,8 @@ class Plugins:
             try:
                 impl(register=register)
             except Exception as exc:
-                logger.opt(exception=exc).error("plugin {} failed to register its backends", plugin_name)
+                logger.error("plugin {} failed to register its backends: {}", plugin_name, exc)
+                logger.opt(exception=exc).debug("traceback of plugin {}", plugin_name)
                 self._fail(plugin_name, f"register_backends raised {type(exc).__name__}: {exc}")
         return found
 
@@ -117,7 +118,8 @@ def get_plugin_manager(extra_plugins: list[object] = ()) -> Plugins:
             module = ep.load()
             pm.register(module, name=ep.name)
         except Exception as exc:
-            logger.opt(exception=exc).error("plugin {} ({}) failed to load", ep.name, ep.value)
+            logger.error("plugin {} ({}) failed to load: {}: {}", ep.name, ep.value, type(exc).__name__, exc)
+            logger.opt(exception=exc).debug("traceback of plugin {}", ep.name)
             plugins._fail(ep.name, f"failed to load {ep.value}: {type(exc).__name__}: {exc}")
     for extra in extra_plugins:
         pm.register(extra)

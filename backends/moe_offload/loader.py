@@ -1,0 +1,142 @@
+"""Reading a Hugging Face-style folder of safetensors, one tensor at a time.
+
+Three layouts are read (see docs/moe-offload.md): a dense release (bf16/fp16/fp32), the block-FP8
+release (``quant_method: fp8``, ``weight`` float8_e4m3fn + ``weight_scale_inv``) and
+compressed-tensors FP8 (``weight`` + ``weight_scale``: tensor, channel or block). In both FP8
+layouts the dense weight is ``weight * scale`` broadcast over blocks, so a float8 weight is paired
+with whichever scale sits next to it. Nothing bigger than one tensor is held at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.api import BackendError
+
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+SKIP_SUFFIXES = ("input_scale", "weight_zero_point", "input_zero_point", "weight_g_idx")
+
+
+def checkpoint_format(config: dict[str, Any]) -> str:
+    """'dense', 'fp8-block' or 'compressed-tensors-fp8' from config.json's quantization_config."""
+    q = config.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if not method:
+        return "dense"
+    if method == "fp8":
+        return "fp8-block"
+    if method == "compressed-tensors":
+        for group in (q.get("config_groups") or {}).values():
+            w = group.get("weights") or {}
+            if w.get("type") != "float" or w.get("num_bits") != 8:
+                raise BackendError("This compressed-tensors checkpoint is not FP8 (weights "
+                                   f"{w.get('type')}{w.get('num_bits')}); moe-offload reads FP8 ones only.")
+        return "compressed-tensors-fp8"
+    raise BackendError(f"moe-offload cannot read checkpoints quantized with {method!r}; use the bf16 or "
+                       "an FP8 release of the model.")
+
+
+@dataclass
+class Entry:
+    name: str
+    weight: Any               # torch.Tensor
+    scale: Any | None = None  # for float8 weights
+
+
+class Checkpoint:
+    """The tensors of a model folder: names, the shard each lives in, and streaming reads."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        cfg_path = self.folder / "config.json"
+        if not cfg_path.exists():
+            raise BackendError(f"{self.folder} has no config.json; choose a Hugging Face-style model folder.")
+        self.config_dict = json.loads(cfg_path.read_text())
+        self.format = checkpoint_format(self.config_dict)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise BackendError(f"{self.folder} has no .safetensors weights.")
+            from safetensors import safe_open
+            weight_map = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        weight_map[k] = f.name
+        self.weight_map: dict[str, str] = weight_map
+        self.shards = sorted(set(weight_map.values()))
+        self._handles: dict[str, Any] = {}
+
+    def fingerprint(self) -> str:
+        """Changes when any shard changes: folder, names, sizes and modification times."""
+        h = hashlib.sha256(str(self.folder.resolve()).encode())
+        for s in self.shards:
+            st = (self.folder / s).stat()
+            h.update(f"{s}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:20]
+
+    def _handle(self, shard: str):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[shard]
+
+    def get(self, name: str):
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def entries(self, names: list[str] | None = None) -> Iterator[Entry]:
+        """Every weight in shard order, float8 weights with their scale; scales not apart."""
+        import torch
+
+        names = names if names is not None else list(self.weight_map)
+        order = sorted(names, key=lambda n: (self.weight_map[n], n))
+        for name in order:
+            suffix = name.rsplit(".", 1)[-1]
+            if suffix in SCALE_SUFFIXES or suffix in SKIP_SUFFIXES:
+                continue
+            t = self.get(name)
+            scale = None
+            if t.dtype == torch.float8_e4m3fn:
+                base = name[: -len("weight")] if name.endswith("weight") else name + "."
+                for s in SCALE_SUFFIXES:
+                    if base + s in self.weight_map:
+                        scale = self.get(base + s)
+                        break
+                if scale is None:
+                    raise BackendError(f"The float8 tensor {name} has no weight_scale or weight_scale_inv "
+                                       "next to it; the checkpoint is incomplete or in a layout moe-offload "
+                                       "does not know.")
+            yield Entry(name, t, scale)
+        self.close()
+
+
+def dequantize_entry(entry: Entry, dtype) -> Any:
+    """Dense ``dtype`` weight of a resident (non-expert) tensor."""
+    import torch
+
+    from backends.moe_offload import quant
+
+    w = entry.weight
+    if entry.scale is None:
+        return w.to(dtype)
+    r = w.shape[0]
+    c = w.shape[1] if w.dim() > 1 else 1
+    block = quant.fp8_block_of((r, c), tuple(entry.scale.shape))
+    s = entry.scale.float().reshape(math.ceil(r / block[0]), -1)
+    return quant.fp8_dequantize(w.reshape(r, c), s, block, torch.float32).reshape(w.shape).to(dtype)

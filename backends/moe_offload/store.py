@@ -1,0 +1,222 @@
+"""Routed experts in host memory (pinned when a GPU is used), one block per layer and projection.
+
+Per layer there are two projections, laid out as transformers' fused experts are:
+``gate_up`` [E, 2I, H] (rows 0:I gate, I:2I up) and ``down`` [E, H, I]. The experts of one layer
+are contiguous, so one expert of one projection is a single contiguous slice to copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backends.moe_offload import quant
+
+STORE_VERSION = 1
+
+
+@dataclass
+class Proj:
+    """One projection of one layer: ``data`` [E, R, C'] plus ``scale`` for quantized formats."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    block: tuple[int, int] | None = None  # fp8 only
+
+    @property
+    def expert_bytes(self) -> int:
+        n = self.data[0].numel() * self.data.element_size()
+        if self.scale is not None:
+            n += self.scale[0].numel() * self.scale.element_size()
+        return n
+
+
+class ExpertStore:
+    """Every routed expert of every MoE layer, converted to ``fmt`` as it arrives."""
+
+    def __init__(self, fmt: str, layers: tuple[int, ...], num_experts: int, hidden: int,
+                 intermediate: int, dtype: torch.dtype, group: int = 128, pin: bool = False):
+        if fmt not in ("none", "int4", "fp8"):
+            raise ValueError(f"unknown expert format {fmt!r}")
+        self.fmt, self.group, self.dtype, self.pin = fmt, group, dtype, pin
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.layers: dict[int, dict[str, Proj | None]] = {i: {"gate_up": None, "down": None} for i in layers}
+        if fmt == "int4":
+            for width in (hidden, intermediate):
+                if width % group:
+                    raise ValueError(f"int4 group size {group} does not divide {width}; choose a "
+                                     "smaller int4_group_size")
+
+    # ---- shapes -------------------------------------------------------------------------
+    def proj_shape(self, proj: str) -> tuple[int, int]:
+        i, h = self.intermediate, self.hidden
+        return (2 * i, h) if proj == "gate_up" else (h, i)
+
+    def _empty(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _alloc(self, layer: int, proj: str, block: tuple[int, int] | None = None) -> Proj:
+        r, c = self.proj_shape(proj)
+        e = self.num_experts
+        if self.fmt == "none":
+            p = Proj(self._empty((e, r, c), self.dtype), None)
+        elif self.fmt == "int4":
+            p = Proj(self._empty((e, r, c // 2), torch.uint8),
+                     self._empty((e, r, c // self.group), torch.bfloat16))
+        else:
+            br, bc = block
+            p = Proj(self._empty((e, r, c), torch.float8_e4m3fn),
+                     self._empty((e, math.ceil(r / br), math.ceil(c / bc)), torch.float32), block)
+        self.layers[layer][proj] = p
+        return p
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (both projections) in the storage format."""
+        for projs in self.layers.values():
+            if all(projs.values()):
+                return sum(p.expert_bytes for p in projs.values())
+        r1, c1 = self.proj_shape("gate_up")
+        r2, c2 = self.proj_shape("down")
+        n = r1 * c1 + r2 * c2
+        if self.fmt == "int4":
+            return n // 2 + 2 * n // self.group
+        if self.fmt == "fp8":
+            return n + 4 * (math.ceil(r1 / 128) * math.ceil(c1 / 128) + math.ceil(r2 / 128) * math.ceil(c2 / 128))
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def total_bytes(self) -> int:
+        return self.expert_bytes() * self.num_experts * len(self.layers)
+
+    # ---- filling --------------------------------------------------------------------------
+    def put(self, layer: int, expert: int, proj: str, weight: torch.Tensor,
+            scale: torch.Tensor | None = None) -> None:
+        """Store one checkpoint tensor of one expert: ``proj`` is gate, up or down; ``weight``
+        is dense, or float8 with its ``scale`` (any granularity)."""
+        target = "down" if proj == "down" else "gate_up"
+        i = self.intermediate
+        row0 = {"gate": 0, "up": i, "down": 0}[proj]
+        rows = weight.shape[0]
+        is_fp8 = weight.dtype == torch.float8_e4m3fn
+        if is_fp8 and scale is None:
+            raise ValueError(f"float8 weight of layer {layer} expert {expert} {proj} has no scale")
+        p = self.layers[layer][target]
+        if self.fmt == "fp8":
+            if is_fp8:
+                block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
+                q, s = weight, scale.float().reshape(math.ceil(rows / block[0]), -1)
+            else:
+                block = (min(128, rows), min(128, weight.shape[1]))
+                q, s = quant.fp8_quantize(weight, block)
+            if p is None:
+                p = self._alloc(layer, target, block)
+            if p.block != block or row0 % block[0]:
+                q, s = quant.fp8_quantize(quant.fp8_dequantize(q, s, block, torch.float32), p.block)
+                block = p.block
+            p.data[expert, row0:row0 + rows].copy_(q)
+            s0 = row0 // block[0]
+            p.scale[expert, s0:s0 + s.shape[0]].copy_(s)
+            return
+        if p is None:
+            p = self._alloc(layer, target)
+        dense = weight
+        if is_fp8:
+            block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
+            dense = quant.fp8_dequantize(weight, scale.float().reshape(math.ceil(rows / block[0]), -1),
+                                         block, torch.float32)
+        if self.fmt == "none":
+            p.data[expert, row0:row0 + rows].copy_(dense.to(self.dtype))
+        else:
+            q, s = quant.int4_quantize(dense, self.group)
+            p.data[expert, row0:row0 + rows].copy_(q)
+            p.scale[expert, row0:row0 + rows].copy_(s)
+
+    def check_complete(self) -> None:
+        missing = [f"layer {i} {name}" for i, projs in self.layers.items() for name, p in projs.items() if p is None]
+        if missing:
+            from backends.api import BackendError
+            raise BackendError("The checkpoint has no routed-expert weights for " + ", ".join(missing[:4])
+                               + ("..." if len(missing) > 4 else "") + ". Is the model folder complete?")
+
+    def dense(self, layer: int, proj: str, experts=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weights of ``experts`` (all by default): the reference dequantization."""
+        p = self.layers[layer][proj]
+        idx = slice(None) if experts is None else experts
+        return quant.dequantize(self.fmt, p.data[idx], None if p.scale is None else p.scale[idx],
+                                dtype or self.dtype, p.block)
+
+    @classmethod
+    def random(cls, fmt: str, layers: tuple[int, ...], num_experts: int, hidden: int, intermediate: int,
+               dtype: torch.dtype, group: int = 128, pin: bool = False, distinct_layers: int = 2,
+               seed: int = 0) -> "ExpertStore":
+        """A store of random int4 experts made fast (random bytes, not by quantizing), for
+        benchmarks at full size without a checkpoint. Layers share ``distinct_layers`` contents."""
+        if fmt != "int4":
+            raise ValueError("random stores are int4 only")
+        store = cls(fmt, layers, num_experts, hidden, intermediate, dtype, group, pin)
+        g = torch.Generator().manual_seed(seed)
+        protos: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for li, layer in enumerate(layers):
+            for proj in ("gate_up", "down"):
+                p = store._alloc(layer, proj)
+                if li < distinct_layers:
+                    p.data.view(torch.int32).copy_(torch.randint(-2**31, 2**31 - 1, p.data.view(torch.int32).shape,
+                                                                 generator=g, dtype=torch.int32))
+                    # scale so each weight is about N(0, 0.02): uniform q in [-8,7] has std ~4.6
+                    p.scale.fill_(0.02 / 4.6)
+                else:
+                    src = store.layers[layers[li % distinct_layers]][proj]
+                    p.data.copy_(src.data)
+                    p.scale.copy_(src.scale)
+        return store
+
+    # ---- the converted-experts cache on disk -------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Write the store to ``folder`` atomically (a temporary folder renamed at the end)."""
+        from safetensors.torch import save_file
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        meta = {"version": STORE_VERSION, "fmt": self.fmt, "group": self.group, "layers": {}}
+        for layer, projs in self.layers.items():
+            tensors = {}
+            for name, p in projs.items():
+                tensors[f"{name}.data"] = p.data
+                if p.scale is not None:
+                    tensors[f"{name}.scale"] = p.scale
+                meta["layers"][str(layer)] = meta["layers"].get(str(layer), {})
+                meta["layers"][str(layer)][name] = list(p.block) if p.block else None
+            save_file(tensors, str(tmp / f"layer{layer}.safetensors"))
+        (tmp / "store.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+    def load_saved(self, folder: Path, progress=None) -> bool:
+        """Fill the store from ``save``'s folder; False when it is missing or does not match."""
+        from safetensors import safe_open
+
+        try:
+            meta = json.loads((folder / "store.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if meta.get("version") != STORE_VERSION or meta.get("fmt") != self.fmt or meta.get("group") != self.group:
+            return False
+        if set(meta["layers"]) != {str(i) for i in self.layers}:
+            return False
+        for n, layer in enumerate(self.layers):
+            with safe_open(str(folder / f"layer{layer}.safetensors"), framework="pt") as f:
+                for name in ("gate_up", "down"):
+                    block = meta["layers"][str(layer)][name]
+                    p = self._alloc(layer, name, tuple(block) if block else None)
+                    p.data.copy_(f.get_tensor(f"{name}.data"))
+                    if p.scale is not None:
+                        p.scale.copy_(f.get_tensor(f"{name}.scale"))
+            if progress:
+                progress(n + 1, len(self.layers))
+        return True

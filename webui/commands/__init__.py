@@ -1,0 +1,1 @@
+"""Subcommands of ``moechat``, one module each (see webui/cli.py)."""

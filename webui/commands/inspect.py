@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model_dir", help="a model folder (config.json, tokenizer, safetensors)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    from backends.api import BackendError
+    from backends.modelinfo import inspect
+    from backends.plugins import get_plugin_manager
+
+    try:
+        info = inspect(args.model_dir)
+    except BackendError as exc:
+        print(f"moechat: {exc}", file=sys.stderr)
+        return 1
+    suggested = get_plugin_manager().pm.hook.suggest_backend(model=info)
+    if args.json:
+        print(json.dumps(dict(info.to_dict(), suggested_backend=suggested), indent=2))
+    else:
+        print(info.summary())
+        print(f"weights: {info.weight_bytes / 1e9:.2f} GB in {len(info.shards)} file(s)")
+        print(f"suggested backend: {suggested}")
+    return 0
