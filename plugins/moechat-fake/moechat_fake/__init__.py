@@ -1,0 +1,76 @@
+"""A fake backend: no model, deterministic replies. See README.md."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from pydantic import Field
+
+from backends.api import Backend, BackendError, BackendSettings, Chunk, Progress
+from backends.hookspecs import hookimpl
+
+
+class FakeSettings(BackendSettings):
+    delay_s: float = Field(0.0, ge=0, description="Seconds to wait before each token.")
+    crash_after: int | None = Field(None, ge=0, description="Kill the worker process after this many tokens (to test crash handling).")
+    fail_load: str = Field("", description="If set, loading fails with this sentence.")
+    context_length: int = Field(4096, ge=8, description="Most tokens per chat (prompt + reply).")
+
+
+def words(text: str) -> list[str]:
+    parts = text.split(" ")
+    return [p if i == 0 else " " + p for i, p in enumerate(parts)]
+
+
+class FakeBackend(Backend):
+    name = "fake"
+    label = "Fake: echoes your message (for tests)"
+    description = "Runs no model. Replies with your last message, one word per token."
+    Settings = FakeSettings
+
+    def load(self, settings, progress):
+        if settings.fail_load:
+            raise BackendError(settings.fail_load)
+        for i in range(3):
+            progress(Progress("Pretending to load", i + 1, 3, "steps"))
+            time.sleep(settings.delay_s)
+        self.settings = settings
+        self.generated = 0
+        return {"model_name": "fake-echo"}
+
+    def context_length(self):
+        return self.settings.context_length
+
+    def count_prompt_tokens(self, request):
+        text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages)
+        return len(text.split())
+
+    def generate(self, request, should_stop):
+        prompt_tokens = self.count_prompt_tokens(request)
+        if prompt_tokens >= self.settings.context_length:
+            raise BackendError(f"The prompt is {prompt_tokens} tokens but the model takes at most "
+                               f"{self.settings.context_length}. Shorten the chat.")
+        users = [m.content for m in request.messages if m.role == "user"]
+        source = request.prompt if request.prompt is not None else (users[-1] if users else "")
+        reply = words(source or "(nothing to echo)")
+        limit = request.sampling.max_new_tokens
+        for i, word in enumerate(reply[:limit]):
+            if should_stop():
+                yield Chunk(finish_reason="cancelled")
+                return
+            if self.settings.crash_after is not None and i >= self.settings.crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(self.settings.delay_s)
+            self.generated += 1
+            yield Chunk(text=word, tokens=1, prompt_tokens=prompt_tokens if i == 0 else None)
+        yield Chunk(finish_reason="length" if len(reply) > limit else "stop")
+
+    def stats(self):
+        return {"fake_tokens_generated": self.generated}
+
+
+@hookimpl
+def register_backends(register):
+    register(FakeBackend)
