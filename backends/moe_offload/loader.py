@@ -19,6 +19,9 @@ from typing import Any
 
 from backends.api import BackendError
 
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+          "F8_E5M2": "float8_e5m2"}
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 SKIP_SUFFIXES = ("input_scale", "weight_zero_point", "input_zero_point", "weight_g_idx")
 
@@ -54,6 +57,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._headers: dict[str, tuple[dict[str, Any], int]] = {}
         cfg_path = self.folder / "config.json"
         if not cfg_path.exists():
             raise BackendError(f"{self.folder} has no config.json; choose a Hugging Face-style model folder.")
@@ -66,15 +70,13 @@ class Checkpoint:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 raise BackendError(f"{self.folder} has no .safetensors weights.")
-            from safetensors import safe_open
             weight_map = {}
             for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
+                for k in self._header(f.name)[0]:
+                    if k != "__metadata__":
                         weight_map[k] = f.name
-        self.weight_map: dict[str, str] = weight_map
+        self.weight_map: dict[str, str] = {k: v for k, v in weight_map.items() if k != "__metadata__"}
         self.shards = sorted(set(weight_map.values()))
-        self._handles: dict[str, Any] = {}
 
     def fingerprint(self) -> str:
         """Changes when any shard changes: folder, names, sizes and modification times."""
@@ -84,18 +86,39 @@ class Checkpoint:
             h.update(f"{s}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:20]
 
-    def _handle(self, shard: str):
-        from safetensors import safe_open
-
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-        return self._handles[shard]
+    def _header(self, shard: str) -> tuple[dict[str, Any], int]:
+        if shard not in self._headers:
+            with open(self.folder / shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[shard] = (json.loads(f.read(n)), 8 + n)
+        return self._headers[shard]
 
     def get(self, name: str):
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        """One tensor, read with plain file reads into fresh memory (no mmap, so pages of the
+        checkpoint never count towards this process's memory)."""
+        import torch
+
+        shard = self.weight_map[name]
+        header, base = self._header(shard)
+        meta = header[name]
+        dtype = DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise BackendError(f"{name} has dtype {meta['dtype']}, which moe-offload does not read.")
+        start, end = meta["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.folder / shard, "rb", buffering=0) as f:
+            f.seek(base + start)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise BackendError(f"{shard} ends early; the download is incomplete.")
+                got += n
+        return buf.view(getattr(torch, dtype)).reshape(meta["shape"])
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
 
     def __len__(self) -> int:
         return len(self.weight_map)

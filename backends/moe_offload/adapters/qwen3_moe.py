@@ -32,9 +32,11 @@ class Qwen3MoeAdapter(Adapter):
         return model
 
     def rebuild_buffers(self, model: Any, device: Any) -> None:
+        import torch
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
-        model.model.rotary_emb = Qwen3MoeRotaryEmbedding(model.config, device=device)
+        with torch.device(device):
+            model.model.rotary_emb = Qwen3MoeRotaryEmbedding(model.config)
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -32,9 +32,11 @@ class Qwen3NextAdapter(Adapter):
         return model
 
     def rebuild_buffers(self, model: Any, device: Any) -> None:
+        import torch
         from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
-        model.model.rotary_emb = Qwen3NextRotaryEmbedding(model.config, device=device)
+        with torch.device(device):
+            model.model.rotary_emb = Qwen3NextRotaryEmbedding(model.config)
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         attn_layers = sum(1 for t in config.layer_types if t == "full_attention")

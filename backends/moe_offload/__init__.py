@@ -1,0 +1,251 @@
+"""The ``moe-offload`` backend: a huge mixture-of-experts model on one ordinary GPU.
+
+Everything but the routed experts lives on the GPU; routed experts live in (pinned) host memory
+as int4 or fp8, with a per-layer GPU cache of recently used experts sized from a VRAM budget.
+Misses are copied over PCIe or computed on the CPU. Runs with no GPU too.
+
+Importing this module is cheap: torch and transformers are imported inside methods only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import Field
+
+from backends.api import (
+    Backend,
+    BackendError,
+    BackendSettings,
+    Chunk,
+    GenerateRequest,
+    MemoryItem,
+    MemoryPlan,
+    Probe,
+    Progress,
+    ProgressCallback,
+    StopCheck,
+)
+from backends.hookspecs import hookimpl
+
+GiB = 1024**3
+
+
+class MoeOffloadSettings(BackendSettings):
+    expert_format: Literal["int4", "fp8", "none"] = Field(
+        "int4", description="How routed experts are stored in host memory: int4 (group-wise, about 4.1 bits "
+                            "per weight), fp8 (e4m3 with block scales) or none (the checkpoint's dtype; "
+                            "for testing, needs the most memory).")
+    int4_group_size: int = Field(128, ge=16, description="Weights per int4 scale (along the input dimension).")
+    vram_budget_gb: float | None = Field(
+        None, gt=0, description="Most GPU memory to use, in GB. What is left after the resident weights, KV "
+                                "cache, Gated DeltaNet state and a work area becomes the expert cache. "
+                                "Empty: the GPU's free memory.")
+    cache_experts: int | None = Field(
+        None, ge=0, description="GPU cache slots per layer, overriding the budget (0: none).")
+    miss_policy: Literal["auto", "copy", "cpu"] = Field(
+        "auto", description="An expert not in the GPU cache: copy it to the GPU (copy), compute it on the "
+                            "CPU (cpu), or let the backend choose (auto: copy with a GPU, cpu without).")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where the resident model runs: auto "
+                                                                      "uses the GPU when there is one.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.")
+    max_context: int = Field(8192, ge=16, description="Most tokens per chat (prompt + reply); sizes the KV cache.")
+    cache_dir: str = Field("", description="Folder for converted experts (reused by the next load). Empty: "
+                                           "$MOECHAT_HOME/cache/moe-offload or the user cache folder.")
+    cpu_threads: int | None = Field(None, ge=1, description="Threads for experts computed on the CPU. "
+                                                            "Empty: torch's default.")
+
+
+def _expert_bytes_per_param(fmt: str, group: int, dtype_bytes: int) -> float:
+    return {"int4": 0.5 + 2 / group, "fp8": 1.0 + 4 / (128 * 128)}.get(fmt, float(dtype_bytes))
+
+
+class MoeOffloadBackend(Backend):
+    name = "moe-offload"
+    label = "moe-offload: experts in RAM, GPU expert cache"
+    description = ("Runs Qwen3-Next (and Qwen3-MoE) with the routed experts in host memory as int4 or fp8 "
+                   "and everything else on the GPU; a GPU cache keeps recently used experts.")
+    Settings = MoeOffloadSettings
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.max_context: int | None = None
+
+    @classmethod
+    def probe(cls) -> Probe:
+        from importlib.util import find_spec
+        missing = [m for m in ("torch", "transformers", "safetensors") if find_spec(m) is None]
+        if missing:
+            return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
+        return Probe(True)
+
+    @classmethod
+    def plan(cls, model: Any, settings: BackendSettings, machine: Any) -> MemoryPlan | None:
+        cfg = getattr(model, "config", None) or {}
+        if cfg.get("model_type") not in ("qwen3_next", "qwen3_moe"):
+            return None
+        s = settings if isinstance(settings, MoeOffloadSettings) else MoeOffloadSettings(**settings.model_dump())
+        h, i, e = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
+        layers = cfg["num_hidden_layers"]
+        sparse = cfg.get("decoder_sparse_step", 1) or 1
+        moe_layers = sum(1 for n in range(layers) if n not in (cfg.get("mlp_only_layers") or [])
+                         and (n + 1) % sparse == 0)
+        expert_params = 3 * h * i * e * moe_layers
+        total = getattr(model, "param_count", 0) or expert_params
+        gpu = bool(machine and getattr(machine, "gpus", None)) and s.device != "cpu"
+        dtype_bytes = 2 if (gpu and s.dtype != "float32") else 4
+        resident = max(total - expert_params, 0) * dtype_bytes
+        host_experts = int(expert_params * _expert_bytes_per_param(s.expert_format, s.int4_group_size, dtype_bytes))
+        head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+        attn_layers = (layers // cfg.get("full_attention_interval", 4)
+                       if cfg["model_type"] == "qwen3_next" else layers)
+        kv = attn_layers * 2 * cfg["num_key_value_heads"] * head_dim * dtype_bytes * s.max_context
+        plan = MemoryPlan(host_available=getattr(machine, "host_available", None))
+        plan.items.append(MemoryItem("routed experts", "host", host_experts,
+                                     f"{s.expert_format}, {expert_params / 1e9:.1f} B parameters"))
+        dev = "gpu" if gpu else "host"
+        plan.items.append(MemoryItem("resident weights (attention, DeltaNet, router, shared experts, embeddings)",
+                                     dev, resident))
+        plan.items.append(MemoryItem(f"KV cache for {s.max_context} tokens", dev, kv))
+        if gpu:
+            total_gpu = machine.gpu_total
+            budget = int(s.vram_budget_gb * GiB) if s.vram_budget_gb else total_gpu
+            plan.gpu_available = total_gpu
+            left = budget - resident - kv - int(1.5 * GiB)
+            per_expert = int(3 * h * i * _expert_bytes_per_param(s.expert_format, s.int4_group_size, dtype_bytes))
+            slots = s.cache_experts if s.cache_experts is not None else max(0, min(e, left // max(per_expert * moe_layers, 1)))
+            plan.items.append(MemoryItem("GPU expert cache", "gpu", slots * per_expert * moe_layers,
+                                         f"{slots} of {e} experts per layer"))
+            plan.items.append(MemoryItem("work area", "gpu", int(1.5 * GiB)))
+            if left < 0:
+                plan.advice.append("Raise vram_budget_gb or lower max_context: the resident part alone does "
+                                   "not fit the budget.")
+        if plan.host_available is not None and plan.host_bytes > plan.host_available:
+            plan.advice.append("Choose expert_format int4: the experts do not fit in host memory as "
+                               f"{s.expert_format}.")
+        return plan
+
+    # ---- in the worker --------------------------------------------------------------------------
+    def load(self, settings: MoeOffloadSettings, progress: ProgressCallback) -> dict[str, Any]:
+        from pathlib import Path
+
+        import torch
+
+        from backends.moe_offload.build import load_engine
+        from backends.moe_offload.engine import Engine, Options
+
+        folder = settings.model
+        if not folder:
+            from backends.demo import demo_model_dir
+            from backends.machine import data_dir
+            progress(Progress("Preparing the demo model"))
+            folder = str(demo_model_dir(data_dir()))
+        if not Path(folder).is_dir():
+            raise BackendError(f"The model folder {folder} does not exist.")
+        device = Engine.resolve_device(settings.device)
+        if settings.dtype == "auto":
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        else:
+            dtype = getattr(torch, settings.dtype)
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        if device == "cuda" and settings.vram_budget_gb:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.vram_budget_gb * GiB / total))
+        progress(Progress("Reading the tokenizer"))
+        from transformers import AutoTokenizer
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:
+            raise BackendError(f"The tokenizer in {folder} could not be read: {exc}") from exc
+        options = Options(
+            expert_format=settings.expert_format, int4_group_size=settings.int4_group_size, device=device,
+            dtype=dtype, cache_experts=settings.cache_experts, vram_budget_gb=settings.vram_budget_gb,
+            miss_policy=settings.miss_policy, max_context=settings.max_context,
+            cache_dir=Path(settings.cache_dir) if settings.cache_dir else None, cpu_threads=settings.cpu_threads)
+        try:
+            self.engine = load_engine(folder, options, progress)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BackendError("The GPU ran out of memory while loading: lower vram_budget_gb, cache_experts "
+                               "or max_context.") from exc
+        own = getattr(self.engine.config, "max_position_embeddings", None)
+        self.max_context = min(settings.max_context, own) if own else settings.max_context
+        info = dict(self.engine.info)
+        info["model_name"] = Path(folder).name
+        return info
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.engine.config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(x) for x in src)
+        return ids
+
+    def generate(self, request: GenerateRequest, should_stop: StopCheck) -> Iterator[Chunk]:
+        from backends.hf_common import IncrementalDecoder, chat_input_ids, check_prompt_fits
+        from backends.moe_offload.engine import Sampler
+
+        if self.engine is None:
+            raise BackendError("No model is loaded.")
+        ids = chat_input_ids(self.tokenizer, request)
+        sp = request.sampling
+        check_prompt_fits(len(ids), sp.max_new_tokens, self.max_context)
+        max_new = min(sp.max_new_tokens, self.max_context - len(ids))
+        sampler = Sampler(sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty, sp.seed)
+        eos = self._eos_ids()
+        decoder = IncrementalDecoder(self.tokenizer, sp.stop)
+        first = True
+        count = 0
+        finish = None
+        cancelled = False
+        for tok in self.engine.generate_ids(ids, sampler, max_new, eos, lambda: should_stop() or decoder.stopped):
+            count += 1
+            if tok in eos:
+                finish = "stop"
+                break
+            piece = decoder.add([tok])
+            if decoder.stopped:
+                finish = "stop"
+            yield Chunk(text=piece, tokens=1, prompt_tokens=len(ids) if first else None)
+            first = False
+            if finish:
+                break
+            if should_stop():
+                cancelled = True
+                break
+        if finish is None:
+            finish = "cancelled" if cancelled or should_stop() else ("length" if count >= max_new else "stop")
+        tail = decoder.flush() if finish != "cancelled" else ""
+        yield Chunk(text=tail, finish_reason=finish, prompt_tokens=len(ids) if first else None)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats() if self.engine is not None else {}
+
+    def context_length(self) -> int | None:
+        return self.max_context
+
+    def count_prompt_tokens(self, request: GenerateRequest) -> int | None:
+        if self.tokenizer is None:
+            return None
+        from backends.hf_common import chat_input_ids
+        return len(chat_input_ids(self.tokenizer, request))
+
+    def unload(self) -> None:
+        self.engine = None
+        self.tokenizer = None
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+@hookimpl
+def register_backends(register):
+    register(MoeOffloadBackend)

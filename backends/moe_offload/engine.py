@@ -1,0 +1,397 @@
+"""The offload engine: the resident model on the compute device, routed experts in host memory,
+a per-layer expert cache on the compute device, and the generation loop.
+
+Family-agnostic: an adapter (``adapters/``) says which checkpoint tensors are routed experts and
+builds the resident model with every fused ``*Experts`` module replaced by ``OffloadedExperts``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.moe_offload import quant
+from backends.moe_offload.store import ExpertStore, Proj
+
+GiB = 1024**3
+SMALL_BATCH_PAIRS = 64          # up to this many (token, expert) pairs: one gathered bmm
+WORKSPACE_BYTES = int(1.5 * GiB)  # activations, dequantized experts, allocator slack
+
+
+@dataclass
+class Counters:
+    hits: int = 0          # expert lookups served by the device cache
+    misses: int = 0        # lookups that were not in the cache
+    copied: int = 0        # experts copied host -> device
+    cpu_experts: int = 0   # experts computed on the CPU
+    bytes_h2d: int = 0
+    tokens: int = 0        # decode tokens
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+
+    def reset(self) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, type(getattr(self, k))())
+
+
+@dataclass
+class Options:
+    expert_format: str = "int4"
+    int4_group_size: int = 128
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    cache_experts: int | None = None     # device cache slots per layer; None = from the budget
+    vram_budget_gb: float | None = None
+    miss_policy: str = "auto"            # copy | cpu | auto
+    max_context: int = 8192
+    cache_dir: Path | None = None
+    cpu_threads: int | None = None
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for transformers' fused experts: ``forward(x [T,H], top_k_index, top_k_weights)``.
+
+    Holds no parameters: the weights live in the ``ExpertStore`` (host) and in this layer's
+    device cache slots. Lookups are a dict per layer (LRU order); one host sync per layer call
+    reads the routed expert ids."""
+
+    def __init__(self, layer: int, store: ExpertStore, counters: Counters, act: Callable,
+                 device: torch.device, dtype: torch.dtype, slots: int, policy: str):
+        super().__init__()
+        self.layer = layer
+        self.store = store
+        self.counters = counters
+        self.act = act
+        self.device = device
+        self.dtype = dtype
+        self.policy = policy
+        self.src = store.layers[layer]
+        self.slots = slots
+        self.lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
+        self.free = list(range(slots))[::-1]
+        self.cache: dict[str, Proj] = {}
+        self.top_k = None
+        if slots:
+            for name, p in self.src.items():
+                self.cache[name] = Proj(
+                    torch.empty((slots, *p.data.shape[1:]), dtype=p.data.dtype, device=device),
+                    None if p.scale is None else torch.empty((slots, *p.scale.shape[1:]), dtype=p.scale.dtype, device=device),
+                    p.block)
+        self.expert_bytes = sum(p.expert_bytes for p in self.src.values())
+
+    # ---- the cache ------------------------------------------------------------------------
+    def _insert(self, expert: int, keep: set[int]) -> int | None:
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = next((e for e in self.lru if e not in keep), None)
+            if victim is None:
+                return None
+            slot = self.lru.pop(victim)
+        for name, p in self.src.items():
+            c = self.cache[name]
+            c.data[slot].copy_(p.data[expert], non_blocking=True)
+            if p.scale is not None:
+                c.scale[slot].copy_(p.scale[expert], non_blocking=True)
+        self.lru[expert] = slot
+        self.counters.copied += 1
+        self.counters.bytes_h2d += self.expert_bytes if self.device.type == "cuda" else 0
+        return slot
+
+    def warm(self, experts: list[int]) -> None:
+        """Fill free slots with ``experts`` (e.g. before timing)."""
+        for e in experts:
+            if not self.free:
+                break
+            if e not in self.lru:
+                self._insert(e, set())
+        self.counters.copied = 0
+        self.counters.bytes_h2d = 0
+
+    # ---- compute ----------------------------------------------------------------------------
+    def _mlp(self, src: dict[str, Proj], rows: torch.Tensor, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Experts ``rows`` of ``src`` applied to ``xs`` [n, H] (one row per pair), times ``w``."""
+        fmt, dt = self.store.fmt, xs.dtype
+        gu, dn = src["gate_up"], src["down"]
+        w_gu = quant.dequantize(fmt, gu.data[rows], None if gu.scale is None else gu.scale[rows], dt, gu.block)
+        h = torch.bmm(xs.unsqueeze(1), w_gu.transpose(1, 2)).squeeze(1)
+        g, u = h.chunk(2, dim=-1)
+        h = self.act(g) * u
+        w_dn = quant.dequantize(fmt, dn.data[rows], None if dn.scale is None else dn.scale[rows], dt, dn.block)
+        out = torch.bmm(h.unsqueeze(1), w_dn.transpose(1, 2)).squeeze(1)
+        return out * w.unsqueeze(-1).to(out.dtype)
+
+    def _run(self, src: dict[str, Proj], pairs: list[tuple[int, int, int]], x: torch.Tensor,
+             wflat: torch.Tensor, out: torch.Tensor, k: int) -> None:
+        """Accumulate into ``out`` the pairs (flat position, token, row-in-src)."""
+        dev = src["down"].data.device
+        if not pairs:
+            return
+        xd = x if x.device == dev else x.to(dev)
+        wd = wflat if wflat.device == dev else wflat.to(dev)
+        if len(pairs) <= SMALL_BATCH_PAIRS:
+            idx = torch.tensor(pairs, dtype=torch.long).t().contiguous()
+            if dev.type != "cpu":
+                idx = idx.pin_memory().to(dev, non_blocking=True)
+            pos, tok, rows = idx[0], idx[1], idx[2]
+            y = self._mlp(src, rows, xd[tok], wd[pos])
+            if y.device != out.device:
+                y, tok = y.to(out.device), tok.to(out.device)
+            out.index_add_(0, tok, y.to(out.dtype))
+            return
+        # Many pairs (prefill): one group per expert, dense weights of one expert at a time.
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for p, t, r in pairs:
+            groups.setdefault(r, []).append((p, t))
+        for r, pt in groups.items():
+            idx = torch.tensor(pt, dtype=torch.long).t().contiguous()
+            if dev.type != "cpu":
+                idx = idx.to(dev, non_blocking=True)
+            pos, tok = idx[0], idx[1]
+            fmt = self.store.fmt
+            gu, dn = src["gate_up"], src["down"]
+            w_gu = quant.dequantize(fmt, gu.data[r], None if gu.scale is None else gu.scale[r], xd.dtype, gu.block)
+            w_dn = quant.dequantize(fmt, dn.data[r], None if dn.scale is None else dn.scale[r], xd.dtype, dn.block)
+            g, u = F.linear(xd[tok], w_gu).chunk(2, dim=-1)
+            y = F.linear(self.act(g) * u, w_dn) * wd[pos].unsqueeze(-1).to(xd.dtype)
+            if y.device != out.device:
+                y, tok = y.to(out.device), tok.to(out.device)
+            out.index_add_(0, tok, y.to(out.dtype))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = hidden_states
+        t, k = top_k_index.shape
+        out = torch.zeros_like(x)
+        flat = top_k_index.reshape(-1).tolist()          # the one host sync of this layer
+        wflat = top_k_weights.reshape(-1)
+        uniq = list(dict.fromkeys(flat))
+        c = self.counters
+        hit = [e for e in uniq if e in self.lru]
+        miss = [e for e in uniq if e not in self.lru]
+        c.hits += len(hit)
+        c.misses += len(miss)
+        for e in hit:
+            self.lru.move_to_end(e)
+        copy_misses = self.slots > 0 and (self.policy == "copy" or t > 1)
+        cpu_miss: list[int] = []
+        if copy_misses and len(uniq) <= self.slots:
+            keep = set(uniq)
+            for e in miss:
+                self._insert(e, keep)
+            pairs = [(p, p // k, self.lru[e]) for p, e in enumerate(flat)]
+            self._run(self.cache, pairs, x, wflat, out, k)
+        elif copy_misses:
+            # More distinct experts than slots (long prefill): hits first, then misses in rounds.
+            if hit:
+                hs = set(hit)
+                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in hs],
+                          x, wflat, out, k)
+            for r0 in range(0, len(miss), self.slots):
+                rnd = miss[r0:r0 + self.slots]
+                keep = set(rnd)
+                for e in rnd:
+                    self._insert(e, keep)
+                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in keep],
+                          x, wflat, out, k)
+        else:
+            if hit:
+                hs = set(hit)
+                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in hs],
+                          x, wflat, out, k)
+            cpu_miss = miss
+        if cpu_miss:
+            ms = set(cpu_miss)
+            c.cpu_experts += len(cpu_miss)
+            self._run(self.src, [(p, p // k, e) for p, e in enumerate(flat) if e in ms], x, wflat, out, k)
+        return out
+
+
+def plan_slots(budget_bytes: int, resident_bytes: int, kv_bytes: int, state_bytes: int,
+               expert_bytes: int, moe_layers: int, num_experts: int) -> int:
+    """Cache slots per layer that fit in what the budget leaves after everything else."""
+    left = budget_bytes - resident_bytes - kv_bytes - state_bytes - WORKSPACE_BYTES
+    if left <= 0:
+        return 0
+    return max(0, min(num_experts, left // (expert_bytes * moe_layers)))
+
+
+class Engine:
+    """Owns the resident model, the expert store and the caches; runs forward and generation."""
+
+    def __init__(self, model: nn.Module, config: Any, store: ExpertStore, adapter: Any,
+                 options: Options, counters: Counters, experts: list[OffloadedExperts], info: dict):
+        self.model, self.config, self.store, self.adapter = model, config, store, adapter
+        self.options, self.counters, self.experts, self.info = options, counters, experts, info
+        self.device = torch.device(options.device)
+
+    # ---- building ------------------------------------------------------------------------------
+    @staticmethod
+    def resolve_device(device: str) -> str:
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            from backends.api import BackendError
+            raise BackendError("device is set to cuda but torch sees no CUDA GPU here; set device to auto or cpu.")
+        return device
+
+    @classmethod
+    def assemble(cls, config: Any, adapter: Any, store: ExpertStore, options: Options,
+                 fill_resident: Callable[[nn.Module], None]) -> "Engine":
+        """Build the resident model around ``store``: meta -> device, ``fill_resident`` loads the
+        weights, then size and allocate the per-layer device caches."""
+        from transformers.activations import ACT2FN
+
+        dev = torch.device(options.device)
+        counters = Counters()
+        act = ACT2FN[config.hidden_act]
+        shapes = adapter.shapes(config)
+        holders: dict[int, Any] = {}
+
+        class _Placeholder(nn.Module):
+            def __init__(self, layer):
+                super().__init__()
+                self.layer = layer
+
+        model = adapter.build_resident(config, lambda i: holders.setdefault(i, _Placeholder(i)))
+        model = model.to(options.dtype)
+        model.to_empty(device=dev)
+        adapter.rebuild_buffers(model, dev)
+        fill_resident(model)
+        model.eval()
+        resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        dtype_bytes = torch.empty((), dtype=options.dtype).element_size()
+        kv = adapter.kv_bytes_per_token(config, dtype_bytes) * options.max_context
+        state = adapter.state_bytes(config, dtype_bytes)
+        expert_bytes = store.expert_bytes()
+        n_layers = len(shapes.moe_layers)
+        policy = options.miss_policy
+        if policy == "auto":
+            policy = "copy" if dev.type == "cuda" else "cpu"
+        if options.cache_experts is not None:
+            slots = min(options.cache_experts, shapes.num_experts)
+        elif dev.type == "cuda":
+            budget = (options.vram_budget_gb * GiB if options.vram_budget_gb
+                      else torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev))
+            slots = plan_slots(int(budget), resident_bytes, kv, state, expert_bytes, n_layers, shapes.num_experts)
+        else:
+            slots = 0
+        if policy == "copy" and slots < shapes.top_k:
+            slots = min(shapes.top_k, shapes.num_experts)  # a staging area the size of one token's experts
+        experts = []
+        for i in shapes.moe_layers:
+            mod = OffloadedExperts(i, store, counters, act, dev, options.dtype, slots, policy)
+            parent = model.model.layers[i].mlp
+            parent.experts = mod
+            experts.append(mod)
+        info = {
+            "device": str(dev), "dtype": str(options.dtype).removeprefix("torch."),
+            "expert_format": store.fmt, "cache_slots_per_layer": slots, "miss_policy": policy,
+            "resident_gb": round(resident_bytes / GiB, 3),
+            "experts_host_gb": round(store.total_bytes() / GiB, 3),
+            "expert_cache_gb": round(slots * expert_bytes * n_layers / GiB, 3),
+            "kv_cache_gb": round(kv / GiB, 3), "num_experts": shapes.num_experts,
+            "moe_layers": n_layers, "top_k": shapes.top_k,
+        }
+        return cls(model, config, store, adapter, options, counters, experts, info)
+
+    # ---- running --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, logits_to_keep: int = 0):
+        out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=logits_to_keep)
+        return out.logits, out.past_key_values
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[int], sampler: "Sampler", max_new_tokens: int,
+                     stop_ids: set[int], should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
+        """Yield generated token ids, ending on a stop id (yielded), the limit or should_stop."""
+        c = self.counters
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        t0 = time.perf_counter()
+        logits, cache = self.forward(ids, None, logits_to_keep=1)
+        history = list(prompt_ids)
+        tok = sampler(logits[0, -1], history)
+        c.prefill_s += time.perf_counter() - t0
+        c.prefill_tokens += len(prompt_ids)
+        for n in range(max_new_tokens):
+            yield tok
+            history.append(tok)
+            if tok in stop_ids or n + 1 >= max_new_tokens or should_stop():
+                return
+            t0 = time.perf_counter()
+            logits, cache = self.forward(torch.tensor([[tok]]), cache, logits_to_keep=1)
+            tok = sampler(logits[0, -1], history)
+            c.decode_s += time.perf_counter() - t0
+            c.tokens += 1
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        lookups = c.hits + c.misses
+        steps = max(c.tokens + c.prefill_tokens, 1)
+        out = dict(self.info)
+        out.update({
+            "expert_cache_hit_rate": round(c.hits / lookups, 4) if lookups else None,
+            "experts_copied": c.copied,
+            "pcie_bytes_per_token": int(c.bytes_h2d / steps),
+            "cpu_experts_per_token": round(c.cpu_experts / steps, 2),
+            "decode_tok_s": round(c.tokens / c.decode_s, 3) if c.decode_s else None,
+            "prefill_tok_s": round(c.prefill_tokens / c.prefill_s, 3) if c.prefill_s else None,
+        })
+        if self.device.type == "cuda":
+            out["gpu_allocated_gb"] = round(torch.cuda.memory_allocated(self.device) / GiB, 3)
+            out["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / GiB, 3)
+        try:
+            import psutil
+            out["host_rss_gb"] = round(psutil.Process().memory_info().rss / GiB, 3)
+        except Exception:
+            pass
+        return out
+
+
+class Sampler:
+    """Greedy when temperature is 0; else repetition penalty, temperature, top-k, top-p."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, seed: int | None = None):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.repetition_penalty = repetition_penalty
+        self.gen = torch.Generator()
+        self.gen.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        logits = logits.float()
+        if self.repetition_penalty != 1.0 and history:
+            idx = torch.tensor(sorted(set(history)), device=logits.device)
+            sel = logits[idx]
+            logits[idx] = torch.where(sel > 0, sel / self.repetition_penalty, sel * self.repetition_penalty)
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        logits = (logits / self.temperature).cpu()
+        if self.top_k and self.top_k < logits.numel():
+            kth = torch.topk(logits, self.top_k).values[-1]
+            logits[logits < kth] = -math.inf
+        probs = torch.softmax(logits, -1)
+        if self.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = sp.cumsum(0) - sp < self.top_p
+            keep[0] = True
+            mask = torch.zeros_like(probs, dtype=torch.bool)
+            mask[si[keep]] = True
+            probs = torch.where(mask, probs, torch.zeros_like(probs))
+            probs = probs / probs.sum()
+        return int(torch.multinomial(probs, 1, generator=self.gen))
