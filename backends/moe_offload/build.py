@@ -70,7 +70,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
             if parsed is not None:
                 layer, expert, proj, suffix = parsed
                 if suffix == "weight" and layer in store.layers:
-                    store.put(layer, expert, proj, entry.weight, entry.scale)
+                    store.put(layer, expert, proj, entry.weight, entry.scale, entry.block)
             elif entry.name in params:
                 p = params[entry.name]
                 w = dequantize_entry(entry, p.dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.api import BackendError
+from backends.moe_offload import quant
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
@@ -45,11 +46,23 @@ def checkpoint_format(config: dict[str, Any]) -> str:
                        "an FP8 release of the model.")
 
 
+def fp8_block_hint(config: dict[str, Any]) -> tuple[int, int] | None:
+    q = config.get("quantization_config") or {}
+    if q.get("weight_block_size"):
+        return tuple(q["weight_block_size"])
+    for group in (q.get("config_groups") or {}).values():
+        w = group.get("weights") or {}
+        if w.get("strategy") == "block" and w.get("block_structure"):
+            return tuple(w["block_structure"])
+    return None
+
+
 @dataclass
 class Entry:
     name: str
     weight: Any               # torch.Tensor
     scale: Any | None = None  # for float8 weights
+    block: tuple[int, int] | None = None  # the block the scale grid stands for
 
 
 class Checkpoint:
@@ -63,6 +76,7 @@ class Checkpoint:
             raise BackendError(f"{self.folder} has no config.json; choose a Hugging Face-style model folder.")
         self.config_dict = json.loads(cfg_path.read_text())
         self.format = checkpoint_format(self.config_dict)
+        self.block_hint = fp8_block_hint(self.config_dict)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -145,7 +159,12 @@ class Checkpoint:
                     raise BackendError(f"The float8 tensor {name} has no weight_scale or weight_scale_inv "
                                        "next to it; the checkpoint is incomplete or in a layout moe-offload "
                                        "does not know.")
-            yield Entry(name, t, scale)
+            block = None
+            if scale is not None:
+                r = t.shape[0]
+                c = t.shape[1] if t.dim() > 1 else 1
+                block = quant.fp8_block_of((r, c), tuple(scale.shape), self.block_hint)
+            yield Entry(name, t, scale, block)
         self.close()
 
 
@@ -153,13 +172,11 @@ def dequantize_entry(entry: Entry, dtype) -> Any:
     """Dense ``dtype`` weight of a resident (non-expert) tensor."""
     import torch
 
-    from backends.moe_offload import quant
-
     w = entry.weight
     if entry.scale is None:
         return w.to(dtype)
     r = w.shape[0]
     c = w.shape[1] if w.dim() > 1 else 1
-    block = quant.fp8_block_of((r, c), tuple(entry.scale.shape))
+    block = entry.block or quant.fp8_block_of((r, c), tuple(entry.scale.shape))
     s = entry.scale.float().reshape(math.ceil(r / block[0]), -1)
     return quant.fp8_dequantize(w.reshape(r, c), s, block, torch.float32).reshape(w.shape).to(dtype)

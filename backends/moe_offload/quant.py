@@ -45,14 +45,20 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return w.reshape(*lead, r, 2 * half)
 
 
-def fp8_block_of(weight_shape: tuple[int, int], scale_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (rows, cols) block a scale grid stands for: tensor, channel or block scales."""
+def fp8_block_of(weight_shape: tuple[int, int], scale_shape: tuple[int, ...],
+                 hint: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (rows, cols) block a scale grid stands for: tensor, channel or block scales.
+
+    ``hint`` is the checkpoint's declared block (e.g. ``weight_block_size``); it wins where the
+    grid matches it, since a partial last block makes the grid alone ambiguous."""
     r, c = weight_shape
     if len(scale_shape) == 0 or math.prod(scale_shape) == 1:
         return r, c
     if len(scale_shape) == 1:  # per output channel, flattened
         return 1, c
     sr, sc = scale_shape[-2], scale_shape[-1]
+    if hint and (sr, sc) == (math.ceil(r / hint[0]), math.ceil(c / hint[1])):
+        return (hint[0] if sr > 1 else r), (hint[1] if sc > 1 else c)
     return math.ceil(r / sr), math.ceil(c / sc)
 
 

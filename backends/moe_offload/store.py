@@ -95,7 +95,7 @@ class ExpertStore:
 
     # ---- filling --------------------------------------------------------------------------
     def put(self, layer: int, expert: int, proj: str, weight: torch.Tensor,
-            scale: torch.Tensor | None = None) -> None:
+            scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
         """Store one checkpoint tensor of one expert: ``proj`` is gate, up or down; ``weight``
         is dense, or float8 with its ``scale`` (any granularity)."""
         target = "down" if proj == "down" else "gate_up"
@@ -103,12 +103,13 @@ class ExpertStore:
         row0 = {"gate": 0, "up": i, "down": 0}[proj]
         rows = weight.shape[0]
         is_fp8 = weight.dtype == torch.float8_e4m3fn
+        if is_fp8 and scale is not None and block is None:
+            block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
         if is_fp8 and scale is None:
             raise ValueError(f"float8 weight of layer {layer} expert {expert} {proj} has no scale")
         p = self.layers[layer][target]
         if self.fmt == "fp8":
             if is_fp8:
-                block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
                 q, s = weight, scale.float().reshape(math.ceil(rows / block[0]), -1)
             else:
                 block = (min(128, rows), min(128, weight.shape[1]))
@@ -126,7 +127,6 @@ class ExpertStore:
             p = self._alloc(layer, target)
         dense = weight
         if is_fp8:
-            block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
             dense = quant.fp8_dequantize(weight, scale.float().reshape(math.ceil(rows / block[0]), -1),
                                          block, torch.float32)
         if self.fmt == "none":

@@ -1,0 +1,254 @@
+"""moe-offload against transformers' own Qwen3-Next on tiny models (CPU, float32).
+
+What must hold: the same logits as transformers (1e-4) with unquantized experts; with int4 or
+fp8 experts, the same logits as transformers run on the same dequantized weights; greedy
+generation token for token; GPU-cache sizes 0, some and all give the same output; the three
+checkpoint layouts load to the logits of the weights they stand for; loading streams.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from test_moe_offload_helpers import (  # noqa: E402
+    read_state, reference_model, set_reference_experts, write_block_fp8, write_ct_fp8, write_dense,
+    write_sharded, copy_side_files, FP8_KEEP,
+)
+
+from backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
+from backends.demo import build_tiny_model  # noqa: E402
+from backends.moe_offload.build import load_engine  # noqa: E402
+from backends.moe_offload.engine import Options, Sampler  # noqa: E402
+
+TOL = 1e-4
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-offload-models")
+    built = {}
+    for seed in SEEDS:
+        built[seed] = build_tiny_model(root / f"seed{seed}", "qwen3_next", seed=seed)
+    # more experts, so "some" cache sizes are meaningful; int4 needs widths divisible by the group
+    built["wide"] = build_tiny_model(root / "wide", "qwen3_next", seed=3, num_experts=16, num_experts_per_tok=4)
+    return built
+
+
+def prompt(seed: int, n: int = 14) -> torch.Tensor:
+    return torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(100 + seed))
+
+
+def engine(folder, tmp_path, **kw):
+    opts = dict(expert_format="none", device="cpu", dtype=torch.float32, cache_dir=tmp_path / "cache")
+    opts.update(kw)
+    return load_engine(folder, Options(**opts))
+
+
+def ref_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_logits_match_transformers_unquantized(models, tmp_path, seed):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(models[seed], dtype=torch.float32).eval()
+    ids = prompt(seed)
+    eng = engine(models[seed], tmp_path)
+    logits, _ = eng.forward(ids)
+    assert (logits - ref_logits(ref, ids)).abs().max().item() <= TOL
+    # decoding step by step through the cache gives the full-sequence logits too
+    logits1, cache = eng.forward(ids[:, :10])
+    steps = [logits1[:, -1]]
+    for t in range(10, ids.shape[1]):
+        lt, cache = eng.forward(ids[:, t:t + 1], cache)
+        steps.append(lt[:, -1])
+    full = ref_logits(ref, ids)[:, 9:]
+    assert (torch.stack(steps, 1) - full).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_greedy_generation_matches_transformers(models, tmp_path, seed):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(models[seed], dtype=torch.float32).eval()
+    ids = prompt(seed)
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, ids.shape[1]:].tolist()
+    eng = engine(models[seed], tmp_path)
+    got = list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 16, set()))
+    assert got == want
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_quantized_experts_match_reference_on_dequantized_weights(models, tmp_path, fmt):
+    folder = models["wide"]
+    eng = engine(folder, tmp_path, expert_format=fmt, int4_group_size=16)
+    ref = reference_model(folder, read_state(folder))
+    set_reference_experts(ref, eng)
+    ids = prompt(7)
+    logits, _ = eng.forward(ids)
+    assert (logits - ref_logits(ref, ids)).abs().max().item() <= TOL
+    want = ref.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:].tolist()
+    assert list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 12, set())) == want
+    # and quantization really happened: the dequantized experts differ from the originals
+    orig = reference_model(folder, read_state(folder))
+    assert (logits - ref_logits(orig, ids)).abs().max().item() > TOL
+
+
+@pytest.mark.parametrize("fmt", ["none", "int4"])
+def test_cache_sizes_and_miss_policies_give_the_same_output(models, tmp_path, fmt):
+    folder = models["wide"]
+    ids = prompt(11)
+    outs, tokens, hit_rates = [], [], []
+    for cache_experts, policy in [(0, "cpu"), (0, "copy"), (5, "copy"), (5, "cpu"), (16, "copy")]:
+        eng = engine(folder, tmp_path, expert_format=fmt, int4_group_size=16,
+                     cache_experts=cache_experts, miss_policy=policy)
+        outs.append(eng.forward(ids)[0])
+        tokens.append(list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 10, set())))
+        hit_rates.append(eng.stats()["expert_cache_hit_rate"])
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max().item() <= 1e-5
+    assert all(t == tokens[0] for t in tokens)
+    assert hit_rates[0] == 0.0 and hit_rates[-1] > hit_rates[2] > 0.0
+
+
+def test_checkpoint_layouts_load_to_the_logits_of_their_weights(models, tmp_path):
+    src = models[0]
+    state = read_state(src)
+    ids = prompt(3)
+    results = {}
+    for name, writer in [("bf16", write_dense), ("fp8-block", write_block_fp8),
+                         # the official release's module choice, so its logits equal fp8-block's
+                         ("ct-fp8-block", lambda s, a, b: write_ct_fp8(s, a, b, "block", keep=FP8_KEEP)),
+                         ("ct-fp8-channel", lambda s, a, b: write_ct_fp8(s, a, b, "channel"))]:
+        dst = tmp_path / name
+        dense = writer(state, src, dst)
+        assert (dst / "model.safetensors.index.json").exists()
+        ref = ref_logits(reference_model(dst, dense), ids)
+        for fmt in ("none", "fp8"):
+            eng = engine(dst, tmp_path, expert_format=fmt)
+            logits, _ = eng.forward(ids)
+            # fp8 experts from an fp8 checkpoint keep the checkpoint's bytes and scales exactly
+            if fmt == "none" or name != "bf16":
+                assert (logits - ref).abs().max().item() <= TOL, (name, fmt)
+            results[(name, fmt)] = logits
+        assert eng.info["checkpoint_format"] == {"bf16": "dense", "fp8-block": "fp8-block"}.get(
+            name, "compressed-tensors-fp8")
+    # the same fp8 bytes and block scales in either FP8 layout: the same logits
+    assert torch.equal(results[("fp8-block", "none")], results[("ct-fp8-block", "none")])
+
+
+def test_converted_experts_are_cached_on_disk(models, tmp_path):
+    folder = models["wide"]
+    first = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
+    assert first.info["experts_from_disk_cache"] is False
+    second = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
+    assert second.info["experts_from_disk_cache"] is True
+    ids = prompt(5)
+    assert torch.equal(first.forward(ids)[0], second.forward(ids)[0])
+    other = engine(folder, tmp_path, expert_format="fp8")   # another format is converted anew
+    assert other.info["experts_from_disk_cache"] is False
+
+
+def test_load_streams_peak_host_memory_stays_near_final_footprint(tmp_path, models):
+    """A model with 100 MB of bf16 experts loads to about 27 MB of int4 experts; the load must not
+    hold the bf16 weights in memory on the way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(models[0]))
+    cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok = 256, 256, 64, 4
+    cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.head_dim = 2, 4, 64
+    cfg.linear_key_head_dim = cfg.linear_value_head_dim = 64
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    dst = tmp_path / "big"
+    copy_side_files(models[0], dst, None)
+    cfg.save_pretrained(dst)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for n, p in meta.named_parameters():
+        if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj"):
+            prefix = n.rsplit(".", 1)[0]
+            for e in range(cfg.num_experts):
+                if n.endswith("gate_up_proj"):
+                    for proj in ("gate", "up"):
+                        tensors[f"{prefix}.{e}.{proj}_proj.weight"] = (torch.randn(256, 256, generator=g) * 0.05).to(torch.bfloat16)
+                else:
+                    tensors[f"{prefix}.{e}.down_proj.weight"] = (torch.randn(256, 256, generator=g) * 0.05).to(torch.bfloat16)
+        else:
+            tensors[n] = (torch.randn(p.shape, generator=g) * 0.05).to(torch.bfloat16)
+    write_sharded(tensors, dst, shards=4)
+    ckpt_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    del tensors
+    script = textwrap.dedent(f"""
+        import json, resource, psutil, torch
+        torch.set_num_threads(1)
+        from backends.moe_offload.build import load_engine
+        from backends.moe_offload.engine import Options
+        import transformers.models.qwen3_next.modeling_qwen3_next
+        base = psutil.Process().memory_info().rss
+        base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        eng = load_engine({str(dst)!r}, Options(expert_format="int4", cache_dir={str(tmp_path / 'c')!r}))
+        print(json.dumps({{"base": base, "base_peak": base_peak,
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "final": psutil.Process().memory_info().rss, "store": eng.store.total_bytes()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    grew = m["peak"] - max(m["base"], m["base_peak"])
+    assert ckpt_bytes > 90e6
+    assert m["store"] < 0.3 * ckpt_bytes
+    # peak growth: the final footprint plus a little, far below the bf16 checkpoint
+    print(m, ckpt_bytes, grew)
+    assert grew < m["store"] + 0.35 * ckpt_bytes, (m, ckpt_bytes)
+
+
+def test_backend_streams_a_chat_reply(models, tmp_path):
+    from backends.moe_offload import MoeOffloadBackend
+    from backends.plugins import get_plugin_manager
+
+    assert "moe-offload" in get_plugin_manager().backends()
+    backend = MoeOffloadBackend()
+    settings = MoeOffloadBackend.Settings(model=str(models["wide"]), device="cpu", expert_format="int4",
+                                          int4_group_size=16, cache_dir=str(tmp_path / "c"))
+    seen = []
+    facts = backend.load(settings, seen.append)
+    assert facts["model_name"] == "wide" and seen
+    req = GenerateRequest(messages=[Message(role="user", content="Hello! How are you today?")],
+                          sampling=SamplingParams(temperature=0, max_new_tokens=8))
+    chunks = list(backend.generate(req, lambda: False))
+    assert chunks[0].prompt_tokens == backend.count_prompt_tokens(req)
+    assert chunks[-1].finish_reason in ("length", "stop")
+    assert sum(c.tokens for c in chunks) <= 8
+    # the text is the decode of the greedy tokens
+    ids = backend.tokenizer(backend.tokenizer.apply_chat_template(
+        [m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False)["input_ids"]
+    toks = list(backend.engine.generate_ids(ids, Sampler(0.0), 8, backend._eos_ids()))
+    toks = [t for t in toks if t not in backend._eos_ids()]
+    assert "".join(c.text for c in chunks) == backend.tokenizer.decode(toks, skip_special_tokens=True)
+    # cancelling after the first token ends with "cancelled"
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 1
+    cancelled = list(backend.generate(req, stop))
+    assert cancelled[-1].finish_reason == "cancelled"
+    stats = backend.stats()
+    for key in ("expert_cache_hit_rate", "pcie_bytes_per_token", "cpu_experts_per_token", "decode_tok_s",
+                "host_rss_gb"):
+        assert key in stats
+    backend.unload()
