@@ -140,6 +140,9 @@ class Backend:
     label: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Settings: ClassVar[type[BackendSettings]] = BackendSettings
+    # False for backends that run no local model folder (a remote server, a fake): the app then
+    # neither checks nor creates a model folder, and ``plan`` gets ``model=None``.
+    needs_model: ClassVar[bool] = True
 
     # ---- cheap, called in the app process --------------------------------------------
     @classmethod
@@ -183,6 +186,14 @@ class Backend:
     def count_prompt_tokens(self, request: GenerateRequest) -> int | None:
         """Tokens the prompt of ``request`` takes, if the backend can tell cheaply."""
         return None
+
+    def perplexity(self, text: str) -> float:
+        """Perplexity of the loaded model on ``text`` (raw text, no chat template): the exp of
+        the mean negative log-likelihood of each token given the ones before it. Optional;
+        ``backends.selfcheck`` uses it to tell a working model (low) from one that produces
+        garbage (near the vocabulary size or above). Raise NotImplementedError when the
+        backend cannot score text."""
+        raise NotImplementedError
 
     def unload(self) -> None:
         """Free what can be freed. The worker process ends right after this anyway."""

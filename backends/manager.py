@@ -277,7 +277,7 @@ class BackendManager:
             parsed = entry.cls.Settings.model_validate(settings)
         except ValidationError as exc:
             raise BackendError(settings_error(exc)) from exc
-        model = self.resolve_model(getattr(parsed, "model", ""))
+        model = self.resolve_model(getattr(parsed, "model", "")) if entry.cls.needs_model else None
         return model, parsed, entry.cls.plan(model, parsed, machine.this_machine())
 
     def load(self, backend: str, settings: dict[str, Any] | None = None, *,
@@ -315,7 +315,7 @@ class BackendManager:
             if plan is not None and not plan.fits and not force:
                 raise BackendError(plan_refusal(plan))
             settings = parsed.model_dump()
-            if "model" in settings:
+            if model is not None and "model" in settings:
                 settings["model"] = model.path
             self.state.settings = settings
             self.memory_log = {"before_load": memory_snapshot()}
@@ -333,11 +333,11 @@ class BackendManager:
             logger.exception("load of {} failed", entry.name)
             self._fail_load(entry.name, f"Loading failed: {type(exc).__name__}: {exc}")
             raise BackendError(self.state.error) from exc
-        info.setdefault("model_name", Path(model.path).name)
+        info.setdefault("model_name", Path(model.path).name if model else entry.name)
         self.state = LoadState(status="ready", backend=entry.name, settings=settings, model=model,
                                info=info, plan=plan)
         self.plugins.emit("load_finished", backend=entry.name, info=info, user=user)
-        logger.info("{} loaded {} in {:.1f} s", entry.name, model.path, info.get("load_time_s", 0))
+        logger.info("{} loaded {} in {:.1f} s", entry.name, model.path if model else "", info.get("load_time_s", 0))
         return info
 
     def _await_loaded(self, worker: WorkerProcess) -> dict[str, Any]:
@@ -552,6 +552,20 @@ class BackendManager:
     def worker_stats(self, worker: WorkerProcess, timeout: float) -> dict[str, Any]:
         with self._stats_lock:
             return worker.request({"op": "stats"}, "stats", timeout)["stats"]
+
+    def perplexity(self, text: str, timeout: float = 300) -> float:
+        """The loaded model's perplexity on ``text`` (see ``Backend.perplexity``). Raises
+        NotImplementedError when the backend cannot score text, BackendError otherwise."""
+        worker = self._worker
+        if worker is None or not worker.alive or not self.state.ready:
+            raise BackendError(self.not_ready_message())
+        with self._stats_lock:
+            reply = worker.request({"op": "perplexity", "text": text}, "perplexity", timeout)
+        if reply["unsupported"]:
+            raise NotImplementedError(f"the {worker.entry.name} backend cannot score text")
+        if reply["error"]:
+            raise BackendError(reply["error"])
+        return reply["value"]
 
     def close(self) -> None:
         self.cancel_load()

@@ -29,6 +29,7 @@ class FakeBackend(Backend):
     label = "Fake: echoes your message (for tests)"
     description = "Runs no model. Replies with your last message, one word per token."
     Settings = FakeSettings
+    needs_model = False
 
     def load(self, settings, progress):
         if settings.fail_load:

@@ -1,0 +1,149 @@
+"""The backend manager and its worker processes: crashes, kills, queueing, unload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from backends.api import BackendError
+from backends.manager import BackendManager
+from backends.plugins import get_plugin_manager
+from backends.testing import chat, collect
+
+
+@pytest.fixture
+def manager(tmp_path):
+    mgr = BackendManager(get_plugin_manager(), tmp_path)
+    yield mgr
+    mgr.close()
+
+
+def test_worker_killed_mid_stream_is_reported_and_the_next_load_works(manager):
+    manager.load("fake", {"delay_s": 0.05})
+    gen = manager.generate(chat("one two three four five six seven eight nine ten", max_new_tokens=50))
+    text = ""
+    for ev in gen:
+        if ev.kind == "chunk":
+            text += ev.text
+            if len(text.split()) == 2:
+                os.kill(manager._worker.pid, signal.SIGKILL)
+        last = ev
+    assert text.startswith("one two")
+    assert last.finish_reason == "error"
+    assert "SIGKILL" in last.error and "load the model again" in last.error
+    deadline = time.monotonic() + 10
+    while manager.state.status != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.state.status == "failed" and "SIGKILL" in manager.state.error
+    _, after = collect(manager.generate(chat("hello")))
+    assert after.finish_reason == "error" and "No model is loaded" in after.error
+    manager.load("fake", {})
+    reply, done = collect(manager.generate(chat("back again")))
+    assert reply == "back again" and done.finish_reason == "stop"
+
+
+def test_backend_that_crashes_itself_mid_generation(manager):
+    manager.load("fake", {"crash_after": 2})
+    text, last = collect(manager.generate(chat("a b c d e")))
+    assert text == "a b"
+    assert last.finish_reason == "error" and "killed by SIGKILL" in last.error
+
+
+def test_failed_load_says_why_and_leaves_nothing_running(manager):
+    with pytest.raises(BackendError, match="The GPU is on fire"):
+        manager.load("fake", {"fail_load": "The GPU is on fire; let it cool."})
+    assert manager.state.status == "failed"
+    assert manager._worker is None
+    manager.load("fake", {})
+    assert manager.state.ready
+
+
+def test_bad_settings_get_a_sentence(manager):
+    with pytest.raises(BackendError, match="delay_s"):
+        manager.load("fake", {"delay_s": -1})
+    with pytest.raises(BackendError, match="no backend named 'nope'"):
+        manager.load("nope", {})
+
+
+def test_requests_queue_and_a_stop_touches_only_its_own_request(manager):
+    manager.load("fake", {"delay_s": 0.05})
+    first = manager.generate(chat("alpha beta gamma delta epsilon zeta eta theta"), user="ann")
+    second = manager.generate(chat("one two three"), user="bob")
+    third = manager.generate(chat("never runs"), user="cy")
+    results: dict[str, list] = {}
+
+    def consume(name, gen):
+        results[name] = list(gen)
+
+    t1 = threading.Thread(target=consume, args=("first", first))
+    t1.start()
+    time.sleep(0.15)  # first is generating
+    t2 = threading.Thread(target=consume, args=("second", second))
+    t2.start()
+    time.sleep(0.1)
+    t3 = threading.Thread(target=consume, args=("third", third))
+    t3.start()
+    time.sleep(0.1)
+    third.stop()  # cy gives up while queued
+    for t in (t1, t2, t3):
+        t.join(30)
+    text = lambda evs: "".join(e.text for e in evs if e.kind == "chunk")  # noqa: E731
+    assert text(results["first"]) == "alpha beta gamma delta epsilon zeta eta theta"
+    assert [e.position for e in results["second"] if e.kind == "queued"][0] == 1
+    assert text(results["second"]) == "one two three"
+    assert results["third"][-1].finish_reason == "cancelled" and text(results["third"]) == ""
+
+
+def test_unload_ends_the_worker_and_its_memory(manager, contract_model_dir):
+    manager.load("transformers", {"model": str(contract_model_dir)})
+    pid = manager._worker.pid
+    rss = psutil.Process(pid).memory_info().rss
+    assert rss > 50e6  # torch + the model really live in the worker, not in this process
+    manager.unload()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    mem = manager.stats()["memory"]
+    assert mem["worker_exited"] is True
+    assert "before_load" in mem and "after_unload" in mem
+
+
+def test_cancel_a_load(manager):
+    result = {}
+
+    def load():
+        try:
+            manager.load("fake", {"delay_s": 2})
+        except BackendError as exc:
+            result["error"] = str(exc)
+
+    t = threading.Thread(target=load)
+    t.start()
+    deadline = time.monotonic() + 20
+    while (manager._worker is None or manager.state.progress.stage != "Pretending to load") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = manager._worker.pid
+    manager.cancel_load()
+    t.join(20)
+    assert result["error"] == "Loading was cancelled."
+    assert manager.state.status == "failed" and manager._worker is None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_app_process_never_imports_torch():
+    import subprocess
+    import sys
+    code = ("import sys, tempfile\n"
+            "from backends.manager import BackendManager\n"
+            "from backends.plugins import get_plugin_manager\n"
+            "from backends.testing import chat, collect\n"
+            "m = BackendManager(get_plugin_manager(), __import__('pathlib').Path(tempfile.mkdtemp()))\n"
+            "m.load('fake', {})\n"
+            "print(collect(m.generate(chat('hi there')))[0]); m.close()\n"
+            "print(sorted(k for k in ('torch', 'transformers', 'bitsandbytes', 'vllm') if k in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-2:] == ["hi there", "[]"]
