@@ -185,6 +185,18 @@ class HFBackend(Backend):
             finish = "stop"
         yield Chunk(text=tail, finish_reason=finish, prompt_tokens=len(ids) if first else None)
 
+    def perplexity(self, text: str) -> float:
+        import torch
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.max_context:
+            ids = ids[: self.max_context]
+        if len(ids) < 2:
+            raise BackendError("The text to score needs at least two tokens.")
+        input_ids = torch.tensor([ids], device=self.input_device())
+        with torch.inference_mode():
+            loss = self.model(input_ids=input_ids, labels=input_ids).loss
+        return float(torch.exp(loss.float()))
+
     def unload(self) -> None:
         self.model = None
         self.tokenizer = None

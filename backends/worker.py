@@ -6,12 +6,13 @@ Started by ``BackendManager`` as ``python -m backends.worker --address A --backe
     host -> worker: {"op": "load", "settings": {...}}
                     {"op": "generate", "id": str, "request": {...}}
                     {"op": "cancel", "id": str}      # stop that generation at the next token
-                    {"op": "stats"} / {"op": "unload"}
+                    {"op": "stats"} / {"op": "perplexity", "text": str} / {"op": "unload"}
     worker -> host: {"op": "progress", "stage", "done", "total", "unit"}
                     {"op": "loaded", "info": {...}} / {"op": "load_error", "message": str}
                     {"op": "chunk", "id", "text", "tokens"}
                     {"op": "done", "id", "finish_reason", "usage": {...}, "error": str|None}
                     {"op": "stats", "stats": {...}}
+                    {"op": "perplexity", "value": float|None, "unsupported": bool, "error": str|None}
 
 The worker times generations itself (time to first token, prefill and decode speed), so the
 numbers do not include the trip through the connection.
@@ -100,6 +101,8 @@ class Worker:
                 self.generate(msg["id"], msg["request"])
             elif op == "stats":
                 self.send({"op": "stats", "stats": self.stats()})
+            elif op == "perplexity":
+                self.send({"op": "perplexity", **self.perplexity(msg["text"])})
             elif op in ("unload", "exit"):
                 if self.loaded:
                     try:
@@ -177,6 +180,20 @@ class Worker:
         }
         self.last_usage = usage
         self.send({"op": "done", "id": gen_id, "finish_reason": finish, "usage": usage, "error": error})
+
+    def perplexity(self, text: str) -> dict[str, Any]:
+        """The loaded model's perplexity on ``text``; ``unsupported`` when the backend cannot score."""
+        if not self.loaded:
+            return {"value": None, "unsupported": False, "error": "No model is loaded."}
+        try:
+            return {"value": float(self.backend.perplexity(text)), "unsupported": False, "error": None}
+        except NotImplementedError:
+            return {"value": None, "unsupported": True, "error": None}
+        except BackendError as exc:
+            return {"value": None, "unsupported": False, "error": str(exc)}
+        except Exception as exc:
+            logger.exception("perplexity failed")
+            return {"value": None, "unsupported": False, "error": describe_crash(exc)}
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {}
