@@ -304,22 +304,25 @@ class BackendManager:
                 self._release(ticket)
 
     def _load_locked(self, entry, settings, on_progress, force, user) -> dict[str, Any]:
-        self._unload_locked()
-        self.state = LoadState(status="loading", backend=entry.name, settings=settings,
-                               progress=Progress("Checking the model folder"))
         self._on_progress = on_progress
         self.plugins.emit("load_started", backend=entry.name, settings=settings, user=user)
+        # Checks first: a bad folder, bad settings or a plan that cannot fit leave whatever is
+        # loaded now in place.
         try:
             model, parsed, plan = self.plan(entry.name, settings)
-            self.state.model, self.state.plan = model, plan
             if plan is not None and not plan.fits and not force:
                 raise BackendError(plan_refusal(plan))
-            settings = parsed.model_dump()
-            if model is not None and "model" in settings:
-                settings["model"] = model.path
-            self.state.settings = settings
+        except BackendError as exc:
+            self.plugins.emit("load_failed", backend=entry.name, error=str(exc))
+            raise
+        settings = parsed.model_dump()
+        if model is not None and "model" in settings:
+            settings["model"] = model.path
+        self._unload_locked()
+        self.state = LoadState(status="loading", backend=entry.name, settings=settings, model=model,
+                               plan=plan, progress=Progress("Starting the worker process"))
+        try:
             self.memory_log = {"before_load": memory_snapshot()}
-            self._set_progress(Progress("Starting the worker process"))
             if self._cancel_load.is_set():
                 raise Cancelled("Loading was cancelled.")
             worker = WorkerProcess(entry, entry.cls.worker_python(parsed), self._worker_exited)
