@@ -44,7 +44,7 @@ def models(tmp_path_factory):
     return built
 
 
-def prompt(seed: int, n: int = 14) -> torch.Tensor:
+def prompt(seed: int, n: int = 40) -> torch.Tensor:
     return torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(100 + seed))
 
 

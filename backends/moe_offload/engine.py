@@ -24,6 +24,7 @@ from backends.moe_offload.store import ExpertStore, Proj
 
 GiB = 1024**3
 SMALL_BATCH_PAIRS = 64          # up to this many (token, expert) pairs: one gathered bmm
+DEQUANT_CHUNK = 32              # experts dequantized at once in the many-pairs (prefill) path
 WORKSPACE_BYTES = int(1.5 * GiB)  # activations, dequantized experts, allocator slack
 
 
@@ -149,24 +150,41 @@ class OffloadedExperts(nn.Module):
                 y, tok = y.to(out.device), tok.to(out.device)
             out.index_add_(0, tok, y.to(out.dtype))
             return
-        # Many pairs (prefill): one group per expert, dense weights of one expert at a time.
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for p, t, r in pairs:
-            groups.setdefault(r, []).append((p, t))
-        for r, pt in groups.items():
-            idx = torch.tensor(pt, dtype=torch.long).t().contiguous()
+        # Many pairs (prefill): pairs sorted by expert, one transfer of the indices, experts
+        # dequantized DEQUANT_CHUNK at a time, one matmul pair per expert, one index_add at the end.
+        order = sorted(range(len(pairs)), key=lambda j: pairs[j][2])
+        srt = [pairs[j] for j in order]
+        idx = torch.tensor(srt, dtype=torch.long).t().contiguous()
+        if dev.type != "cpu":
+            idx = idx.pin_memory().to(dev, non_blocking=True)
+        pos, tok = idx[0], idx[1]
+        experts: list[int] = []
+        bounds: list[int] = [0]
+        for j, (_, _, r) in enumerate(srt):
+            if not experts or experts[-1] != r:
+                if experts:
+                    bounds.append(j)
+                experts.append(r)
+        bounds.append(len(srt))
+        xs = xd[tok]
+        ys = torch.empty_like(xs)
+        fmt = self.store.fmt
+        gu, dn = src["gate_up"], src["down"]
+        for c0 in range(0, len(experts), DEQUANT_CHUNK):
+            chunk = experts[c0:c0 + DEQUANT_CHUNK]
+            rows = torch.tensor(chunk, dtype=torch.long)
             if dev.type != "cpu":
-                idx = idx.to(dev, non_blocking=True)
-            pos, tok = idx[0], idx[1]
-            fmt = self.store.fmt
-            gu, dn = src["gate_up"], src["down"]
-            w_gu = quant.dequantize(fmt, gu.data[r], None if gu.scale is None else gu.scale[r], xd.dtype, gu.block)
-            w_dn = quant.dequantize(fmt, dn.data[r], None if dn.scale is None else dn.scale[r], xd.dtype, dn.block)
-            g, u = F.linear(xd[tok], w_gu).chunk(2, dim=-1)
-            y = F.linear(self.act(g) * u, w_dn) * wd[pos].unsqueeze(-1).to(xd.dtype)
-            if y.device != out.device:
-                y, tok = y.to(out.device), tok.to(out.device)
-            out.index_add_(0, tok, y.to(out.dtype))
+                rows = rows.to(dev, non_blocking=True)
+            w_gu = quant.dequantize(fmt, gu.data[rows], None if gu.scale is None else gu.scale[rows], xd.dtype, gu.block)
+            w_dn = quant.dequantize(fmt, dn.data[rows], None if dn.scale is None else dn.scale[rows], xd.dtype, dn.block)
+            for j in range(len(chunk)):
+                a, b = bounds[c0 + j], bounds[c0 + j + 1]
+                g, u = F.linear(xs[a:b], w_gu[j]).chunk(2, dim=-1)
+                ys[a:b] = F.linear(self.act(g) * u, w_dn[j])
+        ys = ys * wd[pos].unsqueeze(-1).to(ys.dtype)
+        if ys.device != out.device:
+            ys, tok = ys.to(out.device), tok.to(out.device)
+        out.index_add_(0, tok, ys.to(out.dtype))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
