@@ -1,0 +1,50 @@
+# moechat: `make run` sets up and serves the app; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 7860
+MODEL ?=
+BACKEND ?=
+SET ?=
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install run test system-deps vllm-env bench-report clean
+
+# A machine with an NVIDIA GPU gets PyPI's CUDA build of torch; a CPU-only one gets torch 2.13.0
+# (a CPU wheel where one is provided locally, as on our CI machines).
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(PLUGINS)
+	$(BIN)/pip install -q '$(TORCH_SPEC)'
+	$(BIN)/pip install -q -e '.[app,test]'
+	for p in $(dir $(PLUGINS)); do $(BIN)/pip install -q --no-deps -e $$p || exit 1; done
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's Chromium for the browser tests (Playwright drives it; it downloads no browser).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+run: install
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/moechat serve --host $(HOST) --port $(PORT) \
+		$(if $(MODEL),--model '$(MODEL)') $(if $(BACKEND),--backend '$(BACKEND)') \
+		$(foreach s,$(SET),--set '$(s)')
+
+test: install system-deps
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# vLLM needs its own environment (it pins a CUDA torch): see docs/vllm.md.
+vllm-env:
+	bash scripts/make-vllm-env.sh
+
+bench-report: install
+	$(BIN)/python bench/report.py
+
+clean:
+	rm -rf $(VENV) test-artifacts .pytest_cache
