@@ -147,3 +147,16 @@ def test_app_process_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-2:] == ["hi there", "[]"]
+
+
+def test_worker_runs_under_the_interpreter_the_backend_asks_for(manager, tmp_path):
+    """vLLM needs its own environment: a backend may name another Python for its worker."""
+    import sys
+    wrapper = tmp_path / "other-python"
+    wrapper.write_text(f"#!/bin/sh\nexport MOECHAT_FAKE_MARK=other-env\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    info = manager.load("fake", {"python": str(wrapper)})
+    assert info["interpreter_mark"] == "other-env"
+    assert collect(manager.generate(chat("still works")))[0] == "still works"
+    with pytest.raises(BackendError, match="did not start"):
+        manager.load("fake", {"python": str(tmp_path / "no-such-python")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from pydantic import Field
@@ -17,6 +18,7 @@ class FakeSettings(BackendSettings):
     crash_after: int | None = Field(None, ge=0, description="Kill the worker process after this many tokens (to test crash handling).")
     fail_load: str = Field("", description="If set, loading fails with this sentence.")
     context_length: int = Field(4096, ge=8, description="Most tokens per chat (prompt + reply).")
+    python: str = Field("", description="Run the worker under this Python interpreter instead of the app's.")
 
 
 def words(text: str) -> list[str]:
@@ -31,6 +33,10 @@ class FakeBackend(Backend):
     Settings = FakeSettings
     needs_model = False
 
+    @classmethod
+    def worker_python(cls, settings):
+        return settings.python or None
+
     def load(self, settings, progress):
         if settings.fail_load:
             raise BackendError(settings.fail_load)
@@ -39,7 +45,8 @@ class FakeBackend(Backend):
             time.sleep(settings.delay_s)
         self.settings = settings
         self.generated = 0
-        return {"model_name": "fake-echo"}
+        return {"model_name": "fake-echo", "python": sys.executable,
+                "interpreter_mark": os.environ.get("MOECHAT_FAKE_MARK", "")}
 
     def context_length(self):
         return self.settings.context_length
