@@ -96,11 +96,16 @@ class WorkerProcess:
         module_root = Path(sys.modules[cls.__module__].__file__).resolve().parents[cls.__module__.count(".")]
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(PROJECT_ROOT), str(module_root), env.get("PYTHONPATH", "")] if p)
-        self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "backends.worker", "--address", address,
-             "--backend", f"{cls.__module__}:{cls.__qualname__}"],
-            env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(PROJECT_ROOT),
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [python or sys.executable, "-m", "backends.worker", "--address", address,
+                 "--backend", f"{cls.__module__}:{cls.__qualname__}"],
+                env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(PROJECT_ROOT),
+            )
+        except OSError as exc:
+            listener.close()
+            raise BackendError(f"The {entry.name} worker process did not start: {python or sys.executable}: "
+                               f"{exc.strerror}. Check the Python interpreter the backend is set to use.") from exc
         threading.Thread(target=self._pump_stderr, daemon=True).start()
         accepted: list = []
         t = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
