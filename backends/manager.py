@@ -263,6 +263,9 @@ class BackendManager:
     # ---- loading ------------------------------------------------------------------------
     def resolve_model(self, folder: str) -> ModelInfo:
         """The ModelInfo of ``folder``; the demo model (created on first use) when empty."""
+        from backends import synthetic
+        if synthetic.is_synthetic(folder):
+            return synthetic.model_info(folder)
         if not folder:
             from backends.demo import is_demo
             demo = self.data_dir / "demo-model"
@@ -342,6 +345,10 @@ class BackendManager:
             self._fail_load(entry.name, f"Loading failed: {type(exc).__name__}: {exc}")
             raise BackendError(self.state.error) from exc
         info.setdefault("model_name", Path(model.path).name if model else entry.name)
+        from backends.planning import check_after_load
+        if (plan_check := check_after_load(plan, info)):
+            info["plan_check"] = plan_check
+            logger.warning("{}", plan_check)
         self.state = LoadState(status="ready", backend=entry.name, settings=settings, model=model,
                                info=info, plan=plan)
         self.plugins.emit("load_finished", backend=entry.name, info=info, user=user)

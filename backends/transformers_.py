@@ -12,6 +12,10 @@ from backends.hookspecs import hookimpl
 
 def load_pretrained(folder: str, progress: ProgressCallback, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
+
+    from backends import synthetic
+    if synthetic.is_synthetic(folder):
+        return synthetic.build_transformers_model(folder, progress, **kwargs)
     progress(Progress("Loading weights"))
     try:
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -34,9 +38,15 @@ class TransformersBackend(HFBackend):
             return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
         return Probe(True)
 
+    @classmethod
+    def plan(cls, model, settings, machine):
+        from backends.planning import plan_transformers
+        return plan_transformers(model, settings, machine)
+
     def load(self, settings: HFSettings, progress: ProgressCallback) -> dict[str, Any]:
         progress(Progress("Reading the tokenizer"))
-        self.tokenizer = self.load_tokenizer(settings.model)
+        from backends.synthetic import tokenizer_folder
+        self.tokenizer = self.load_tokenizer(tokenizer_folder(settings.model))
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
         mm = max_memory(settings, device)

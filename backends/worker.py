@@ -125,6 +125,10 @@ class Worker:
             self.send({"op": "progress", **asdict(p)})
 
         try:
+            budget = os.environ.get("MOECHAT_VRAM_BUDGET_GB")
+            if budget:  # the benchmark's VRAM budget: enforced, not only requested
+                from backends.planning import apply_vram_budget
+                apply_vram_budget(float(budget))
             settings = self.backend_cls.Settings.model_validate(raw_settings)
             info = self.backend.load(settings, progress) or {}
         except BackendError as exc:

@@ -1,0 +1,281 @@
+"""Memory plans: checked against hand-computed numbers for the 80 B config on 16/24 GB cards with
+64/128 GB of RAM, against measured memory for small models on the CPU, and the refusal of a
+load that cannot fit (manager and CLI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from backends import planning, synthetic
+from backends.api import BackendError, MemoryItem, MemoryPlan
+from backends.machine import Gpu, Machine
+
+GiB = 1024**3
+GB = 1e9
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = Path("/work/shared/reference/qwen3-next-80b-a3b-instruct.config.json")
+
+# ---- the 80 B shapes, by hand from the release config -------------------------------------------
+H, V, L, E, I_MOE, I_SHARED = 2048, 151936, 48, 512, 512, 512
+ATTN_LAYERS, LIN_LAYERS = 12, 36                       # every 4th layer is full attention
+HEADS, KV_HEADS, HEAD_DIM = 16, 2, 256
+KEY_DIM, VALUE_DIM, V_HEADS = 16 * 128, 32 * 128, 32   # Gated DeltaNet
+EMBED = V * H                                          # and the same again for the untied lm_head
+ROUTED = L * E * 3 * H * I_MOE                         # 77.3 B
+ATTN = ATTN_LAYERS * (H * HEADS * HEAD_DIM * 2 + 2 * H * KV_HEADS * HEAD_DIM + HEADS * HEAD_DIM * H + 2 * HEAD_DIM)
+CONV_DIM = 2 * KEY_DIM + VALUE_DIM
+LIN = LIN_LAYERS * (H * (2 * KEY_DIM + 2 * VALUE_DIM) + H * 2 * V_HEADS + CONV_DIM * 4 + 2 * V_HEADS + 128 + VALUE_DIM * H)
+ROUTER = L * E * H
+SHARED = L * (3 * H * I_SHARED + H)
+NORMS = (2 * L + 1) * H
+TOTAL = 2 * EMBED + ROUTED + ATTN + LIN + ROUTER + SHARED + NORMS
+KV_PER_TOKEN_BF16 = ATTN_LAYERS * 2 * KV_HEADS * HEAD_DIM * 2          # 24 KiB
+STATE_PER_SEQUENCE = LIN_LAYERS * (V_HEADS * 128 * 128 * 4 + CONV_DIM * 4 * 2)  # fp32 recurrent + bf16 conv
+INT4 = 0.5 + 4 / 128   # one bf16 scale and zero per 128 weights
+NF4 = 0.5 + 4 / 64     # one float32 absmax per 64 weights
+
+CARDS = [16, 24]
+RAMS = [64, 128]
+
+
+def machine(gpu_gib: int | None, ram_gib: int) -> Machine:
+    gpus = [Gpu(0, f"{gpu_gib} GB card", gpu_gib * GiB, 0)] if gpu_gib else []
+    return Machine(gpus, ram_gib * GiB, ram_gib * GiB, 16)
+
+
+@pytest.fixture(scope="module")
+def big():
+    return synthetic.model_info("synthetic:qwen3-next-80b-a3b")
+
+
+def item(plan: MemoryPlan, words: str) -> MemoryItem:
+    found = [i for i in plan.items if words in i.what]
+    assert len(found) == 1, f"{words!r} in {[i.what for i in plan.items]}"
+    return found[0]
+
+
+def test_80b_shapes_match_hand_computed_numbers(big):
+    s = planning.shapes(big.config)
+    assert s.routed_experts == ROUTED == 77_309_411_328
+    assert (s.embed, s.lm_head) == (EMBED, EMBED)
+    assert (s.attention, s.linear_attention, s.router, s.shared_experts, s.norms) == (ATTN, LIN, ROUTER, SHARED, NORMS)
+    assert s.total == big.param_count == TOTAL
+    assert round(TOTAL / 1e9, 1) == 79.7                           # FACTS.md: 79.7 B
+    assert s.one_expert == 3 * H * I_MOE == 3_145_728              # 3.15 M
+    assert s.kv_bytes_per_token(2) == KV_PER_TOKEN_BF16 == 24 * 1024
+    assert s.state_bytes_per_sequence(2) == STATE_PER_SEQUENCE
+    assert 72 * 2**20 <= STATE_PER_SEQUENCE <= 76 * 2**20          # "about 72 MiB per sequence"
+
+
+def test_shapes_agree_with_transformers_parameter_counts():
+    """The count from the config equals what transformers builds, for each family the tests use."""
+    import torch
+    import transformers
+
+    from backends.demo import tiny_config
+
+    configs = [tiny_config(f).to_dict() for f in ("qwen3_next", "qwen3_moe", "llama")]
+    configs.append(synthetic.config("synthetic:qwen3-next-80b-a3b?layers=4"))
+    for cfg in configs:
+        hf = {k: v for k, v in cfg.items() if k not in ("moechat_synthetic", "architectures", "transformers_version")}
+        hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        assert planning.shapes(cfg).total == sum(p.numel() for p in model.parameters()), cfg.get("model_type")
+
+
+def test_the_repo_copy_of_the_80b_config_is_the_reference():
+    if not REFERENCE.exists():
+        pytest.skip("the team's reference folder is not on this machine")
+    assert json.loads(REFERENCE.read_text()) == synthetic.QWEN3_NEXT_80B_A3B
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("ram", RAMS)
+def test_transformers_bf16_80b_never_fits_and_points_to_4bit(big, card, ram):
+    plan = planning.plan_transformers(big, SimpleNamespace(max_context=8192), machine(card, ram))
+    weights = item(plan, "weights on the GPU").bytes + item(plan, "offloaded weights").bytes
+    weights += sum(i.bytes for i in plan.items if "beyond" in i.what)
+    assert weights == TOTAL * 2                                   # 159 GB of bf16
+    assert item(plan, "weights on the GPU").bytes == int(0.9 * card * GiB)  # accelerate's 90 %
+    assert item(plan, "KV cache").bytes == KV_PER_TOKEN_BF16 * 8192
+    assert item(plan, "Gated DeltaNet").bytes == STATE_PER_SEQUENCE
+    assert not plan.fits
+    text = planning.describe(plan)
+    assert text.startswith("This does not fit.") and "moe-offload with expert_format int4" in text
+    assert f"{ROUTED * INT4 / GB:.1f} GB" in text                 # the int4 experts, 41.1 GB
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("ram", RAMS)
+def test_moe_offload_80b_fits_with_int4_and_sizes_the_cache(big, card, ram):
+    plan = planning.plan_moe_offload(big, SimpleNamespace(max_context=8192), machine(card, ram))
+    assert item(plan, "routed experts").bytes == int(ROUTED * INT4)  # 41.1 GB in host RAM
+    assert item(plan, "routed experts").device == "host"
+    resident = (TOTAL - ROUTED) * 2
+    assert item(plan, "resident weights").bytes == resident
+    assert item(plan, "KV cache").bytes == KV_PER_TOKEN_BF16 * 8192
+    assert plan.fits, planning.describe(plan)
+    left = card * GiB - resident - KV_PER_TOKEN_BF16 * 8192 - STATE_PER_SEQUENCE - int(1.5 * GiB)
+    slots = left // (int(3 * H * I_MOE * INT4) * L)
+    assert item(plan, "expert cache").note.startswith(f"{slots} of 512")
+    # FACTS.md: a 24 GB card holds about 45 % of the int4 experts next to the rest, a 16 GB one 28 %
+    assert abs(slots / 512 - {16: 0.28, 24: 0.45}[card]) < 0.03
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_moe_offload_fp8_needs_128_gb_and_bf16_never_fits(big, card):
+    fp8 = SimpleNamespace(expert_format="fp8")
+    small_ram = planning.plan_moe_offload(big, fp8, machine(card, 64))
+    assert not small_ram.fits and "Use expert_format int4 instead of fp8" in planning.describe(small_ram)
+    assert planning.plan_moe_offload(big, fp8, machine(card, 128)).fits
+    bf16 = planning.plan_moe_offload(big, SimpleNamespace(expert_format="none"), machine(card, 128))
+    assert item(bf16, "routed experts").bytes == ROUTED * 2 and not bf16.fits
+
+
+def test_moe_offload_long_context_on_16_gb_is_told_to_shorten(big):
+    plan = planning.plan_moe_offload(big, SimpleNamespace(max_context=262144, cache_experts=100), machine(16, 128))
+    assert not plan.fits
+    assert "Lower max_context to" in planning.describe(plan)
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("ram", RAMS)
+def test_bnb4_80b_fits_once_the_gpu_cap_leaves_room(big, card, ram):
+    settings = SimpleNamespace(max_context=32768)
+    plan = planning.plan_bnb4(big, settings, machine(card, ram))
+    linear = ATTN + LIN + SHARED + ROUTED
+    weights = int(linear * NF4) + (TOTAL - linear) * 2              # 45.8 GB
+    placed = item(plan, "weights on the GPU").bytes + item(plan, "offloaded weights").bytes
+    assert placed == weights
+    # accelerate's default (90 % of the card for weights) leaves too little for 32 k tokens
+    assert not plan.fits
+    advice = [a for a in plan.advice if a.startswith("Set gpu_memory_gb to ")]
+    assert advice, plan.advice
+    cap = float(advice[0].split()[3])
+    fixed = planning.plan_bnb4(big, SimpleNamespace(max_context=32768, gpu_memory_gb=cap, cpu_memory_gb=ram),
+                               machine(card, ram))
+    assert fixed.fits, planning.describe(fixed)
+    assert item(fixed, "weights on the GPU").bytes == int(cap * GB)
+
+
+def fp8_checkpoint(big):
+    linear = ATTN + LIN + SHARED + ROUTED
+    return dataclasses.replace(big, quantization="block-fp8", weight_bytes=linear + (TOTAL - linear) * 2)
+
+
+@pytest.mark.parametrize("card", CARDS)
+@pytest.mark.parametrize("ram", RAMS)
+def test_vllm_bf16_80b_cannot_fit_even_offloaded(big, card, ram):
+    plan = planning.plan_vllm(big, SimpleNamespace(max_model_len=8192), machine(card, ram))
+    assert item(plan, "weights on the GPU").bytes == TOTAL * 2
+    assert plan.gpu_available == min(int(0.9 * card * GiB), card * GiB)
+    assert not plan.fits and "do not fit in this GPU and RAM even offloaded" in planning.describe(plan)
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_vllm_fp8_offload_pinned_memory_needs_128_gb(big, card):
+    model = fp8_checkpoint(big)
+    first = planning.plan_vllm(model, SimpleNamespace(max_model_len=8192), machine(card, 128))
+    advice = next(a for a in first.advice if a.startswith("Raise cpu_offload_gb to "))
+    offload = int(advice.split()[3])
+    settings = SimpleNamespace(max_model_len=8192, cpu_offload_gb=offload)
+    on_128 = planning.plan_vllm(model, settings, machine(card, 128), pinned=True)
+    assert item(on_128, "offloaded weights").bytes == int(offload * GiB * 1.9)
+    assert on_128.fits, planning.describe(on_128)
+    on_64 = planning.plan_vllm(model, settings, machine(card, 64), pinned=True)
+    assert not on_64.fits and "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1" in planning.describe(on_64)
+    # without pinning, 64 GB holds the offload next to a 24 GB card, not next to a 16 GB one
+    unpinned = planning.plan_vllm(model, settings, machine(card, 64), pinned=False)
+    assert unpinned.fits == (card == 24), planning.describe(unpinned)
+
+
+def test_env_overrides_shape_the_machine(monkeypatch):
+    m = machine(80, 512)
+    monkeypatch.setenv("MOECHAT_HOST_RAM_GB", "64")
+    monkeypatch.setenv("MOECHAT_VRAM_BUDGET_GB", "16")
+    eff = planning.effective_machine(m)
+    assert eff.host_available == 64 * GiB and eff.gpus[0].total == 16 * GiB
+
+
+# ---- against measurement on the CPU, and refusals ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory):
+    from backends.manager import BackendManager
+    from backends.plugins import get_plugin_manager
+
+    home = tmp_path_factory.mktemp("moechat-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOECHAT_HOME", str(home))
+        mp.setenv("MOECHAT_NO_GPU", "1")
+        mp.delenv("MOECHAT_HOST_RAM_GB", raising=False)
+        m = BackendManager(get_plugin_manager(), home)
+        yield m
+        m.close()
+
+
+def test_plan_matches_measured_memory_on_cpu(manager):
+    """synthetic:small (0.2 GB of float32 weights) loaded by the transformers backend on the CPU:
+    the weights the worker holds equal the plan's to 1 %; the worker's resident memory after
+    loading is within 30 % of the planned worker + weights, and below the plan's host total."""
+    info = manager.load("transformers", {"model": "synthetic:small", "device": "cpu"})
+    plan = manager.state.plan
+    planned_weights = item(plan, "weights").bytes
+    assert abs(info["weight_bytes"]["cpu"] - planned_weights) <= 0.01 * planned_weights
+    at_load = planned_weights + item(plan, "worker process").bytes
+    assert abs(info["worker_rss_bytes"] - at_load) <= 0.30 * at_load
+    assert info["worker_rss_bytes"] <= plan.host_bytes
+    assert "plan_check" not in info
+    assert planning.check_after_load(plan, info) is None
+    # the same measurement against a plan that put the weights on a GPU: the check says so
+    wrong = MemoryPlan(items=[MemoryItem("weights on the GPU", "gpu", int(2 * GB)),
+                              MemoryItem("worker process", "host", int(0.5 * GB))], gpu_available=int(16 * GB))
+    warning = planning.check_after_load(wrong, dict(info, weight_bytes={"cpu": int(2 * GB)}))
+    assert warning and "on the GPU where the plan put 2.0 GB" in warning
+
+
+def test_a_load_that_cannot_fit_is_refused_with_the_plan_sentence(manager, monkeypatch):
+    monkeypatch.setenv("MOECHAT_HOST_RAM_GB", "0.1")
+    with pytest.raises(BackendError) as err:
+        manager.load("transformers", {"model": "synthetic:tiny", "device": "cpu"})
+    text = str(err.value)
+    assert text.startswith("This does not fit.") and "host RAM: needs" in text and "force" in text
+    # the refusal comes before anything is unloaded: the model loaded before stays
+    assert manager.state.ready and manager.state.model.path == "synthetic:small"
+    info = manager.load("transformers", {"model": "synthetic:tiny", "device": "cpu"}, force=True)
+    assert info["model_name"] == "synthetic:tiny" and manager.state.ready
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "webui.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, **env), timeout=120)
+
+
+def test_cli_plan_for_80b_on_a_24_gb_card(tmp_path):
+    out = run_cli("plan", "synthetic:qwen3-next-80b-a3b", "--backend", "transformers", "--gpu-gb", "24",
+                  "--ram-gb", "128", "--set", "max_context=8192", MOECHAT_HOME=str(tmp_path))
+    assert out.returncode == 3, out.stderr
+    assert "This does not fit." in out.stdout and "moe-offload with expert_format int4" in out.stdout
+    assert "offloaded weights in host RAM" in out.stdout
+    js = run_cli("plan", "synthetic:qwen3-next-80b-a3b", "--backend", "transformers", "--gpu-gb", "24",
+                 "--ram-gb", "128", "--json", MOECHAT_HOME=str(tmp_path))
+    data = json.loads(js.stdout)
+    assert data["fits"] is False and data["summary"].startswith("This does not fit.")
+
+
+def test_cli_plan_refuses_with_the_sentence_and_bad_input_gets_one_too(tmp_path):
+    out = run_cli("plan", "synthetic:tiny", "--backend", "transformers", "--gpu-gb", "0",
+                  MOECHAT_HOME=str(tmp_path), MOECHAT_HOST_RAM_GB="0.1")
+    assert out.returncode == 3
+    assert "This does not fit. host RAM: needs 0.5 GB of 0.1 GB available." in out.stdout
+    bad = run_cli("plan", "synthetic:nonesuch", "--backend", "transformers", MOECHAT_HOME=str(tmp_path))
+    assert bad.returncode == 1 and "There is no synthetic model 'nonesuch'." in bad.stderr
