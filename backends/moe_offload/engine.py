@@ -326,9 +326,15 @@ class Engine:
     # ---- running --------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: Any = None, logits_to_keep: int = 0):
+        start = getattr(cache, "moe_offload_pos", 0) if cache is not None else 0
+        t = input_ids.shape[1]
+        # positions passed explicitly: a model with no attention layer has no cache length to read
+        pos = torch.arange(start, start + t, device=self.device).unsqueeze(0)
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=logits_to_keep)
-        return out.logits, out.past_key_values
+                         position_ids=pos, logits_to_keep=logits_to_keep)
+        cache = out.past_key_values
+        cache.moe_offload_pos = start + t
+        return out.logits, cache
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
