@@ -46,6 +46,7 @@ HYBRID_MODEL_TYPES = {
 }
 PROCESS_OVERHEAD = 3 * GiB  # host RAM of the engine's processes besides offloaded weights (torch, CUDA context)
 GPU_OVERHEAD = 1 * GiB  # activations, CUDA graphs, sampler buffers
+MIN_JUDGED_OFFLOAD = 4 * GiB  # below this, host RAM growth cannot tell whether the offload happened
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -415,8 +416,8 @@ def offload_warning(asked: int, host_growth: int | None, gpu_growth: int | None,
                     gpu_weights_expected: int | None) -> str | None:
     """Compare what the engine's processes hold after loading with the offload asked for; a
     sentence when the offload evidently did not happen."""
-    if asked <= 0 or host_growth is None:
-        return None
+    if asked < MIN_JUDGED_OFFLOAD or host_growth is None:
+        return None  # small offloads drown in the engine processes' own few GiB of RAM
     if host_growth < asked * 0.5:
         return (f"Weight offload did not happen: {asked / GiB:.1f} GiB were asked to go to host RAM, but the "
                 f"engine's processes hold only {max(host_growth, 0) / GiB:.1f} GiB more host RAM after loading"

@@ -28,8 +28,9 @@ FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "error": "er
 
 
 def measure_memory() -> dict[str, Any]:
-    """Host RAM (anonymous resident bytes) of this process and its children, and GPU memory used
-    on every GPU (nvidia-smi, so the engine's own processes are counted without touching CUDA here)."""
+    """Host RAM (resident bytes, pinned pages included) of this process and its children (vLLM's
+    engine core and workers), and GPU memory used on every GPU (nvidia-smi, so the engine's own
+    processes are counted without touching CUDA here)."""
     import psutil
 
     from backends.machine import gpus
@@ -39,7 +40,7 @@ def measure_memory() -> dict[str, Any]:
     for proc in [me, *me.children(recursive=True)]:
         try:
             mem = proc.memory_info()
-            host += mem.rss - getattr(mem, "shared", 0)
+            host += mem.rss
         except psutil.Error:
             continue
     return {"host_bytes": host, "gpu_used_bytes": [g.used for g in gpus()], "time": time.time()}

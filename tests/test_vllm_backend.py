@@ -275,6 +275,7 @@ def test_offload_that_did_not_happen_is_noticed():
                               "engine's processes hold only 0.4 GiB more host RAM")
     assert offload_warning(16 * GiB, host_growth=int(30 * GiB), gpu_growth=None, gpu_weights_expected=None) is None
     assert offload_warning(0, host_growth=0, gpu_growth=0, gpu_weights_expected=0) is None
+    assert offload_warning(2 * GiB, host_growth=0, gpu_growth=0, gpu_weights_expected=0) is None  # too small to judge
 
 
 def test_versions_parse_like_vllm_names_them():

@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""Run both vLLM backends on a GPU machine that has vLLM, and write down what happened.
+
+Run it with the app's Python, after `make vllm-env` (or with MOECHAT_VLLM_PYTHON set):
+
+    .venv/bin/python scripts/vllm_gpu_check.py                       # tiny trained model, built here
+    .venv/bin/python scripts/vllm_gpu_check.py --model /models/Qwen3-Next-80B-A3B-Instruct-FP8 \
+        --offload-gb 40 --max-model-len 4096
+
+What it does, each step recorded whether it passes or fails (nothing stops the run):
+1. the machine, the vLLM environment and both probes;
+2. vLLM's real signatures (AsyncEngineArgs, SamplingParams, RequestOutputKind, AsyncLLM, metrics)
+   against the record in tests/test_vllm_engine_args.py, and every translated setting against them;
+3. for vllm, vllm-offload (UVA, pinned and not) and vllm-offload (prefetch): load through the
+   real BackendManager, a greedy reply, Stop mid-stream and the next reply, vLLM's stats, the
+   output self-check, and GPU/host memory before load, after load and after unload;
+4. the self-check on the same model with shuffled weights (it must fail);
+5. in-process unload (vLLM in this process, no worker): GPU memory after shutdown while the
+   process lives, and after it ends.
+
+It writes report.json and report.md into --out (default test-artifacts/vllm-gpu-check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from backends import machine, selfcheck  # noqa: E402
+from backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
+from backends.manager import BackendManager  # noqa: E402
+from backends.plugins import get_plugin_manager  # noqa: E402
+from backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
+                            vllm_python)
+
+SIGNATURES_SCRIPT = r"""
+import dataclasses, inspect, json
+import vllm
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+out = {"vllm": vllm.__version__,
+       "engine_args": {f.name: str(f.type) for f in dataclasses.fields(AsyncEngineArgs)},
+       "request_output_kind": [k.name for k in RequestOutputKind],
+       "async_llm": {m: list(inspect.signature(getattr(AsyncLLM, m)).parameters)
+                     for m in ("from_engine_args", "generate", "abort", "shutdown")}}
+fields = getattr(SamplingParams, "__struct_fields__", None)
+out["sampling_params"] = list(fields) if fields else list(inspect.signature(SamplingParams).parameters)
+try:
+    from vllm.v1.metrics import stats
+    out["request_state_stats"] = [f.name for f in dataclasses.fields(stats.RequestStateStats)]
+    out["scheduler_stats"] = [f.name for f in dataclasses.fields(stats.SchedulerStats)]
+except Exception as exc:
+    out["stats_error"] = repr(exc)
+print("SIGNATURES " + json.dumps(out))
+"""
+
+IN_PROCESS_SCRIPT = r"""
+import gc, json, os, subprocess, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+def used():
+    q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True).stdout.split()
+    return [int(x) * 2**20 for x in q]
+out = {"before": used()}
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], gpu_memory_utilization=float(sys.argv[2]), enforce_eager=True, max_model_len=1024)
+out["text"] = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+out["loaded"] = used()
+try:
+    llm.llm_engine.engine_core.shutdown()
+except Exception as exc:
+    out["shutdown_error"] = repr(exc)
+del llm
+gc.collect()
+import torch
+torch.cuda.empty_cache()
+out["after_unload_process_alive"] = used()
+print("INPROCESS " + json.dumps(out))
+"""
+
+
+class Report:
+    def __init__(self, out: Path):
+        self.out = out
+        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": []}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        record: dict[str, Any] = {"step": name, "ok": None}
+        started = time.perf_counter()
+        print(f"--- {name}", flush=True)
+        try:
+            yield record
+            if record["ok"] is None:
+                record["ok"] = True
+        except Exception as exc:
+            record["ok"] = False
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc(limit=8)
+            print(f"    FAILED: {record['error']}", flush=True)
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        self.data["steps"].append(record)
+        self.write()
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "report.json").write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        lines = [f"# vLLM GPU check, {self.data['started']}", ""]
+        for key in ("machine", "vllm_env"):
+            if key in self.data:
+                lines += [f"- {key}: `{json.dumps(self.data[key], default=str)}`"]
+        lines += ["", "| step | ok | seconds | what was seen |", "|---|---|---|---|"]
+        for s in self.data["steps"]:
+            seen = s.get("error") or s.get("summary") or ""
+            lines.append(f"| {s['step']} | {'yes' if s['ok'] else 'NO'} | {s['seconds']} | {seen} |")
+        (self.out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def gpu_used() -> list[int]:
+    return [g.used for g in machine.gpus()]
+
+
+def chat(text: str, **sampling: Any) -> GenerateRequest:
+    return GenerateRequest(messages=[Message(role="user", content=text)], sampling=SamplingParams(**sampling))
+
+
+def collect(events) -> tuple[str, Any]:
+    text, last = "", None
+    for ev in events:
+        if ev.kind == "chunk":
+            text += ev.text
+        last = ev
+    return text, last
+
+
+def build_trained_tiny_model(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama trained on the demo corpus (it knows the self-check paragraph) and a copy of it
+    with every weight tensor shuffled."""
+    import torch
+    import transformers
+
+    from backends.demo import CORPUS, build_tiny_model
+
+    trained = build_tiny_model(root / "trained", "llama", seed=3)
+    tok = transformers.AutoTokenizer.from_pretrained(trained)
+    model = transformers.AutoModelForCausalLM.from_pretrained(trained)
+    ids = torch.tensor([tok(CORPUS, add_special_tokens=False)["input_ids"]])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(trained)
+    scrambled = root / "scrambled"
+    shutil.copytree(trained, scrambled)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.view(-1)
+            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
+    model.save_pretrained(scrambled)
+    return trained, scrambled
+
+
+def recorded_signatures() -> Any:
+    path = ROOT / "tests" / "test_vllm_engine_args.py"
+    spec = importlib.util.spec_from_file_location("recorded_vllm_signatures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_signatures(report: Report, python: Path) -> None:
+    with report.step("signatures: installed vLLM against the recorded ones") as r:
+        out = subprocess.run([str(python), "-c", SIGNATURES_SCRIPT], capture_output=True, text=True, timeout=600)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("SIGNATURES ")), None)
+        if line is None:
+            raise RuntimeError(f"could not read vLLM's signatures: {out.stderr.strip()[-800:]}")
+        real = json.loads(line.removeprefix("SIGNATURES "))
+        rec = recorded_signatures()
+        r["installed"] = real
+        missing = {
+            "engine_args": sorted(set(rec.ENGINE_ARGS) - set(real["engine_args"])),
+            "sampling_params": sorted(set(rec.SAMPLING_PARAMS) - set(real["sampling_params"])),
+            "request_output_kind": sorted(rec.REQUEST_OUTPUT_KIND - set(real["request_output_kind"])),
+            "async_llm": {m: [p for p in ps if p not in real["async_llm"].get(m, [])]
+                          for m, ps in rec.ASYNC_LLM_METHODS.items()},
+            "request_state_stats": sorted(rec.REQUEST_STATE_STATS - set(real.get("request_state_stats", []))),
+            "scheduler_stats": sorted(rec.SCHEDULER_STATS - set(real.get("scheduler_stats", []))),
+        }
+        used = set()
+        for s in rec.all_settings():
+            used |= set(engine_kwargs(s, "/m"))
+        missing["translated_settings"] = sorted(used - set(real["engine_args"]))
+        r["recorded_but_not_installed"] = missing
+        bad = {k: v for k, v in missing.items() if v and (not isinstance(v, dict) or any(v.values()))}
+        r["ok"] = not bad
+        r["summary"] = (f"vLLM {real['vllm']}: every recorded name exists" if not bad else
+                        f"vLLM {real['vllm']}: recorded names missing from the installed vLLM: {bad}")
+
+
+def run_backend(report: Report, name: str, settings: dict[str, Any], label: str) -> None:
+    manager = BackendManager(get_plugin_manager(), Path(tempfile.mkdtemp(prefix="vllm-check-")))
+    baseline = gpu_used()
+    try:
+        with report.step(f"{label}: load") as r:
+            r["gpu_used_before"] = baseline
+            info = manager.load(name, settings)
+            r["gpu_used_after_load"] = gpu_used()
+            r["info"] = info
+            r["summary"] = (f"loaded in {info.get('load_time_s', 0):.1f} s, vLLM {info.get('vllm_version')}, "
+                            f"warnings: {info.get('warnings') or 'none'}"
+                            + (f", self-check: {info['selfcheck']['message']}" if info.get("selfcheck") else ""))
+        if manager.state.status != "ready":
+            return
+        with report.step(f"{label}: greedy reply") as r:
+            text, done = collect(manager.generate(chat("What is the capital of France?", temperature=0,
+                                                       max_new_tokens=32)))
+            r.update(text=text, finish_reason=done.finish_reason, usage=done.usage, error=done.error)
+            r["ok"] = done.finish_reason in ("stop", "length") and bool(text)
+            r["summary"] = f"{text[:80]!r}, {done.finish_reason}, {done.usage.get('decode_tok_s')} tok/s"
+        with report.step(f"{label}: Stop mid-stream, then the next reply") as r:
+            gen = manager.generate(chat("Write a long story about the sea. " * 3, temperature=0.8,
+                                        max_new_tokens=400))
+            chunks = 0
+            last = None
+            for ev in gen:
+                if ev.kind == "chunk":
+                    chunks += 1
+                    if chunks == 3:
+                        gen.stop()
+                last = ev
+            text, after = collect(manager.generate(chat("Hello", temperature=0, max_new_tokens=8)))
+            r.update(chunks_before_stop=chunks, finish_reason=last.finish_reason, next_reply=text,
+                     next_finish=after.finish_reason)
+            r["ok"] = last.finish_reason == "cancelled" and after.finish_reason in ("stop", "length")
+            r["summary"] = f"stopped: {last.finish_reason} after {chunks} chunks; next reply {after.finish_reason}"
+        with report.step(f"{label}: stats") as r:
+            stats = manager.stats()
+            r["stats"] = stats
+            bs = stats.get("backend_stats", {})
+            r["ok"] = "kv_cache_usage" in bs and "ttft_s" in bs.get("last_request", {})
+            r["summary"] = f"kv_cache_usage {bs.get('kv_cache_usage')}, last request {bs.get('last_request')}"
+        with report.step(f"{label}: output self-check") as r:
+            result = selfcheck.check_loaded(manager)
+            r["selfcheck"] = result.to_dict()
+            r["ok"] = result.passed is True
+            r["summary"] = result.message
+    finally:
+        if manager.state.status != "ready":
+            manager.close()
+            return
+        with report.step(f"{label}: unload frees the GPU") as r:
+            before = gpu_used()
+            manager.unload()
+            time.sleep(2)
+            r.update(gpu_used_before_load=baseline, gpu_used_before_unload=before, gpu_used_after_unload=gpu_used(),
+                     memory_log=manager.memory_log)
+            left = sum(r["gpu_used_after_unload"]) - sum(baseline)
+            r["ok"] = left < 512 * 2**20
+            r["left_after_unload_bytes"] = left
+            r["summary"] = (f"GPU used {sum(before) / 2**20:.0f} MiB loaded -> {sum(r['gpu_used_after_unload']) / 2**20:.0f}"
+                            f" MiB after unload ({left / 2**20:.0f} MiB above the level before load; worker exited:"
+                            f" {manager.memory_log.get('worker_exited')})")
+        manager.close()
+
+
+def run_scrambled(report: Report, name: str, settings: dict[str, Any]) -> None:
+    manager = BackendManager(get_plugin_manager(), Path(tempfile.mkdtemp(prefix="vllm-check-")))
+    try:
+        with report.step(f"{name} on shuffled weights: the self-check must fail") as r:
+            info = manager.load(name, settings)
+            result = selfcheck.check_loaded(manager)
+            r.update(info=info, selfcheck=result.to_dict())
+            r["ok"] = result.passed is False and (name != "vllm-offload" or info.get("wrong_output") is True)
+            r["summary"] = result.message
+    finally:
+        manager.close()
+
+
+def in_process_unload(report: Report, python: Path, model: str, util: float) -> None:
+    with report.step("in-process unload (no worker): GPU memory while the process lives and after") as r:
+        proc = subprocess.run([str(python), "-c", IN_PROCESS_SCRIPT, model, str(util)], capture_output=True,
+                              text=True, timeout=900)
+        time.sleep(2)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("INPROCESS ")), None)
+        if line is None:
+            raise RuntimeError(f"the in-process run failed: {proc.stderr.strip()[-800:]}")
+        got = json.loads(line.removeprefix("INPROCESS "))
+        got["after_process_exit"] = gpu_used()
+        r.update(got)
+        leaked = sum(got["after_unload_process_alive"]) - sum(got["before"])
+        freed = sum(got["after_process_exit"]) - sum(got["before"])
+        r["summary"] = (f"after shutdown, process alive: {leaked / 2**20:.0f} MiB still used; after the process "
+                        f"ended: {freed / 2**20:.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model folder for both backends (default: a tiny trained model built here)")
+    parser.add_argument("--offload-gb", type=float, default=None,
+                        help="cpu_offload_gb for vllm-offload (default: a third of the weights)")
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--out", default=str(ROOT / "test-artifacts" / "vllm-gpu-check"))
+    args = parser.parse_args(argv)
+    report = Report(Path(args.out))
+    python, source = vllm_python()
+
+    with report.step("machine and vLLM environment") as r:
+        m = machine.this_machine()
+        report.data["machine"] = {"gpus": [dataclasses.asdict(g) for g in m.gpus], "host_total": m.host_total,
+                                  "cpus": m.cpu_count}
+        probes = {n: get_plugin_manager().backend(n).probe() for n in ("vllm", "vllm-offload")}
+        report.data["vllm_env"] = {"python": str(python), "chosen_by": source}
+        report.data["vllm_env"].update(interpreter_facts(python) if python.exists() else {"exists": False})
+        r["probes"] = {n: dataclasses.asdict(p) for n, p in probes.items()}
+        r["ok"] = all(p.available for p in probes.values())
+        r["summary"] = "both available" if r["ok"] else probes["vllm"].reason
+    check_signatures(report, python)
+
+    scratch = Path(tempfile.mkdtemp(prefix="vllm-check-models-"))
+    scrambled = None
+    if args.model:
+        model = Path(args.model)
+    else:
+        with report.step("build a tiny model trained on the self-check paragraph") as r:
+            model, scrambled = build_trained_tiny_model(scratch)
+            r["summary"] = f"{model.name} and {scrambled.name}"
+    weights = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+    offload_gb = args.offload_gb if args.offload_gb is not None else max(weights / 3 / 2**30, 0.001)
+    common = {"model": str(model), "max_model_len": args.max_model_len,
+              "gpu_memory_utilization": args.gpu_memory_utilization}
+    VllmSettings.model_validate(common)
+
+    run_backend(report, "vllm", dict(common), "vllm")
+    run_backend(report, "vllm-offload", dict(common, cpu_offload_gb=offload_gb, pin_memory=True),
+                f"vllm-offload uva {offload_gb:.3g} GiB pinned")
+    run_backend(report, "vllm-offload", dict(common, cpu_offload_gb=offload_gb, pin_memory=False),
+                f"vllm-offload uva {offload_gb:.3g} GiB not pinned")
+    run_backend(report, "vllm-offload", dict(common, offload_backend="prefetch", offload_group_size=2,
+                                             offload_num_in_group=1), "vllm-offload prefetch 1 of 2 layers")
+    if scrambled is not None:
+        run_scrambled(report, "vllm-offload", dict(common, model=str(scrambled), cpu_offload_gb=offload_gb))
+    in_process_unload(report, python, str(model), args.gpu_memory_utilization)
+    VllmOffloadSettings.model_validate(dict(common, cpu_offload_gb=offload_gb))
+    shutil.rmtree(scratch, ignore_errors=True)
+    failed = [s["step"] for s in report.data["steps"] if not s["ok"]]
+    print(f"\nwrote {report.out / 'report.md'}; {len(failed)} step(s) failed" + (f": {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
