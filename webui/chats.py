@@ -46,7 +46,6 @@ CUT_LABELS = {
     "cancelled": "stopped",
     "error": "cut off by an error",
     "interrupted": "cut off: the server stopped while it was writing",
-    "streaming": "still being written",
 }
 FORMAT = "moechat-chat"
 
@@ -262,8 +261,13 @@ class ChatStore:
                             "and text content; import a chat exported as JSON.")
         title = str(data.get("title") or NEW_TITLE) if isinstance(data, dict) else NEW_TITLE
         system = str(data.get("system_prompt") or "") if isinstance(data, dict) else ""
+        system_parts = [m["content"] for m in msgs if m["role"] == "system"]
+        if system_parts and not system:
+            system = "\n\n".join(system_parts)
         chat_id = self.create(user, title, system)
         for m in msgs:
+            if m["role"] == "system":
+                continue
             status = m.get("status", "done")
             if status not in STATUSES or status == "streaming":
                 status = "interrupted" if status == "streaming" else "done"
@@ -297,6 +301,8 @@ def reply_note(m: StoredMessage) -> str:
         if m.status == "error" and meta.get("error"):
             label += f": {meta['error']}"
         parts.append(f"✂ {label}")
+    elif m.status == "streaming":
+        parts.append("writing …" if m.content else "waiting for the model …")
     elif m.status == "length":
         parts.append("reached the token limit")
     return " · ".join(parts)

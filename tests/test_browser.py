@@ -1,0 +1,300 @@
+"""The web chat in a real headless Chromium against a real ``moechat serve`` on loopback.
+
+Every test checks what a person sees on the page. Screenshots of the main states go to
+test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("playwright")
+if not Path("/usr/bin/chromium").exists():
+    pytest.skip("Debian's chromium is not installed", allow_module_level=True)
+
+from browser_helpers import Server, chromium, shot  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TIMEOUT_MS = int(os.environ.get("MOECHAT_BROWSER_TIMEOUT_MS", "90000"))
+LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+
+
+# ---- fixtures -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """A prebuilt demo model (the app would build one on first use; tests build it once)."""
+    from backends.demo import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("demo") / "demo-model")
+
+
+def data_dir_with_demo(tmp_path_factory, demo_model: Path, name: str) -> Path:
+    d = tmp_path_factory.mktemp(name)
+    shutil.copytree(demo_model, d / "demo-model")
+    return d
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def main_server(tmp_path_factory, demo_model):
+    s = Server(data_dir_with_demo(tmp_path_factory, demo_model, "main"), "--no-load").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def page(browser, main_server):
+    """One page of the main server, shared by the tests that build on each other's state."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    p = ctx.new_page()
+    open_page(p, main_server.url)
+    yield p
+    ctx.close()
+
+
+# ---- what a person does -------------------------------------------------------------------
+def open_page(page, url: str) -> None:
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#chatbot")
+    page.wait_for_selector("#chat-list")
+
+
+def choose(page, elem_id: str, option_text: str) -> None:
+    """Pick an option of a Gradio dropdown by the text it shows."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option_text).first.click()
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(value)
+    box.blur()
+
+
+def load(page, backend_label: str, folder: str | None = None, choices: dict[str, str] | None = None,
+         **settings: str) -> None:
+    """Choose the backend, the model folder and settings in the form, and press Load."""
+    choose(page, "backend", backend_label)
+    backend = backend_label.split(":")[0].strip().lower()
+    if folder is not None:
+        box = page.locator("#model-folder input")
+        box.fill(folder)
+        box.press("Enter")
+    for key, value in (choices or {}).items():
+        choose(page, f"setting-{backend}-{key}", value)
+    for key, value in settings.items():
+        fill(page, f"setting-{backend}-{key}", value)
+    page.click("#load")
+
+
+def open_section(page, elem_id: str, title: str) -> None:
+    """Open a closed accordion (its content is not on the page until it is open)."""
+    if page.locator(f"#{elem_id} input, #{elem_id} textarea").count() == 0:
+        page.locator(f"#{elem_id}").get_by_text(title).first.click()
+        page.locator(f"#{elem_id} input, #{elem_id} textarea").first.wait_for()
+
+
+def wait_text(page, selector: str, text: str, timeout: int = TIMEOUT_MS) -> None:
+    page.locator(selector).filter(has_text=text).first.wait_for(timeout=timeout)
+
+
+def send(page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.click("#send")
+
+
+def bubbles(page, role: str) -> list[str]:
+    """The text of the chat's messages of ``role`` (user or bot), in order."""
+    return page.locator(f"#chatbot .message-row.{role}-row").all_inner_texts()
+
+
+def last_reply(page) -> str:
+    replies = bubbles(page, "bot")
+    return replies[-1] if replies else ""
+
+
+def wait_reply(page, predicate, timeout_s: float = 90) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = last_reply(page)
+        if predicate(text):
+            return text
+        page.wait_for_timeout(100)
+    raise AssertionError(f"the reply never became what was expected; it reads: {last_reply(page)!r}")
+
+
+# ---- the tests ----------------------------------------------------------------------------
+def test_load_the_demo_model_from_the_dropdown_and_form_and_chat(page):
+    assert "Nothing is loaded" in page.inner_text("#model-status")
+    send(page, "Hello before loading")
+    wait_text(page, "#notice", "No model is loaded")
+    assert page.locator("#message textarea").input_value() == "Hello before loading"   # kept to send later
+
+    load(page, "transformers", folder="", choices={"device": "cpu"})
+    wait_text(page, "#model-status", "Loaded demo-model with transformers")
+    wait_text(page, "#load-status", "Loaded demo-model with transformers")
+    open_section(page, "sampling", "System prompt and sampling")
+    fill(page, "sampling-max_new_tokens", "8")
+    send(page, "Hello there")
+    reply = wait_reply(page, lambda t: "transformers · demo-model" in t)
+    assert "reply tokens" in reply and "tok/s" in reply
+    assert bubbles(page, "user") == ["Hello there"]
+    assert page.locator("#message textarea").input_value() == ""
+    wait_text(page, "#stats", "tok/s")
+    shot(page, "01-demo-model-loaded-and-replied")
+
+
+def test_stream_stop_regenerate_continue_and_edit(page):
+    page.click("#new-chat")
+    fill(page, "sampling-max_new_tokens", "64")
+    load(page, "Fake", delay_s="0.25")
+    wait_text(page, "#model-status", "Loaded fake-echo with fake")
+
+    send(page, LONG)
+    partial = wait_reply(page, lambda t: "one two" in t)                 # it streams ...
+    assert "sixteen" not in partial                                      # ... word by word
+    shot(page, "02-streaming")
+    page.click("#stop")
+    stopped = wait_reply(page, lambda t: "✂ stopped" in t)
+    assert "sixteen" not in stopped
+    wait_text(page, "#notice", "Stopped")
+    shot(page, "03-stopped")
+
+    page.click("#regenerate")
+    again = wait_reply(page, lambda t: "fake · fake-echo" in t and "✂" not in t, timeout_s=60)
+    assert again.startswith(LONG)
+    assert len(bubbles(page, "bot")) == 1 and bubbles(page, "user") == [LONG]
+
+    page.locator("#chat-list").get_by_text(LONG[:20]).wait_for()        # the chat is in the history
+    open_section(page, "edit-tools", "Edit or delete a message")
+    page.locator("#chatbot .message-row.user-row").first.click()        # choose the message to edit
+    page.wait_for_function("document.querySelector('#edit-box textarea').value.length > 0")
+    assert page.locator("#message-number input").input_value() == "1"
+    page.locator("#edit-box textarea").fill("an edited question")
+    page.click("#save-edit")
+    edited = wait_reply(page, lambda t: t.startswith("an edited question") and "fake-echo" in t)
+    assert "one two" not in edited
+    assert bubbles(page, "user") == ["an edited question"]
+    shot(page, "04-edited-and-regenerated")
+
+
+def test_switch_backend_and_back_keeps_the_chat(page):
+    before_users = bubbles(page, "user")
+    assert before_users == ["an edited question"]
+    load(page, "transformers", choices={"device": "cpu"})
+    wait_text(page, "#model-status", "Loaded demo-model with transformers")
+    assert bubbles(page, "user") == before_users
+    send(page, "now the demo model")
+    wait_reply(page, lambda t: "transformers · demo-model" in t)
+    load(page, "Fake")
+    wait_text(page, "#model-status", "Loaded fake-echo with fake")
+    assert bubbles(page, "user") == ["an edited question", "now the demo model"]
+    send(page, "back to fake")
+    wait_reply(page, lambda t: t.startswith("back to fake") and "fake · fake-echo" in t)
+    replies = bubbles(page, "bot")
+    assert "fake · fake-echo" in replies[0] and "transformers · demo-model" in replies[1]
+    shot(page, "05-switched-backends-chat-kept")
+
+
+def test_a_failed_load_says_why_on_the_page_and_keeps_the_model_and_chat(page):
+    users = bubbles(page, "user")
+    load(page, "transformers", folder="/nonexistent/model-folder")
+    wait_text(page, "#load-status", "Load failed")
+    status = page.inner_text("#load-status")
+    assert "does not exist" in status
+    assert "Loaded fake-echo with fake" in page.inner_text("#model-status")   # the loaded model stayed
+    assert bubbles(page, "user") == users
+    shot(page, "06-failed-load")
+
+
+def test_a_reply_cut_by_a_server_crash_is_kept_and_marked_after_restart(browser, tmp_path_factory, demo_model):
+    data = data_dir_with_demo(tmp_path_factory, demo_model, "restart")
+    first = Server(data, "--backend", "fake", "--set", "delay_s=0.3").start()
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    try:
+        open_page(page, first.url)
+        wait_text(page, "#model-status", "Loaded fake-echo with fake")
+        send(page, LONG)
+        wait_reply(page, lambda t: "one two three" in t)
+        first.kill()                                   # SIGKILL mid-reply
+    finally:
+        first.stop()
+    second = Server(data, "--no-load", port=first.port).start()
+    try:
+        open_page(page, second.url)
+        page.locator("#chat-list").get_by_text(LONG[:20]).click()
+        reply = wait_reply(page, lambda t: "✂" in t)
+        assert "one two three" in reply and "sixteen" not in reply
+        assert "cut off: the server stopped" in reply
+        shot(page, "07-cut-reply-after-restart")
+    finally:
+        ctx.close()
+        second.stop()
+
+
+def test_two_users_see_only_their_own_chats_and_the_second_waits_in_the_queue(browser, tmp_path_factory, demo_model):
+    data = data_dir_with_demo(tmp_path_factory, demo_model, "users")
+    users = data / "users.txt"
+    users.write_text("alice:wonderland\nbob:builder\n")
+    srv = Server(data, "--backend", "fake", "--set", "delay_s=0.3", "--auth", str(users), "--admin", "alice").start()
+    contexts = []
+    try:
+        pages = {}
+        for name, password in (("alice", "wonderland"), ("bob", "builder")):
+            c = browser.new_context(viewport={"width": 1400, "height": 1000})
+            c.set_default_timeout(TIMEOUT_MS)
+            contexts.append(c)
+            p = c.new_page()
+            p.goto(srv.url, wait_until="load")
+            p.get_by_label("username").fill(name)
+            p.get_by_label("password").fill(password)
+            p.get_by_role("button", name="Login").click()
+            p.wait_for_selector("#chatbot")
+            wait_text(p, "#history-note", f"Signed in as {name}")
+            pages[name] = p
+        alice, bob = pages["alice"], pages["bob"]
+        wait_text(alice, "#model-status", "Loaded fake-echo with fake")
+        assert bob.locator("#load").is_disabled() and not alice.locator("#load").is_disabled()
+
+        send(alice, "alice private words " + LONG)
+        wait_reply(alice, lambda t: "alice private" in t)
+        send(bob, "bob asks something")
+        wait_text(bob, "#notice", "Queued: 1 request ahead of yours")
+        shot(bob, "08-bob-queued")
+        bob.click("#stop")                             # bob gives up; alice's reply goes on
+        wait_text(bob, "#notice", "Stopped before the reply started")
+        send(bob, "bob asks again")
+        done = wait_reply(alice, lambda t: "fake · fake-echo" in t)
+        assert "✂" not in done and "sixteen" in done
+        wait_reply(bob, lambda t: t.startswith("bob asks again") and "fake-echo" in t)
+        shot(alice, "09-alice-done")
+
+        for p in (alice, bob):
+            p.reload(wait_until="load")
+            p.wait_for_selector("#chat-list")
+            p.wait_for_timeout(500)
+        alice_list = alice.inner_text("#chat-list")
+        bob_list = bob.inner_text("#chat-list")
+        assert "alice private" in alice_list and "bob asks" not in alice_list
+        assert "bob asks" in bob_list and "alice private" not in bob_list
+        bob.locator("#search input, #search textarea").first.fill("alice")
+        bob.wait_for_timeout(800)
+        assert "alice private" not in bob.inner_text("#chat-list")
+        shot(bob, "10-bob-history")
+    finally:
+        for c in contexts:
+            c.close()
+        srv.stop()

@@ -1,0 +1,94 @@
+"""Model folders the page offers: folders with a config.json under the models directory, and
+snapshots in the Hugging Face cache layout (``models--org--name/snapshots/<rev>/``).
+
+Reads directory listings only; nothing is downloaded or loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    label: str
+    path: str
+
+
+def hf_cache_dir() -> Path | None:
+    """The Hugging Face hub cache, as the hub library finds it: $HF_HUB_CACHE, $HF_HOME/hub,
+    else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _snapshots(repo_dir: Path) -> list[Path]:
+    """The snapshot of a cached repo: the one ``refs/main`` points at, else the newest."""
+    snaps = repo_dir / "snapshots"
+    if not snaps.is_dir():
+        return []
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        main = snaps / ref.read_text().strip()
+        if _is_model(main):
+            return [main]
+    found = [p for p in snaps.iterdir() if _is_model(p)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:1]
+
+
+def _scan_hf_cache(cache: Path) -> list[ModelFolder]:
+    out = []
+    for repo in sorted(cache.glob("models--*")):
+        name = repo.name.removeprefix("models--").replace("--", "/")
+        for snap in _snapshots(repo):
+            out.append(ModelFolder(f"{name} (Hugging Face cache)", str(snap)))
+    return out
+
+
+def find_model_folders(models_dir: str | os.PathLike | None, hf_cache: str | os.PathLike | None | bool = True,
+                       depth: int = 2) -> list[ModelFolder]:
+    """Model folders under ``models_dir`` (up to ``depth`` levels down; a folder in the Hugging
+    Face cache layout is read as a cache) and in ``hf_cache`` (True: the default cache; a path;
+    False/None: none). Sorted by label; unreadable folders are skipped."""
+    found: list[ModelFolder] = []
+    seen: set[str] = set()
+
+    def add(items: list[ModelFolder]) -> None:
+        for item in items:
+            if item.path not in seen:
+                seen.add(item.path)
+                found.append(item)
+
+    if models_dir:
+        root = Path(models_dir).expanduser()
+        if root.is_dir():
+            add(_scan_hf_cache(root))
+            level = [root]
+            for _ in range(depth):
+                nxt = []
+                for folder in level:
+                    try:
+                        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                    except OSError:
+                        continue
+                    for child in children:
+                        if child.name.startswith("models--"):
+                            continue
+                        if _is_model(child):
+                            add([ModelFolder(str(child.relative_to(root)), str(child))])
+                        else:
+                            nxt.append(child)
+                level = nxt
+    cache = hf_cache_dir() if hf_cache is True else (Path(hf_cache) if hf_cache else None)
+    if cache is not None and cache.is_dir():
+        add(_scan_hf_cache(cache))
+    return sorted(found, key=lambda m: m.label.lower())
