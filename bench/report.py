@@ -1,0 +1,223 @@
+"""Generate BENCHMARKS.md and bench/chart.png from the runs in bench/results/*.json.
+
+    python bench/report.py [--results bench/results] [--out BENCHMARKS.md] [--chart bench/chart.png]
+
+Each JSON file is one ``moechat bench --json`` run (a list of runs is read too). Runs are grouped
+by card; for each card the chart shows decode tok/s per backend and VRAM budget (extrapolated
+to the full depth when a run used fewer layers) with the physical bound of that machine drawn
+in: the fastest batch-1 decode the measured bandwidths allow when the int4 routed experts that
+do not fit in the budget are read from host RAM (or over PCIe, whichever is faster) and the
+rest from GPU memory. See docs/benchmarks.md for the formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GiB = 1024**3
+FULL_MODEL = "synthetic:qwen3-next-80b-a3b"
+
+
+def load_runs(folder: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            print(f"skipping {path}: not JSON", file=sys.stderr)
+            continue
+        for run in data if isinstance(data, list) else [data]:
+            if isinstance(run, dict) and run.get("schema") and run.get("backend"):
+                run["_file"] = path.name
+                runs.append(run)
+    return runs
+
+
+def card_of(run: dict[str, Any]) -> str:
+    gpus = run.get("machine", {}).get("gpus") or []
+    return gpus[0]["name"] if gpus else f"CPU only ({run.get('machine', {}).get('cpu', '?')})"
+
+
+def decode_full_depth(run: dict[str, Any]) -> float | None:
+    ext = run.get("extrapolated")
+    if ext and ext.get("decode_tok_s"):
+        return ext["decode_tok_s"]
+    return (run.get("decode_tok_s") or {}).get("median")
+
+
+def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float | None:
+    """Batch-1 decode bound (tok/s) for the 80 B model with int4 experts on a card of
+    ``budget_gib``: resident weights and the cached share of the routed experts read from GPU
+    memory, the uncached share from host RAM (CPU reads at about twice the copy rate) or over
+    PCIe, whichever is faster. None without the bandwidths it needs."""
+    from types import SimpleNamespace
+
+    from backends import planning, synthetic
+    from backends.machine import Gpu, Machine
+
+    gpu_bw = bandwidth.get("gpu_copy_gb_s")
+    cpu_bw = bandwidth.get("cpu_copy_gb_s")
+    if not gpu_bw or not cpu_bw or not budget_gib:
+        return None
+    host_bw = max(2 * cpu_bw, bandwidth.get("h2d_pinned_gb_s") or 0) * 1e9
+    model = synthetic.model_info(FULL_MODEL)
+    s = planning.shapes(model.config)
+    m = Machine([Gpu(0, "budget", int(budget_gib * GiB), 0)], 512 * GiB, 512 * GiB, 16)
+    plan = planning.plan_moe_offload(model, SimpleNamespace(max_context=4096), m)
+    note = next(i.note for i in plan.items if "expert cache" in i.what)
+    share = int(note.split()[0]) / s.num_experts
+    per_token = s.experts_per_token * s.moe_layers * s.one_expert * planning.int4_bytes()
+    resident_read = (s.resident - s.embed) * 2  # every resident weight but the embedding table
+    seconds = (1 - share) * per_token / host_bw + (resident_read + share * per_token) / (gpu_bw * 1e9)
+    return 1 / seconds
+
+
+def fmt(v: Any, spec: str = "{:.2f}") -> str:
+    return spec.format(v) if isinstance(v, (int, float)) else "-"
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    head = ("| backend | model | budget | decode tok/s (median, min-max) | decode at full depth | prefill tok/s "
+            "| first token s | load s | peak GPU GB | peak worker RSS GB | date | commit |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(runs, key=lambda r: (r.get("vram_budget_gb") or 0, r["backend"])):
+        d = r.get("decode_tok_s") or {}
+        model = r.get("model", "")
+        if r.get("layers") and r.get("full_layers") and r["layers"] < r["full_layers"]:
+            model = f"{model.split('?')[0]}, {r['layers']} of {r['full_layers']} layers"
+        ext = r.get("extrapolated")
+        full = fmt(ext.get("decode_tok_s")) + " (extrapolated)" if ext else fmt(d.get("median"))
+        budget = f"{r['vram_budget_gb']:g} GB" if r.get("vram_budget_gb") else "none"
+        lines.append("| " + " | ".join([
+            r["backend"], model, budget,
+            f"{fmt(d.get('median'))} ({fmt(d.get('min'))}-{fmt(d.get('max'))})", full,
+            fmt((r.get("prefill_tok_s") or {}).get("median"), "{:.1f}"),
+            fmt((r.get("ttft_s") or {}).get("median"), "{:.3f}"),
+            fmt(r.get("load_time_s"), "{:.1f}"),
+            fmt(r["peak_gpu_bytes"] / 1e9 if r.get("peak_gpu_bytes") else None),
+            fmt(r["peak_host_bytes"] / 1e9 if r.get("peak_host_bytes") else None),
+            (r.get("date") or "")[:10], (r.get("git_commit") or "")[:8] + ("+" if r.get("git_dirty") else ""),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(runs: list[dict[str, Any]]) -> str:
+    m = runs[-1].get("machine", {})
+    bw = m.get("bandwidth", {})
+    parts = [f"CPU: {m.get('cpu', '?')} ({m.get('cpu_count', '?')} threads), "
+             f"{fmt(m.get('host_total_bytes', 0) / 1e9, '{:.0f}')} GB RAM"]
+    measured = [f"{label} {bw[key]} GB/s" for key, label in (
+        ("cpu_copy_gb_s", "CPU copy"), ("h2d_pinned_gb_s", "host to GPU pinned"),
+        ("h2d_pageable_gb_s", "pageable"), ("gpu_copy_gb_s", "GPU memory")) if bw.get(key)]
+    if measured:
+        parts.append("measured: " + ", ".join(measured))
+    return "; ".join(parts) + "."
+
+
+def chart(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 4.5), squeeze=False)
+    for ax, (card, runs) in zip(axes[0], sorted(groups.items())):
+        budgets = sorted({r.get("vram_budget_gb") or 0 for r in runs})
+        backends = sorted({r["backend"] for r in runs})
+        width = 0.8 / max(len(backends), 1)
+        for j, backend in enumerate(backends):
+            xs, ys = [], []
+            for i, b in enumerate(budgets):
+                vals = [decode_full_depth(r) for r in runs if r["backend"] == backend and (r.get("vram_budget_gb") or 0) == b]
+                vals = [v for v in vals if v]
+                if vals:
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(vals[-1])
+            bars = ax.bar(xs, ys, width, label=backend)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        bw = runs[-1].get("machine", {}).get("bandwidth", {})
+        labelled = False
+        for i, b in enumerate(budgets):
+            bound = physical_bound(b, bw) if b else None
+            if bound:
+                ax.hlines(bound, i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                          label=None if labelled else "physical bound (int4 experts, this machine)")
+                ax.annotate(f"{bound:.0f}", (i + 0.45, bound), fontsize=7, va="bottom", ha="right")
+                labelled = True
+        ax.set_xticks(range(len(budgets)), [f"{b:g} GB budget" if b else "no budget" for b in budgets])
+        ax.set_ylabel("decode tok/s, batch 1 (48 layers)")
+        ax.set_yscale("log")
+        models = sorted({r.get("model", "").split("?")[0] for r in runs})
+        ax.set_title(f"{card}\n{', '.join(models)}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("Decode speed per backend and VRAM budget (batch 1, at the model's full depth)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[card_of(r)].append(r)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/report.py` from the runs in `bench/results/`; do not edit by hand.",
+        "Each run is one `moechat bench` (see docs/benchmarks.md for what is measured and how). Models named",
+        "`synthetic:` have the real shapes and random weights; runs with fewer layers than the model keep",
+        "every width, and their full-depth decode speed is extrapolated (time per token x 48 / layers).",
+        "",
+    ]
+    if not runs:
+        lines += ["No runs yet: run `bench/gpu_compare.sh` on a GPU machine, commit its JSON files to",
+                  "`bench/results/`, then run `python bench/report.py`.", ""]
+    if groups:
+        rel = chart_path.relative_to(out_path.parent) if chart_path.is_relative_to(out_path.parent) else chart_path
+        lines += [f"![decode tok/s per backend and budget]({rel.as_posix()})", ""]
+    for card, rs in sorted(groups.items()):
+        lines += [f"## {card}", "", machine_line(rs), ""]
+        bw = rs[-1].get("machine", {}).get("bandwidth", {})
+        bounds = [(b, physical_bound(b, bw)) for b in sorted({r.get("vram_budget_gb") for r in rs if r.get("vram_budget_gb")})]
+        bounds = [(b, v) for b, v in bounds if v]
+        if bounds:
+            lines += ["Physical bound for batch-1 decode on this machine with int4 experts: " + "; ".join(
+                f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + ".", ""]
+        lines += [table(rs), ""]
+        notes = sorted({r["extrapolated"]["note"] for r in rs if r.get("extrapolated")})
+        checks = sorted({f"{r['backend']}: {r['plan_check']}" for r in rs if r.get("plan_check")})
+        for n in notes + checks:
+            lines.append(f"- {n}")
+        if notes or checks:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Generate BENCHMARKS.md and the chart from bench/results.")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--chart", default=str(ROOT / "bench" / "chart.png"))
+    args = p.parse_args(argv)
+    runs = load_runs(Path(args.results))
+    out, chart_path = Path(args.out), Path(args.chart)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[card_of(r)].append(r)
+    if groups:
+        chart(groups, chart_path)
+    out.write_text(render(runs, chart_path, out))
+    print(f"wrote {out}" + (f" and {chart_path}" if groups else "") + f" from {len(runs)} run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

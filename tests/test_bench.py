@@ -1,0 +1,170 @@
+"""`moechat bench` end to end on the CPU with tiny synthetic models, through the real manager and
+worker processes; the report generated from its JSON. Numbers are not asserted, fields are."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backends import synthetic
+from backends.api import BackendError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Backends that run on a CPU-only machine and take synthetic: models. Add one here when it does.
+CPU_BACKENDS = ["transformers", "fake"]
+GEN_TOKENS = 6
+REPEAT = 2
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("moechat-home")
+
+
+def bench(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "webui.cli", "bench", "--no-progress", "--bandwidth-mb", "32", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env=dict(os.environ, MOECHAT_HOME=str(home), MOECHAT_NO_GPU="1", GRADIO_ANALYTICS_ENABLED="False", **env))
+
+
+@pytest.fixture(scope="module")
+def results(home, tmp_path_factory):
+    """One bench run per CPU backend, written as JSON like bench/gpu_compare.sh does."""
+    out = tmp_path_factory.mktemp("results")
+    runs = {}
+    for backend in CPU_BACKENDS:
+        path = out / f"{backend}.json"
+        proc = bench(home, "--backend", backend, "--model", "synthetic:tiny", "--prompt-tokens", "12",
+                     "--gen-tokens", str(GEN_TOKENS), "--repeat", str(REPEAT), "--json", str(path))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[backend] = (json.loads(path.read_text()), proc.stdout)
+    return out, runs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bench_json_has_every_field(results, backend):
+    _, runs = results
+    r, stdout = runs[backend]
+    assert r["schema"] == 1 and r["backend"] == backend and r["model"] == "synthetic:tiny"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT.*", r["date"])
+    assert re.fullmatch(r"[0-9a-f]{40}", r["git_commit"]) and isinstance(r["git_dirty"], bool)
+    assert r["load_time_s"] > 0 and r["load_wall_s"] >= r["load_time_s"]
+    for key in ("ttft_s", "prefill_tok_s", "decode_tok_s"):
+        s = r[key]
+        assert len(s["values"]) == REPEAT and s["min"] <= s["median"] <= s["max"], key
+    assert len(r["runs"]) == REPEAT + 1 and r["runs"][0]["warmup"] and not r["runs"][1]["warmup"]
+    assert r["peak_host_bytes"] > 0 and "peak_gpu_bytes" in r          # None here: no GPU
+    assert "worker_rss_bytes" in r["backend_stats"]
+    m = r["machine"]
+    assert m["cpu"] and m["cpu_count"] >= 1 and m["host_total_bytes"] > 0 and m["gpus"] == []
+    assert m["bandwidth"]["cpu_copy_gb_s"] > 0
+    assert r["settings"]["model"] == "synthetic:tiny"
+    assert f"{backend} on synthetic:tiny" in stdout and "decode" in stdout
+
+
+def test_transformers_runs_every_token_and_records_its_plan(results):
+    """Synthetic models have no end-of-sequence token, so each run makes exactly --gen-tokens."""
+    r, _ = results[1]["transformers"]
+    assert [run["completion_tokens"] for run in r["runs"]] == [GEN_TOKENS] * (REPEAT + 1)
+    assert r["prompt_tokens"] == 12                          # cut to the tokenizer's count
+    assert r["settings"]["max_context"] == 12 + GEN_TOKENS + 64  # sized for the benchmark
+    assert r["plan"]["fits"] is True and r["plan"]["summary"].startswith("This fits.")
+    assert r["load_info"]["weight_bytes"]["cpu"] > 0 and r["plan_check"] is None
+    assert r["backend_stats"]["worker_rss_bytes"] <= r["peak_host_bytes"]
+
+
+def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
+    path = tmp_path / "layers.json"
+    proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--layers", "2",
+                 "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--json", str(path),
+                 "--bandwidth-mb", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(path.read_text())
+    assert r["model"] == "synthetic:tiny?layers=2" and (r["layers"], r["full_layers"]) == (2, 4)
+    assert r["load_info"]["model_name"] == "synthetic:tiny?layers=2"
+    ext = r["extrapolated"]
+    assert ext["layers"] == 4 and ext["decode_tok_s"] == pytest.approx(r["decode_tok_s"]["median"] / 2)
+    assert "2 of 4 layers" in ext["note"] and "extrapolated to 4 layers" in proc.stdout
+
+
+def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home):
+    proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--bandwidth-mb", "0",
+                 MOECHAT_HOST_RAM_GB="0.1")
+    assert proc.returncode == 1
+    assert "moechat: This does not fit. host RAM: needs 0.5 GB of 0.1 GB available." in proc.stderr
+    proc = bench(home, "--backend", "transformers", "--model", str(home), "--layers", "2")
+    assert proc.returncode == 1 and "--layers works only with synthetic models" in proc.stderr
+
+
+def test_synthetic_specs_parse_and_cut_depth_only():
+    spec = synthetic.parse("synthetic:qwen3-next-80b-a3b?layers=4")
+    cfg = synthetic.config(spec)
+    full = synthetic.QWEN3_NEXT_80B_A3B
+    assert cfg["num_hidden_layers"] == 4 and cfg["hidden_size"] == full["hidden_size"]
+    assert cfg["num_experts"] == 512 and cfg["eos_token_id"] is None
+    info = synthetic.model_info(str(spec))
+    assert info.path == "synthetic:qwen3-next-80b-a3b?layers=4" and info.num_layers == 4
+    assert synthetic.config("synthetic:tiny?layers=2")["layer_types"] == ["linear_attention", "full_attention"]
+    for bad, words in (("synthetic:gpt5", "There is no synthetic model 'gpt5'"),
+                       ("synthetic:tiny?layers=9", "between 1 and 4"),
+                       ("synthetic:tiny?depth=2", "unknown option 'depth'")):
+        with pytest.raises(BackendError, match=words):
+            synthetic.parse(bad)
+
+
+def test_random_weights_differ_per_expert_and_are_finite():
+    import torch
+
+    model = synthetic.build_transformers_model("synthetic:tiny", lambda p: None, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == synthetic.model_info("synthetic:tiny").param_count
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and torch.isfinite(p).all(), name
+    router = model.model.layers[0].mlp.gate.weight
+    assert len({tuple(row.tolist()) for row in router}) == router.shape[0]  # no expert favoured by copy
+    experts = model.model.layers[0].mlp.experts.gate_up_proj
+    assert not torch.equal(experts[0], experts[1])
+
+
+def test_scaled_budget_keeps_the_fixed_part():
+    from webui.commands.bench import FIXED_GPU_BYTES, scaled_budget
+
+    info = synthetic.model_info("synthetic:qwen3-next-80b-a3b?layers=4")
+    fixed = FIXED_GPU_BYTES + 2 * 151936 * 2048 * 2
+    expect = (fixed + (16 * 1024**3 - fixed) * 4 / 48) / 1024**3
+    assert scaled_budget(16, info, 4, 48) == pytest.approx(expect)
+    assert scaled_budget(16, info, 48, 48) == 16
+
+
+def test_report_builds_the_table_and_chart(results, tmp_path):
+    folder, runs = results
+    out, chart = tmp_path / "BENCHMARKS.md", tmp_path / "chart.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(folder),
+                           "--out", str(out), "--chart", str(chart)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    cpu = runs["transformers"][0]["machine"]["cpu"]
+    assert f"## CPU only ({cpu})" in text and "![decode tok/s per backend and budget](chart.png)" in text
+    for backend in CPU_BACKENDS:
+        decode = runs[backend][0]["decode_tok_s"]["median"]
+        assert re.search(rf"^\| {backend} \| synthetic:tiny \| none \| {decode:.2f} ", text, re.M), backend
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_physical_bound_follows_the_cached_share():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from report import physical_bound
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    bw = {"gpu_copy_gb_s": 1000.0, "cpu_copy_gb_s": 35.0, "h2d_pinned_gb_s": 25.0}
+    b16, b24 = physical_bound(16, bw), physical_bound(24, bw)
+    # FACTS.md: experts on the CPU, memory-bound, int4: 77 to 116 tok/s on a 60-80 GB/s desktop
+    assert 60 < b16 < b24 < 130
+    assert physical_bound(24, {"cpu_copy_gb_s": 35.0}) is None   # no GPU bandwidth: no bound

@@ -1,0 +1,386 @@
+"""``moechat bench``: measure a backend the same way as every other one.
+
+Loads through the real BackendManager and worker process, then runs one warm-up and
+``--repeat`` generations of ``--gen-tokens`` tokens after a ``--prompt-tokens`` prompt, and
+reports load time, time to first token, prefill and decode speed (median, min, max), peak GPU
+memory (torch's peak allocation in the worker), peak host memory of the worker (its VmHWM),
+every stat the backend reports, the card, the CPU, this machine's measured bandwidths, the
+date and the git commit. ``--json FILE`` writes all of it.
+
+``--model synthetic:qwen3-next-80b-a3b --layers N`` benchmarks the full widths at N layers and
+extrapolates to the full depth (time per token scales with the layers; it says so).
+``--vram-budget-gb G`` makes the worker behave like a G GiB card: torch's per-process memory
+cap is enforced in the worker, and budget-sized settings of the backend are derived from it.
+With fewer layers than the model has, the part of the budget that scales with depth is
+scaled too (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = 1
+# GPU memory outside the layers that a budget must still cover: CUDA context and a work area.
+FIXED_GPU_BYTES = 2 * 1024**3
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backend", required=True, help="backend to measure (see `moechat plugins`)")
+    p.add_argument("--model", default="", help="model folder, or synthetic:qwen3-next-80b-a3b / synthetic:tiny "
+                                               "(empty: the demo model)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="synthetic models only: keep every width, cut the depth to N layers")
+    p.add_argument("--vram-budget-gb", type=float, default=None,
+                   help="behave like a card with this many GiB (the cap is enforced in the worker)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens to generate per run (default 32)")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs after one warm-up (default 3)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend setting (repeatable)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--force", action="store_true", help="load even when the memory plan says it does not fit")
+    p.add_argument("--bandwidth-mb", type=int, default=256,
+                   help="buffer size for the bandwidth measurement (0: skip it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---- facts about this machine and this checkout ------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+
+
+def bandwidth(mb: int) -> dict[str, Any]:
+    """Run bench/hwprobe.py in its own process; {} with an error note if it cannot run."""
+    if mb <= 0:
+        return {}
+    try:
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "hwprobe.py"), "--mb", str(mb)],
+                             capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"error": f"bandwidth probe failed: {exc}"}
+
+
+def machine_facts(mb: int) -> dict[str, Any]:
+    from backends.machine import this_machine
+    m = this_machine()
+    return {"gpus": [{"name": g.name, "total_bytes": g.total} for g in m.gpus],
+            "cpu": cpu_name(), "cpu_count": m.cpu_count, "host_total_bytes": m.host_total,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "bandwidth": bandwidth(mb)}
+
+
+def peak_rss(pid: int | None) -> int | None:
+    """The most resident memory ``pid`` has had (Linux VmHWM), else its current RSS."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    from backends.machine import process_rss
+    return process_rss(pid)
+
+
+# ---- the prompt ---------------------------------------------------------------------------------
+
+def prompt_text(model_path: str, tokens: int) -> str:
+    """Text of about ``tokens`` tokens for the model's tokenizer (cut exactly when the
+    ``tokenizers`` library can read it; the runs record the real count)."""
+    from backends.demo import CORPUS
+    from backends.synthetic import tokenizer_folder
+
+    words = CORPUS.split()
+    text = " ".join(words[i % len(words)] for i in range(tokens * 2))
+    try:
+        from tokenizers import Tokenizer
+        folder = tokenizer_folder(model_path) if model_path else ""
+        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        ids = tok.encode(text, add_special_tokens=False).ids[:tokens]
+        return tok.decode(ids)
+    except Exception:  # no tokenizer.json here: a word is about one token
+        return " ".join(text.split()[:tokens])
+
+
+# ---- settings derived from the budget -----------------------------------------------------------
+
+def scaled_budget(budget_gib: float, model: Any, layers: int | None, full: int | None) -> float:
+    """The budget for a model cut to ``layers`` of ``full`` layers: the fixed part (embeddings,
+    lm_head, CUDA context and work area) stays, the rest scales with the depth."""
+    if not layers or not full or layers >= full:
+        return budget_gib
+    from backends.planning import try_shapes
+    s = try_shapes(model.config)
+    fixed = FIXED_GPU_BYTES + ((s.embed + s.lm_head) * 2 if s else 0)
+    budget = budget_gib * 1024**3
+    return (fixed + max(budget - fixed, 0) * layers / full) / 1024**3
+
+
+def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: float | None,
+                    context: int) -> dict[str, Any]:
+    """Settings the person did not give, sized for the benchmark: a context just long enough, and
+    for a VRAM budget the backend's own knobs (vram_budget_gb, gpu_memory_gb + cpu_memory_gb,
+    gpu_memory_utilization), so the backend plans for the budget rather than the whole card."""
+    from backends.machine import this_machine
+    from backends.planning import effective_machine
+
+    fields = entry.cls.Settings.model_fields
+    out = dict(given)
+    for name in ("max_context", "max_model_len"):
+        if name in fields and name not in out:
+            out[name] = context
+    m = effective_machine(this_machine())
+    if budget_gib is None or not m.gpus:
+        return out
+    if "vram_budget_gb" in fields and "vram_budget_gb" not in out:
+        out["vram_budget_gb"] = round(budget_gib, 3)
+    if "gpu_memory_utilization" in fields and "gpu_memory_utilization" not in out:
+        total = this_machine().gpus[0].total
+        out["gpu_memory_utilization"] = round(min(0.95, budget_gib * 1024**3 / total), 4)
+    if "gpu_memory_gb" in fields and "gpu_memory_gb" not in out:
+        settings = entry.cls.Settings.model_validate(out)
+        plan = entry.cls.plan(model, settings, m)
+        runtime = sum(i.bytes for i in plan.items if i.device == "gpu" and "weights" not in i.what) if plan else 0
+        out["gpu_memory_gb"] = round(max(0.5, (budget_gib * 1024**3 - runtime) / 1e9 * 0.95), 3)
+        if "cpu_memory_gb" in fields and "cpu_memory_gb" not in out:
+            out["cpu_memory_gb"] = round(0.9 * m.host_available / 1e9, 1)
+    return out
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "values": []}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+
+
+class Bar:
+    """A one-line progress bar on stderr (tqdm), quiet when asked."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        self.shown = 0.0
+        if not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=1.0, file=sys.stderr, bar_format="{desc} |{bar}| {percentage:3.0f}%",
+                            dynamic_ncols=True)
+
+    def show(self, desc: str, fraction: float | None = None) -> None:
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if desc == self.bar.desc and now - self.shown < 0.5 and fraction != 1.0:
+            return  # at most two redraws a second within one stage
+        self.shown = now
+        self.bar.set_description_str(desc[:60], refresh=False)
+        if fraction is not None:
+            self.bar.n = max(0.0, min(1.0, fraction))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def measure(args) -> dict[str, Any]:
+    """Run the benchmark described by ``args``; raises BackendError with a sentence."""
+    from backends import synthetic
+    from backends.api import BackendError, GenerateRequest, SamplingParams
+    from backends.manager import BackendManager
+    from backends.planning import VRAM_BUDGET_ENV, to_dict
+    from backends.plugins import get_plugin_manager
+    from webui.cli import parse_settings
+
+    model_spec = args.model
+    full_layers = None
+    if args.layers is not None:
+        if not synthetic.is_synthetic(model_spec):
+            raise BackendError("--layers works only with synthetic models (--model synthetic:NAME).")
+        model_spec = str(synthetic.Spec(synthetic.parse(model_spec).name, args.layers))
+    if synthetic.is_synthetic(model_spec):
+        spec = synthetic.parse(model_spec)
+        full_layers = synthetic.full_layers(spec)
+        layers = spec.layers or full_layers
+    else:
+        layers = None
+    for name, value in (("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens),
+                        ("--repeat", args.repeat)):
+        if value < 1:
+            raise BackendError(f"{name} must be at least 1.")
+
+    manager = BackendManager(get_plugin_manager())
+    backends = manager.backends()
+    if args.backend not in backends:
+        raise BackendError(f"There is no backend named {args.backend!r}. Installed: {', '.join(sorted(backends))}.")
+    entry = backends[args.backend]
+    model = manager.resolve_model(model_spec)
+    budget = None
+    if args.vram_budget_gb is not None:
+        budget = scaled_budget(args.vram_budget_gb, model, layers, full_layers)
+        os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
+    context = args.prompt_tokens + args.gen_tokens + 64
+    given = parse_settings(args.settings)
+    given["model"] = model_spec
+    settings = derive_settings(entry, model, given, budget, context)
+
+    bar = Bar(args.no_progress)
+    steps = args.repeat + 2  # load, warm-up, runs
+
+    def on_progress(p) -> None:
+        frac = (p.done / p.total) if p.total else 0.0
+        bar.show(f"load: {p.stage}", frac / steps)
+
+    facts: dict[str, Any] = {}
+    try:
+        bar.show("measuring bandwidth", 0.0)
+        facts = machine_facts(args.bandwidth_mb)
+        started = time.perf_counter()
+        info = manager.load(args.backend, settings, on_progress=on_progress, force=args.force)
+        load_wall = time.perf_counter() - started
+        text = prompt_text(model_spec, args.prompt_tokens)
+        runs: list[dict[str, Any]] = []
+        for i in range(args.repeat + 1):
+            bar.show("warm-up" if i == 0 else f"run {i} of {args.repeat}", (1 + i) / steps)
+            request = GenerateRequest(prompt=text, sampling=SamplingParams(
+                temperature=0.0, max_new_tokens=args.gen_tokens, seed=0))
+            usage, error = {}, None
+            for ev in manager.generate(request):
+                if ev.kind == "done":
+                    usage, error = ev.usage, ev.error
+            if error:
+                raise BackendError(f"Generation failed: {error}")
+            runs.append(dict(usage, warmup=(i == 0)))
+        bar.show("done", 1.0)
+        stats = manager.stats()
+        backend_stats = stats.get("backend_stats", {})
+        pid = stats.get("worker_pid")
+        peak_host = peak_rss(pid)
+        state = manager.state
+    finally:
+        bar.close()
+        manager.close()
+
+    measured = [r for r in runs if not r["warmup"]]
+    gpus = backend_stats.get("gpus") or info.get("gpus") or []
+    peak_gpu = max((g.get("peak_allocated_bytes") or 0 for g in gpus), default=None) if gpus else None
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **git_commit(),
+        "backend": args.backend,
+        "model": model_spec,
+        "model_summary": model.summary(),
+        "layers": layers,
+        "full_layers": full_layers,
+        "settings": state.settings,
+        "vram_budget_gb": args.vram_budget_gb,
+        "vram_budget_applied_gb": round(budget, 3) if budget is not None else None,
+        "prompt_tokens_requested": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "repeat": args.repeat,
+        "load_time_s": info.get("load_time_s"),
+        "load_wall_s": load_wall,
+        "prompt_tokens": spread([r.get("prompt_tokens") for r in measured])["median"],
+        "completion_tokens": spread([r.get("completion_tokens") for r in measured])["median"],
+        "ttft_s": spread([r.get("ttft_s") for r in measured]),
+        "prefill_tok_s": spread([r.get("prefill_tok_s") for r in measured]),
+        "decode_tok_s": spread([r.get("decode_tok_s") for r in measured]),
+        "peak_gpu_bytes": peak_gpu,
+        "peak_host_bytes": peak_host,
+        "backend_stats": backend_stats,
+        "load_info": state.info,
+        "plan": to_dict(state.plan) if state.plan is not None else None,
+        "plan_check": state.info.get("plan_check"),
+        "machine": facts,
+        "runs": runs,
+        "extrapolated": None,
+    }
+    if layers and full_layers and layers < full_layers:
+        factor = layers / full_layers
+        dec, pre, ttft = (result["decode_tok_s"]["median"], result["prefill_tok_s"]["median"],
+                          result["ttft_s"]["median"])
+        result["extrapolated"] = {
+            "layers": full_layers,
+            "decode_tok_s": dec * factor if dec else None,
+            "prefill_tok_s": pre * factor if pre else None,
+            "ttft_s": ttft / factor if ttft else None,
+            "note": (f"Measured with {layers} of {full_layers} layers at full width; time per token scaled by "
+                     f"{full_layers}/{layers}, which counts the embeddings and lm_head once per layer too "
+                     "(slightly pessimistic)."),
+        }
+    return result
+
+
+def summary(r: dict[str, Any]) -> str:
+    def num(v, fmt="{:.2f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    gpus = ", ".join(g["name"] for g in r["machine"].get("gpus", [])) or "no GPU"
+    lines = [
+        f"{r['backend']} on {r['model']} ({gpus}; {r['machine'].get('cpu', '?')})",
+        f"load {num(r['load_time_s'], '{:.1f}')} s; prompt {num(r['prompt_tokens'], '{:.0f}')} tokens, "
+        f"{num(r['completion_tokens'], '{:.0f}')} generated, {r['repeat']} runs",
+        f"time to first token {num(r['ttft_s']['median'], '{:.3f}')} s; "
+        f"prefill {num(r['prefill_tok_s']['median'], '{:.1f}')} tok/s; "
+        f"decode {num(r['decode_tok_s']['median'])} tok/s "
+        f"(min {num(r['decode_tok_s']['min'])}, max {num(r['decode_tok_s']['max'])})",
+        f"peak GPU {num((r['peak_gpu_bytes'] or 0) / 1e9 if r['peak_gpu_bytes'] is not None else None, '{:.2f}')} GB; "
+        f"peak worker RSS {num((r['peak_host_bytes'] or 0) / 1e9, '{:.2f}')} GB",
+    ]
+    if r.get("extrapolated"):
+        e = r["extrapolated"]
+        lines.append(f"extrapolated to {e['layers']} layers: decode {num(e['decode_tok_s'])} tok/s, "
+                     f"prefill {num(e['prefill_tok_s'], '{:.1f}')} tok/s. {e['note']}")
+    if r.get("plan_check"):
+        lines.append(r["plan_check"])
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from backends.api import BackendError
+
+    try:
+        result = measure(args)
+    except BackendError as exc:
+        print(f"moechat: {exc}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    return 0
