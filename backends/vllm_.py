@@ -412,17 +412,34 @@ def memory_plan(model: Any, settings: VllmSettings, machine: Any) -> MemoryPlan:
     return plan
 
 
-def offload_warning(asked: int, host_growth: int | None, gpu_growth: int | None,
+def gpu_weights_measured(gpu_growth: int | None, kv_cache_tokens: int | None, config: dict[str, Any],
+                         kv_cache_dtype: str) -> int | None:
+    """Weights on the GPU as measured after loading: the engine's GPU memory minus the KV cache
+    vLLM allocated and the overhead. None where it cannot be told (hybrid models share KV pages
+    with their linear-attention state, so their KV bytes are not known here)."""
+    if gpu_growth is None or not kv_cache_tokens or is_hybrid(config):
+        return None
+    return gpu_growth - kv_cache_tokens * kv_bytes_per_token(config, kv_cache_dtype) - GPU_OVERHEAD
+
+
+def offload_warning(asked: int, host_growth: int | None, gpu_weights: int | None,
                     gpu_weights_expected: int | None) -> str | None:
-    """Compare what the engine's processes hold after loading with the offload asked for; a
-    sentence when the offload evidently did not happen."""
-    if asked < MIN_JUDGED_OFFLOAD or host_growth is None:
-        return None  # small offloads drown in the engine processes' own few GiB of RAM
-    if host_growth < asked * 0.5:
-        return (f"Weight offload did not happen: {asked / GiB:.1f} GiB were asked to go to host RAM, but the "
-                f"engine's processes hold only {max(host_growth, 0) / GiB:.1f} GiB more host RAM after loading"
-                + (f" and {gpu_growth / GiB:.1f} GiB of GPU memory" if gpu_growth is not None else "")
-                + ". This vLLM probably ignored cpu_offload_gb; expect running out of GPU memory.")
+    """Compare measured memory after loading with the offload asked for: ``gpu_weights`` (weights
+    found on the GPU, see gpu_weights_measured) against ``gpu_weights_expected`` (the weights minus
+    the offload), and the host RAM the engine's processes gained against the offload. A sentence
+    when the offload evidently did not happen."""
+    if asked <= 0:
+        return None
+    if gpu_weights is not None and gpu_weights_expected is not None and asked >= GiB \
+            and gpu_weights > gpu_weights_expected + asked * 0.5:
+        return (f"Weight offload did not happen: {asked / GiB:.1f} GiB of weights were asked to stay in host RAM, "
+                f"so about {gpu_weights_expected / GiB:.1f} GiB should be on the GPU, but about "
+                f"{gpu_weights / GiB:.1f} GiB are (GPU memory used minus the KV cache). This vLLM probably "
+                "ignored the offload settings; expect running out of GPU memory.")
+    if asked >= MIN_JUDGED_OFFLOAD and host_growth is not None and host_growth < asked * 0.5:
+        return (f"Weight offload did not happen: {asked / GiB:.1f} GiB of weights were asked to stay in host RAM, "
+                f"but the engine's processes hold only {max(host_growth, 0) / GiB:.1f} GiB more host RAM after "
+                "loading. This vLLM probably ignored the offload settings; expect running out of GPU memory.")
     return None
 
 
@@ -502,8 +519,14 @@ class VllmBackend(Backend):
                                 "warnings": []}
         info["memory_after_load"] = vllm_engine.memory_growth(before, after)
         asked = offload_bytes(settings, weights, text_config(config).get("num_hidden_layers"))
-        warning = offload_warning(asked, info["memory_after_load"].get("host_bytes"),
-                                  info["memory_after_load"].get("gpu_bytes"), weights - asked)
+        growth = info["memory_after_load"]
+        growth["kv_cache_tokens"] = self.engine.kv_cache_tokens()
+        growth["gpu_weights_bytes"] = gpu_weights_measured(growth.get("gpu_bytes"), growth["kv_cache_tokens"],
+                                                           config, settings.kv_cache_dtype)
+        gpu_share = weights // settings.tensor_parallel_size
+        expected = (gpu_share - asked) * settings.tensor_parallel_size
+        warning = offload_warning(asked * settings.tensor_parallel_size, growth.get("host_bytes"),
+                                  growth["gpu_weights_bytes"], expected)
         if warning:
             info["warnings"].append(warning)
         self.info = info

@@ -192,6 +192,13 @@ class VllmEngine:
         out = self.call(run(), timeout=STREAM_TIMEOUT_S)
         return perplexity_from_prompt_logprobs(ids, out.prompt_logprobs)
 
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the KV cache vLLM allocated holds (num_gpu_blocks x block_size), when the
+        engine reports them to this process."""
+        cache = getattr(getattr(self.engine, "vllm_config", None), "cache_config", None)
+        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+        return int(blocks) * int(size) if isinstance(blocks, int) and isinstance(size, int) else None
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.scheduler.get("kv_cache_usage") is not None:

@@ -21,8 +21,8 @@ from backends.manager import BackendManager
 from backends.modelinfo import ModelInfo
 from backends.plugins import get_plugin_manager
 from backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
-                            explain_engine_error, is_hybrid, kv_bytes_per_token, memory_plan, offload_warning,
-                            parse_version, refusal, state_bytes_per_sequence)
+                            explain_engine_error, gpu_weights_measured, is_hybrid, kv_bytes_per_token, memory_plan,
+                            offload_warning, parse_version, refusal, state_bytes_per_sequence)
 from backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
 
 GB = 1e9
@@ -268,14 +268,29 @@ def test_request_metrics_give_time_to_first_token_and_speeds():
     assert request_metrics(_Output([_Completion([1, 2])], None), 5) == {"prompt_tokens": 5, "completion_tokens": 2}
 
 
-def test_offload_that_did_not_happen_is_noticed():
-    warning = offload_warning(16 * GiB, host_growth=int(0.4 * GiB), gpu_growth=int(21 * GiB),
-                              gpu_weights_expected=int(4 * GiB))
-    assert warning.startswith("Weight offload did not happen: 16.0 GiB were asked to go to host RAM, but the "
-                              "engine's processes hold only 0.4 GiB more host RAM")
-    assert offload_warning(16 * GiB, host_growth=int(30 * GiB), gpu_growth=None, gpu_weights_expected=None) is None
-    assert offload_warning(0, host_growth=0, gpu_growth=0, gpu_weights_expected=0) is None
-    assert offload_warning(2 * GiB, host_growth=0, gpu_growth=0, gpu_weights_expected=0) is None  # too small to judge
+def test_offload_that_did_not_happen_is_noticed_on_the_gpu():
+    # 20 GB of weights, 12 GiB asked offloaded: about 6.6 GiB belong on the GPU
+    weights, asked = int(20e9), 12 * GiB
+    expected = weights - asked
+    # the GPU grew by 21 GiB, of which 0.5 GiB KV cache (dense model, 4096 tokens x 128 KiB) and 1 GiB overhead
+    measured = gpu_weights_measured(21 * GiB, 4096, LLAMA, "auto")
+    assert measured == 21 * GiB - 4096 * 128 * 1024 - GiB
+    warning = offload_warning(asked, host_growth=int(30 * GiB), gpu_weights=measured, gpu_weights_expected=expected)
+    assert warning.startswith("Weight offload did not happen: 12.0 GiB of weights were asked to stay in host RAM, "
+                              "so about 6.6 GiB should be on the GPU, but about 19.5 GiB are")
+    honoured = gpu_weights_measured(10 * GiB, 4096, LLAMA, "auto")
+    assert offload_warning(asked, host_growth=int(30 * GiB), gpu_weights=honoured, gpu_weights_expected=expected) is None
+
+
+def test_offload_that_did_not_happen_is_noticed_in_host_ram():
+    # hybrid models: the GPU side cannot be told apart, the host side can
+    assert gpu_weights_measured(21 * GiB, 4096, QWEN3_NEXT_80B, "auto") is None
+    warning = offload_warning(16 * GiB, host_growth=int(0.4 * GiB), gpu_weights=None, gpu_weights_expected=None)
+    assert warning.startswith("Weight offload did not happen: 16.0 GiB of weights were asked to stay in host RAM, "
+                              "but the engine's processes hold only 0.4 GiB more host RAM")
+    assert offload_warning(16 * GiB, host_growth=int(30 * GiB), gpu_weights=None, gpu_weights_expected=None) is None
+    assert offload_warning(0, host_growth=0, gpu_weights=0, gpu_weights_expected=0) is None
+    assert offload_warning(2 * GiB, host_growth=0, gpu_weights=None, gpu_weights_expected=None) is None  # too small
 
 
 def test_versions_parse_like_vllm_names_them():
