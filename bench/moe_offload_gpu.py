@@ -84,12 +84,23 @@ def run_offload(args) -> dict:
 
     dev = args.device
     cfg = load_config(args.layers, args.experts)
+    if args.uniform_routing:
+        # Worst case for a cache: every token picks top_k experts uniformly at random, with no
+        # locality from one token to the next (real routing has some; a random model's has more).
+        from backends.moe_offload.engine import OffloadedExperts
+        original = OffloadedExperts.forward
+
+        def uniform(self, x, top_k_index, top_k_weights):
+            r = torch.rand(top_k_index.shape[0], self.store.num_experts, device=top_k_index.device)
+            return original(self, x, r.topk(top_k_index.shape[1], dim=-1).indices, top_k_weights)
+        OffloadedExperts.forward = uniform
     adapter = Qwen3NextAdapter()
     sh = adapter.shapes(cfg)
     t0 = time.perf_counter()
     store = ExpertStore.random("int4", sh.moe_layers, sh.num_experts, sh.hidden, sh.intermediate,
                                torch.bfloat16, 128, pin=dev == "cuda")
     out = {"layers": args.layers, "num_experts": sh.num_experts, "top_k": sh.top_k,
+           "routing": "uniform random (forced)" if args.uniform_routing else "the random model's router",
            "experts_host_gb": round(store.total_bytes() / GiB, 2),
            "store_build_s": round(time.perf_counter() - t0, 1), "runs": []}
     total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else None
@@ -287,11 +298,13 @@ def environment() -> dict:
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip() or os.environ.get("BENCH_COMMIT", "")
-    except OSError:
-        env["commit"] = os.environ.get("BENCH_COMMIT", "")
+    env["commit"] = os.environ.get("BENCH_COMMIT", "")
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=ROOT).stdout.strip()
+        except OSError:
+            pass
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update({"gpu": p.name, "gpu_total_gb": round(p.total_memory / GiB, 1)})
@@ -327,6 +340,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--base-layers", type=int, default=4)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--uniform-routing", action="store_true")
     ap.add_argument("--workdir", default="/tmp/moe-bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -355,6 +369,10 @@ def main() -> None:
     if "offload48" not in args.skip:
         result["moe_offload_48_layers"] = phase(["offload", "--layers", "48", "--budgets", *map(str, args.budgets),
                                                  *common], 330)
+        save()
+    if "offload48_uniform" not in args.skip:
+        result["moe_offload_48_layers_uniform_routing"] = phase(
+            ["offload", "--layers", "48", "--uniform-routing", "--budgets", *map(str, args.budgets), *common], 200)
         save()
     if "offload_small" not in args.skip:
         result[f"moe_offload_{args.base_layers}_layers"] = phase(

@@ -114,12 +114,12 @@ class MoeOffloadBackend(Backend):
             total_gpu = machine.gpu_total
             budget = int(s.vram_budget_gb * GiB) if s.vram_budget_gb else total_gpu
             plan.gpu_available = total_gpu
-            left = budget - resident - kv - int(1.5 * GiB)
+            left = budget - resident - kv - int(2.0 * GiB)
             per_expert = int(3 * h * i * _expert_bytes_per_param(s.expert_format, s.int4_group_size, dtype_bytes))
             slots = s.cache_experts if s.cache_experts is not None else max(0, min(e, left // max(per_expert * moe_layers, 1)))
             plan.items.append(MemoryItem("GPU expert cache", "gpu", slots * per_expert * moe_layers,
                                          f"{slots} of {e} experts per layer"))
-            plan.items.append(MemoryItem("work area", "gpu", int(1.5 * GiB)))
+            plan.items.append(MemoryItem("work area", "gpu", int(2.0 * GiB)))
             if left < 0:
                 plan.advice.append("Raise vram_budget_gb or lower max_context: the resident part alone does "
                                    "not fit the budget.")

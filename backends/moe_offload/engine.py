@@ -25,7 +25,7 @@ from backends.moe_offload.store import ExpertStore, Proj
 GiB = 1024**3
 SMALL_BATCH_PAIRS = 64          # up to this many (token, expert) pairs: one gathered bmm
 DEQUANT_CHUNK = 32              # experts dequantized at once in the many-pairs (prefill) path
-WORKSPACE_BYTES = int(1.5 * GiB)  # activations, dequantized experts, allocator slack
+WORKSPACE_BYTES = int(2.0 * GiB)  # activations, dequantized experts, allocator slack
 
 
 @dataclass
