@@ -341,6 +341,7 @@ def main() -> None:
     ap.add_argument("--base-layers", type=int, default=4)
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--uniform-routing", action="store_true")
+    ap.add_argument("--bnb-timeout", type=int, default=380)
     ap.add_argument("--workdir", default="/tmp/moe-bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -381,7 +382,7 @@ def main() -> None:
     if "bnb" not in args.skip:
         result[f"transformers_bnb4_{args.base_layers}_layers"] = phase(
             ["bnb", "--layers", str(args.base_layers), "--budget", str(scaled), "--prompt", "64",
-             "--decode", "4"], 420)
+             "--decode", "4"], args.bnb_timeout)
         save()
     print(json.dumps(result, indent=1))
 
