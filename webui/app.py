@@ -27,6 +27,7 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
     import pandas as pd
 
     from backends.api import SamplingParams
+    from backends.demo import is_demo
     from webui import forms
     from webui.models import find_model_folders
 
@@ -119,8 +120,9 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 load_status = gr.Markdown(elem_id="load-status")
                 gr.Markdown("### Live stats")
                 stats = gr.Markdown(h.stats_markdown(ctx), elem_id="stats")
-                speed_plot = gr.LinePlot(speed_frame(), x="reply", y="tok/s", title="tok/s of the last replies",
-                                         height=200, elem_id="speed-plot", x_title="reply", y_title="tok/s")
+                speed_plot = gr.BarPlot(speed_frame(), x="reply", y="tok/s", title="tok/s of the last replies",
+                                        height=200, elem_id="speed-plot", x_title="reply", y_title="tok/s",
+                                        sort="x")
         timer = gr.Timer(TICK_S)
 
         all_form_comps = [c for name in names for c in form_comps[name]]
@@ -130,13 +132,26 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
 
         # ---- page load and refresh ------------------------------------------------------------
         def on_page_load(request: gr.Request):
+            """The person's chats, and the form showing what is loaded now (if anything)."""
             user = user_of(request)
             allowed = h.may_manage(ctx, user)
             manage = gr.update(interactive=allowed)
-            return (gr.update(choices=h.chat_choices(ctx, user), value=None), manage, manage, manage,
-                    f"Signed in as **{user}**." if user else "")
+            out = [gr.update(choices=h.chat_choices(ctx, user), value=None), manage, manage, manage,
+                   f"Signed in as **{user}**." if user else "", h.progress_text(manager)]
+            loaded, settings = manager.state.backend, manager.state.settings or {}
+            if loaded in form_specs and settings:
+                model = settings.get("model") or ""
+                out += [loaded, "" if is_demo(model) else model]
+                for name in names:
+                    for spec in form_specs[name]:
+                        out.append(forms.to_component(spec, settings.get(spec.name)) if name == loaded
+                                   and spec.name in settings else gr.skip())
+            else:
+                out += [gr.skip(), gr.skip()] + [gr.skip()] * len(all_form_comps)
+            return out
 
-        blocks.load(on_page_load, None, [chat_list, load_btn, cancel_btn, unload_btn, history_note])
+        blocks.load(on_page_load, None, [chat_list, load_btn, cancel_btn, unload_btn, history_note, model_status,
+                                         backend, folder] + all_form_comps)
 
         def on_tick():
             return h.progress_text(manager), h.stats_markdown(ctx), speed_frame()

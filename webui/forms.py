@@ -106,6 +106,17 @@ def to_setting(spec: FieldSpec, value: Any) -> Any:
     return value
 
 
+def to_component(spec: FieldSpec, value: Any) -> Any:
+    """A setting's value as its component shows it (the inverse of ``to_setting``)."""
+    if spec.kind == "json":
+        return "" if value is None else json.dumps(value)
+    if spec.kind in ("int", "float") and spec.optional:
+        return "" if value is None else str(value)
+    if spec.kind == "text":
+        return value or ""
+    return spec.default if value is None else value
+
+
 def collect(specs: list[FieldSpec], values: list[Any]) -> dict[str, Any]:
     return {spec.name: to_setting(spec, value) for spec, value in zip(specs, values, strict=True)}
 

@@ -520,5 +520,5 @@ def fmt_value(key: str, value: Any) -> str:
 def speed_history(ctx: Context, last: int = 20) -> list[dict[str, Any]]:
     """tok/s of the last replies, oldest first, for the chart."""
     hist = [h for h in list(ctx.manager.history) if h.get("decode_tok_s") is not None][-last:]
-    return [{"reply": i + 1, "tok/s": round(h["decode_tok_s"], 2), "backend": h.get("backend") or ""}
+    return [{"reply": f"{i + 1:02d}", "tok/s": round(h["decode_tok_s"], 2), "backend": h.get("backend") or ""}
             for i, h in enumerate(hist)]

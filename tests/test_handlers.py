@@ -1,0 +1,286 @@
+"""The page's logic without the page: handlers over a real BackendManager (real worker
+processes running the installed ``fake`` plugin), a real SQLite chat store, forms and the
+model-folder listing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.hf_common import HFSettings
+from backends.manager import BackendManager
+from backends.plugins import get_plugin_manager
+from webui import forms
+from webui import handlers as h
+from webui.chats import ChatError, ChatStore
+from webui.models import find_model_folders
+
+LONG = " ".join(f"w{i}" for i in range(1, 31))
+
+
+# ---- forms and model folders (no processes) ---------------------------------------------------
+def test_the_settings_form_follows_the_schema_and_reads_back_typed_values():
+    specs = {s.name: s for s in forms.fields_of(HFSettings)}
+    assert "model" not in specs                       # the folder picker is shared by every backend
+    assert specs["device"].kind == "choice" and specs["device"].choices == ["auto", "cpu", "cuda"]
+    assert specs["max_context"].kind == "int" and specs["max_context"].optional
+    assert specs["max_context"].minimum == 16
+    assert "Most tokens per chat" in specs["max_context"].help
+    order = list(specs)
+    values = {"device": "cpu", "dtype": "auto", "gpu_memory_gb": "", "cpu_memory_gb": " 12.5 ", "max_context": "256"}
+    got = forms.collect([specs[n] for n in order], [values[n] for n in order])
+    assert got == {"device": "cpu", "dtype": "auto", "gpu_memory_gb": None, "cpu_memory_gb": 12.5, "max_context": 256}
+    assert HFSettings.model_validate(dict(got, model="x")).max_context == 256
+    with pytest.raises(ValueError, match="Max context must be a number"):
+        forms.to_setting(specs["max_context"], "lots")
+    with pytest.raises(ValueError, match="whole number"):
+        forms.to_setting(specs["max_context"], "12.5")
+    assert forms.to_component(specs["max_context"], None) == ""
+    assert forms.to_component(specs["max_context"], 256) == "256"
+
+
+def test_model_folders_are_found_in_the_models_dir_and_the_hugging_face_cache_layout(tmp_path):
+    models = tmp_path / "models"
+    for folder in ("plain", "org/nested"):
+        (models / folder).mkdir(parents=True)
+        (models / folder / "config.json").write_text("{}")
+    (models / "not-a-model").mkdir()
+    snap = models / "models--Qwen--Tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (models / "models--Qwen--Tiny" / "refs").mkdir()
+    (models / "models--Qwen--Tiny" / "refs" / "main").write_text("abc123")
+    cache = tmp_path / "hfcache"
+    other = cache / "models--org--Other" / "snapshots" / "r1"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+
+    found = find_model_folders(models, hf_cache=cache)
+    assert [(m.label, Path(m.path)) for m in found] == [
+        ("org/nested", models / "org" / "nested"),
+        ("org/Other (Hugging Face cache)", other),
+        ("plain", models / "plain"),
+        ("Qwen/Tiny (Hugging Face cache)", snap),
+    ]
+    assert find_model_folders(tmp_path / "missing", hf_cache=False) == []
+
+
+# ---- handlers over a real manager and the fake backend ----------------------------------------
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    from backends.demo import build_tiny_model
+    return build_tiny_model(tmp_path_factory.mktemp("demo") / "demo-model")
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, demo_model):
+    home = tmp_path_factory.mktemp("home")
+    shutil.copytree(demo_model, home / "demo-model")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOECHAT_HOME", str(home))
+    mp.setenv("MOECHAT_NO_GPU", "1")
+    manager = BackendManager(get_plugin_manager(), home)
+    c = h.Context(manager, ChatStore.in_data_dir(home))
+    yield c
+    manager.close()
+    c.store.close()
+    mp.undo()
+
+
+def load_fake(ctx, user="", **settings) -> list[str]:
+    return list(h.load_steps(ctx, user, "fake", "", settings, poll_s=0.05))
+
+
+def turn(ctx, session, chat_id, action, **kw) -> list[h.TurnView]:
+    return list(h.run_turn(ctx, "", session, chat_id, action, **kw))
+
+
+def in_thread(fn):
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("result", fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def wait_for(cond, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_sending_with_nothing_loaded_says_so_and_stores_nothing(ctx):
+    views = turn(ctx, "s0", None, "send", text="hello?")
+    assert len(views) == 1 and not views[0].accepted
+    assert views[0].notice == "No model is loaded. Choose a backend and a model folder, then press Load."
+    assert ctx.store.list("") == []
+
+
+def test_a_bad_folder_is_refused_with_a_sentence_before_anything_is_unloaded(ctx):
+    lines = list(h.load_steps(ctx, "", "transformers", "/nonexistent/folder", {}))
+    assert lines == ["Load failed: The model folder /nonexistent/folder does not exist."]
+    assert ctx.manager.state.status == "empty"
+
+
+def test_loading_shows_the_stage_and_progress_then_what_is_loaded(ctx):
+    lines = load_fake(ctx, delay_s=0.3)
+    assert any("Pretending to load" in line and "of 3 steps" in line for line in lines), lines
+    assert lines[-1].startswith("Loaded **fake-echo** with **fake**")
+    assert "Loaded **fake-echo**" in h.progress_text(ctx.manager)
+
+
+def test_a_reply_streams_into_the_chat_and_is_stored_with_its_numbers(ctx):
+    load_fake(ctx, delay_s=0.01)
+    views = turn(ctx, "s1", None, "send", text="the quick brown fox", sampling={"max_new_tokens": 64},
+                 system_prompt="Be brief.")
+    cid = views[-1].chat_id
+    partial = [v.messages[-1]["content"] for v in views if v.notice == "Writing …"]
+    assert partial[0].startswith("the") and len(partial) >= 4          # word by word
+    final = views[-1].messages[-1]["content"]
+    assert final.startswith("the quick brown fox\n\n<sub>fake · fake-echo")
+    assert "4 reply tokens" in final and "tok/s" in final
+    chat = ctx.store.get(cid, "")
+    assert chat.system_prompt == "Be brief."
+    assert [(m.role, m.content, m.status) for m in chat.messages] == [
+        ("user", "the quick brown fox", "done"), ("assistant", "the quick brown fox", "stop")]
+    assert chat.messages[1].meta["backend"] == "fake" and chat.messages[1].meta["completion_tokens"] == 4
+    assert views[-1].live["tokens"] == 4
+
+    views = turn(ctx, "s1", cid, "send", text="x" * 3, sampling={"temperature": 9})
+    assert not views[0].accepted and "temperature" in views[0].notice
+
+
+def test_stop_ends_only_that_sessions_reply_and_keeps_what_was_written(ctx):
+    load_fake(ctx, delay_s=0.1)
+    views: list[h.TurnView] = []
+    t, _ = in_thread(lambda: [views.append(v) for v in h.run_turn(ctx, "", "s2", None, "send", text=LONG)])
+    wait_for(lambda: any(v.notice == "Writing …" for v in views), "the reply started")
+    assert h.stop(ctx, "someone-else") == "Nothing to stop."
+    assert h.stop(ctx, "s2") == "Stopping …"
+    t.join(30)
+    assert views[-1].notice == "Stopped."
+    reply = ctx.store.get(views[-1].chat_id, "").messages[-1]
+    assert reply.status == "cancelled" and reply.cut
+    assert reply.content.startswith("w1") and "w30" not in reply.content
+    assert "✂ stopped" in views[-1].messages[-1]["content"]
+
+
+def test_a_second_person_is_queued_and_their_stop_leaves_the_first_alone(ctx):
+    load_fake(ctx, delay_s=0.05)
+    first: list[h.TurnView] = []
+    second: list[h.TurnView] = []
+    t1, _ = in_thread(lambda: [first.append(v) for v in h.run_turn(ctx, "", "a", None, "send", text=LONG)])
+    wait_for(lambda: any(v.notice == "Writing …" for v in first), "the first reply started")
+    t2, _ = in_thread(lambda: [second.append(v) for v in h.run_turn(ctx, "", "b", None, "send", text="me too")])
+    wait_for(lambda: any(v.notice.startswith("Queued: 1 request ahead of yours") for v in second), "b was queued")
+    h.stop(ctx, "b")
+    t2.join(30)
+    t1.join(30)
+    assert second[-1].notice == "Stopped before the reply started."
+    assert [m["role"] for m in second[-1].messages] == ["user"]            # no empty reply left behind
+    reply = ctx.store.get(first[-1].chat_id, "").messages[-1]
+    assert reply.status == "stop" and reply.content == LONG
+
+
+def test_regenerate_continue_edit_and_delete(ctx):
+    load_fake(ctx, delay_s=0.0)
+    views = turn(ctx, "s3", None, "send", text="alpha beta gamma delta", sampling={"max_new_tokens": 2})
+    cid = views[-1].chat_id
+    reply = ctx.store.get(cid, "").messages[-1]
+    assert (reply.content, reply.status) == ("alpha beta", "length")
+    assert views[-1].notice.startswith("The reply reached the token limit")
+
+    turn(ctx, "s3", cid, "continue", sampling={"max_new_tokens": 2})
+    msgs = ctx.store.get(cid, "").messages
+    assert len(msgs) == 2 and msgs[-1].content == "alpha betaalpha beta"   # the same reply, continued
+
+    turn(ctx, "s3", cid, "regenerate", sampling={"max_new_tokens": 64})
+    msgs = ctx.store.get(cid, "").messages
+    assert [(m.role, m.content) for m in msgs] == [("user", "alpha beta gamma delta"),
+                                                   ("assistant", "alpha beta gamma delta")]
+
+    turn(ctx, "s3", cid, "send", text="second question")
+    views = turn(ctx, "s3", cid, "edit", index=0, text="edited first")
+    msgs = ctx.store.get(cid, "").messages
+    assert [(m.role, m.content) for m in msgs] == [("user", "edited first"), ("assistant", "edited first")]
+    assert not turn(ctx, "s3", cid, "edit", index=1, text="not mine")[0].accepted   # replies are not edited
+
+    assert h.delete_message(ctx, "", cid, 1) == "Deleted message 2."
+    assert [m.content for m in ctx.store.get(cid, "").messages] == ["edited first"]
+    assert "nothing to continue" not in turn(ctx, "s3", cid, "continue")[0].notice
+    assert turn(ctx, "s3", cid, "continue")[0].notice == "There is no reply to continue; send a message first."
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_a_sentence(ctx):
+    load_fake(ctx, context_length=8)
+    views = turn(ctx, "s4", None, "send", text=LONG)
+    assert views[-1].notice == "The prompt is 30 tokens but the model takes at most 8. Shorten the chat."
+    assert [(m["role"], m["content"]) for m in views[-1].messages] == [("user", LONG)]
+
+
+def test_a_load_that_fails_says_why(ctx):
+    lines = load_fake(ctx, fail_load="The pretend disk is full.")
+    assert lines[-1] == "Load failed: The pretend disk is full."
+    assert "The pretend disk is full." in h.progress_text(ctx.manager)
+    views = turn(ctx, "s5", None, "send", text="anyone?")
+    assert "The last load failed: The pretend disk is full." in views[0].notice
+
+
+def test_a_load_can_be_cancelled(ctx):
+    lines: list[str] = []
+    t, _ = in_thread(lambda: lines.extend(load_fake(ctx, delay_s=2)))
+    wait_for(lambda: ctx.manager.state.status == "loading" and ctx.manager.state.progress
+             and "Pretending" in ctx.manager.state.progress.stage, "the load started")
+    assert h.cancel_load(ctx, "") == "Cancelling the load …"
+    t.join(30)
+    assert lines[-1] == "Loading was cancelled; nothing is loaded."
+    assert ctx.manager.state.status != "ready"
+
+
+def test_only_admins_may_load_when_admins_are_named(ctx):
+    limited = h.Context(ctx.manager, ctx.store, admins={"alice"})
+    assert list(h.load_steps(limited, "bob", "fake", "", {})) == [
+        "Only alice can load or unload models here; ask them to change the model."]
+    assert h.unload(limited, "bob").startswith("Only alice")
+    assert h.cancel_load(limited, "bob").startswith("Only alice")
+    assert h.may_manage(limited, "alice") and h.may_manage(ctx, "anyone")
+
+
+def test_live_stats_show_speed_memory_and_the_backends_own_keys(ctx):
+    load_fake(ctx, delay_s=0.0)
+    turn(ctx, "s6", None, "send", text="count these words please")
+    ctx._stats_at = 0.0
+    md = h.stats_markdown(ctx)
+    assert "| fake tokens generated | 4 |" in md
+    assert "| GPU memory | no GPU |" in md
+    assert "worker host memory | " in md and "worker host memory | – |" not in md
+    assert "tok/s (last reply)" in md
+    assert h.speed_history(ctx)[-1]["tok/s"] > 0
+
+
+def test_chats_of_one_user_are_invisible_to_another_and_export_import(ctx, tmp_path):
+    cid = ctx.store.create("alice")
+    ctx.store.append(cid, "alice", "user", "alice only")
+    assert h.chat_choices(ctx, "bob") == []
+    with pytest.raises(ChatError):
+        h.open_chat(ctx, "bob", cid)
+    with pytest.raises(ChatError):
+        h.export_chat(ctx, "bob", cid, "json")
+    path = h.export_chat(ctx, "alice", cid, "json")
+    assert Path(path).name == "alice-only.json"
+    assert json.loads(Path(path).read_text())["messages"][0]["content"] == "alice only"
+    md = Path(h.export_chat(ctx, "alice", cid, "md")).read_text()
+    assert md.startswith("# alice only")
+    new = h.import_chat(ctx, "bob", path)
+    assert h.open_chat(ctx, "bob", new)[0] == [{"role": "user", "content": "alice only"}]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ChatError, match="list of messages"):
+        h.import_chat(ctx, "bob", str(bad))
