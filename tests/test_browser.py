@@ -164,6 +164,8 @@ def test_stream_stop_regenerate_continue_and_edit(page):
     send(page, LONG)
     partial = wait_reply(page, lambda t: "one two" in t)                 # it streams ...
     assert "sixteen" not in partial                                      # ... word by word
+    wait_text(page, "#stats", "tokens written")                          # live stats while it streams
+    assert "tok/s (this reply)" in page.inner_text("#stats") or "sixteen" in last_reply(page)
     shot(page, "02-streaming")
     page.click("#stop")
     stopped = wait_reply(page, lambda t: "✂ stopped" in t)
@@ -205,6 +207,13 @@ def test_switch_backend_and_back_keeps_the_chat(page):
     replies = bubbles(page, "bot")
     assert "fake · fake-echo" in replies[0] and "transformers · demo-model" in replies[1]
     shot(page, "05-switched-backends-chat-kept")
+
+    send(page, "Code:\n```python\ndef add(a, b):\n    return a + b\n```")    # echoed back as Markdown
+    wait_reply(page, lambda t: "def add" in t and "fake-echo" in t)
+    code = page.locator("#chatbot .message-row.bot-row pre code").last
+    assert "return a + b" in code.inner_text()
+    assert code.locator("span.token.keyword").count() >= 1                  # highlighted, not plain text
+    shot(page, "05b-markdown-code")
 
 
 def test_a_failed_load_says_why_on_the_page_and_keeps_the_model_and_chat(page):

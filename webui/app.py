@@ -247,6 +247,7 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
         continue_btn.click(on_continue, [chat_id, system_prompt] + sampling_comps, turn_outputs, **chat_kw)
         save_edit_btn.click(on_save_edit, [chat_id, sel_index, edit_box, system_prompt] + sampling_comps,
                             turn_outputs, **chat_kw)
+        chatbot.retry(on_regenerate, [chat_id, system_prompt] + sampling_comps, turn_outputs, **chat_kw)
         chatbot.edit(on_native_edit, [chat_id, system_prompt] + sampling_comps, turn_outputs, **chat_kw)
 
         def on_stop(request: gr.Request):
@@ -283,6 +284,7 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
             return None, [], "", "", gr.update(value=None)
 
         new_btn.click(on_new, None, [chat_id, chatbot, notice, system_prompt, chat_list], show_progress="hidden")
+        chatbot.clear(on_new, None, [chat_id, chatbot, notice, system_prompt, chat_list], show_progress="hidden")
 
         def on_search(query, request: gr.Request):
             return gr.update(choices=h.chat_choices(ctx, user_of(request), query))

@@ -156,7 +156,10 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
     worker = threading.Thread(target=run, daemon=True, name=f"load-{backend}")
     worker.start()
     while worker.is_alive():
-        yield progress_text(manager)
+        if manager.state.status == "loading":
+            yield progress_text(manager)
+        else:   # the load waits its turn behind replies already being written
+            yield f"Waiting for the replies being written to finish, then loading with {backend} …"
         worker.join(poll_s)
     if "error" in outcome:
         if outcome["error"].startswith("Loading was cancelled") or "Cancelled" in outcome["error"]:
