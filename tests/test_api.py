@@ -39,11 +39,12 @@ def wait_for_status(server: Server, *wanted: str, key: str = KEY, timeout: float
     raise AssertionError(f"status stayed {body.get('status')!r}:\n{server.tail()}")
 
 
-def start(tmp_path_factory, name: str, *args: str, port: int | None = None) -> Server:
-    """``moechat serve`` needing KEY, once its model has loaded."""
-    server = Server(tmp_path_factory.mktemp(name), "--api-key", KEY, *args, port=port).start()
+def start(tmp_path_factory, name: str, *args: str, port: int | None = None, key: str = KEY) -> Server:
+    """``moechat serve`` once its model has loaded; the API needs ``key`` (KEY: given as --api-key)."""
+    key_args = ("--api-key", KEY) if key == KEY else ()
+    server = Server(tmp_path_factory.mktemp(name), *key_args, *args, port=port).start()
     try:
-        body = wait_for_status(server, "ready", "failed")
+        body = wait_for_status(server, "ready", "failed", key=key)
         assert body["status"] == "ready", server.tail()
     except BaseException:
         server.stop()
@@ -59,11 +60,15 @@ def demo_server(tmp_path_factory):
     server.stop()
 
 
+LOGIN = "alice:wonderland"
+
+
 @pytest.fixture(scope="module")
 def fake_server(tmp_path_factory):
-    """The fake backend: slow enough to leave mid-stream, and it kills itself after 30 tokens."""
+    """The fake backend: slow enough to leave mid-stream, and it kills itself after 30 tokens.
+    The page needs a login and no API key is set: the API then takes the login as its key."""
     server = start(tmp_path_factory, "api-fake", "--backend", "fake", "--set", "delay_s=0.05",
-                   "--set", "crash_after=30")
+                   "--set", "crash_after=30", "--auth", LOGIN, key=LOGIN)
     yield server
     server.stop()
 
@@ -177,15 +182,21 @@ def test_errors_have_the_openai_shape_and_a_sentence(demo_server):
     assert e.value.code == 400 and json.loads(e.value.read())["error"]["message"] == "The request body is not valid JSON."
 
 
+def test_a_page_login_is_the_api_key_when_no_key_is_set(fake_server):
+    assert get_json(fake_server.url + "v1/models", key=None)[0] == 401
+    assert get_json(fake_server.url + "v1/models", key="alice:wrong")[0] == 401
+    assert [m.id for m in client(fake_server, LOGIN).models.list().data] == ["fake-echo"]
+
+
 def test_leaving_mid_stream_stops_the_generation(fake_server):
-    c = client(fake_server)
+    c = client(fake_server, LOGIN)
     stream = ask(c, ECHO, stream=True, model="fake-echo")
     seen = [ch.choices[0].delta.content for ch, _ in zip(stream, range(4))]
     stream.close()
     assert "".join(seen).strip() == "w0 w1 w2"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        _, stats = get_json(fake_server.url + "v1/stats")
+        _, stats = get_json(fake_server.url + "v1/stats", LOGIN)
         if stats["queue_length"] == 0 and stats["last"]:
             break
         time.sleep(0.2)
@@ -195,7 +206,7 @@ def test_leaving_mid_stream_stops_the_generation(fake_server):
 
 
 def test_backend_crash_mid_stream_ends_the_stream_with_an_error(fake_server):
-    c = client(fake_server)
+    c = client(fake_server, LOGIN)
     received = []
     with pytest.raises(openai.APIError) as e:
         for ch in ask(c, ECHO, stream=True, model="fake-echo"):
@@ -208,6 +219,6 @@ def test_backend_crash_mid_stream_ends_the_stream_with_an_error(fake_server):
         ask(c, "hello", model="fake-echo")
     assert e.value.status_code == 503 and e.value.body["code"] == "model_not_loaded"
     assert e.value.body["message"].startswith("No model is loaded.")
-    assert client(fake_server).models.list().data == []
+    assert c.models.list().data == []
     with urllib.request.urlopen(fake_server.url, timeout=30) as r:
         assert r.status == 200

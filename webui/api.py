@@ -278,19 +278,27 @@ def timings_of(event: Event, received: float, first_token: float | None) -> dict
 def router(manager: BackendManager, options) -> APIRouter:
     """The /v1 routes, served with the page by webui.server.build_app."""
     api = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-compatible API"])
-    keys = sorted(getattr(options, "api_keys", None) or [])
+    # Who may call: an API key names no user; with page logins (--auth) and no key, a login's
+    # USER:PASSWORD is the key, so the API is never an open door beside a locked page.
+    keys: dict[str, str | None] = {k: None for k in getattr(options, "api_keys", None) or ()}
+    if not keys:
+        keys = {f"{user}:{password}": user for user, password in (getattr(options, "users", None) or {}).items()}
     started = int(time.time())
 
-    def require_key(request: Request) -> None:
+    def caller(request: Request) -> str | None:
+        """The user a request's key belongs to (None for a plain API key); 401 without a good key."""
         if not keys:
-            return
+            return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
             raise APIFailure(401, "This server needs an API key: send it as 'Authorization: Bearer KEY' "
                                   "(the openai client's api_key).", code="invalid_api_key")
-        if not any(secrets.compare_digest(given.strip().encode(), k.encode()) for k in keys):
-            raise APIFailure(401, "The API key is not one this server accepts; ask its operator for a valid key.",
-                             code="invalid_api_key")
+        for key, user in keys.items():
+            if secrets.compare_digest(given.encode(), key.encode()):
+                return user
+        raise APIFailure(401, "The API key is not one this server accepts; ask its operator for a valid key.",
+                         code="invalid_api_key")
 
     def loaded_model() -> dict[str, Any] | None:
         state = manager.state
@@ -325,7 +333,7 @@ def router(manager: BackendManager, options) -> APIRouter:
 
     @api.get("/models")
     def list_models(request: Request) -> dict[str, Any]:
-        require_key(request)
+        caller(request)
         card = loaded_model()
         backends = []
         for name, entry in sorted(manager.backends().items()):
@@ -337,7 +345,7 @@ def router(manager: BackendManager, options) -> APIRouter:
 
     @api.get("/models/{model_id:path}")
     def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        require_key(request)
+        caller(request)
         card = loaded_model()
         if card is None or card["id"] != model_id:
             raise APIFailure(404, f"The model {model_id!r} is not loaded here (see GET /v1/models).",
@@ -346,7 +354,7 @@ def router(manager: BackendManager, options) -> APIRouter:
 
     @api.get("/stats")
     def stats(request: Request) -> dict[str, Any]:
-        require_key(request)
+        caller(request)
         raw = manager.stats(timeout=5)
         card = loaded_model()
         return {"status": raw["status"], "backend": raw.get("backend"), "model": card["id"] if card else None,
@@ -357,7 +365,7 @@ def router(manager: BackendManager, options) -> APIRouter:
     @api.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
-        require_key(request)
+        user = caller(request)
         try:
             body = await request.json()
         except ValueError:
@@ -367,7 +375,7 @@ def router(manager: BackendManager, options) -> APIRouter:
         except ValidationError as exc:
             raise validation_failure(exc) from None
         model = require_model(req.model)
-        pump = EventPump(manager.generate(to_generate_request(req), user=req.user or "api"))
+        pump = EventPump(manager.generate(to_generate_request(req), user=user or req.user or "api"))
         first = await pump.next(request)
         while first is not None and first.kind == "queued":
             first = await pump.next(request)
