@@ -61,13 +61,19 @@ class Bnb4Backend(HFBackend):
             return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
         return Probe(True)
 
+    @classmethod
+    def plan(cls, model, settings, machine):
+        from backends.planning import plan_bnb4
+        return plan_bnb4(model, settings, machine)
+
     def load(self, settings: Bnb4Settings, progress: ProgressCallback) -> dict[str, Any]:
         import bitsandbytes as bnb
         import torch
         from transformers import BitsAndBytesConfig
 
         progress(Progress("Reading the tokenizer"))
-        self.tokenizer = self.load_tokenizer(settings.model)
+        from backends.synthetic import tokenizer_folder
+        self.tokenizer = self.load_tokenizer(tokenizer_folder(settings.model))
         device = pick_device(settings.device)
         compute = getattr(torch, settings.compute_dtype)
         quant = BitsAndBytesConfig(

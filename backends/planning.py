@@ -44,8 +44,7 @@ MOE_OFFLOAD_WORK_AREA = int(1.5 * GiB)
 VLLM_GRAPHS = int(1.0 * GiB)
 # Bytes per parameter of each weight format. int4 and NF4 carry a scale per group.
 NF4_BLOCK = 64
-FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0 + 4 / (128 * 128),
-                "nf4": 0.5 + 4 / NF4_BLOCK}
+FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0 + 4 / (128 * 128)}
 # Env overrides, so a plan can be tried (and tested) as if on another machine.
 # Both in GiB, the way cards and DIMMs are sized (a "16 GB card" has 16 GiB).
 HOST_RAM_ENV = "MOECHAT_HOST_RAM_GB"      # host RAM available
@@ -96,6 +95,7 @@ class Shapes:
     conv_state_values: int          # per sequence, all linear-attention layers
     recurrent_state_values: int     # per sequence, all linear-attention layers (kept in float32)
     widest_projection: int          # the widest activation per token (for the activation estimate)
+    packed_linear: int = 0          # weights of the nn.Linear / expert matrices 4-bit quantization packs
 
     @property
     def total(self) -> int:
@@ -113,9 +113,10 @@ class Shapes:
 
     @property
     def linear_weights(self) -> int:
-        """Parameters in projection matrices that 4-bit quantization packs (not embeddings, the
-        lm_head, norms, the router or the small Gated DeltaNet gate vectors)."""
-        return self.attention + self.linear_attention + self.shared_experts + self.routed_experts + self.dense_mlp
+        """Parameters in projection matrices that 4-bit quantization packs: not embeddings, the
+        lm_head, norms, the router, the shared-expert gate, the Gated DeltaNet ``in_proj_ba``
+        and conv, which bitsandbytes leaves alone or cannot pack."""
+        return self.packed_linear
 
     def kv_bytes_per_token(self, dtype_bytes: float) -> int:
         return int(self.kv_values_per_token * dtype_bytes)
@@ -160,6 +161,7 @@ def shapes(config: dict[str, Any]) -> Shapes:
 
     gated_q = 2 if mt == "qwen3_next" else 1
     attn_one = h * nh * hd * gated_q + 2 * h * kvh * hd + nh * hd * h
+    attn_packed = attn_one
     if cfg.get("attention_bias") or mt in ("qwen2", "qwen2_moe"):
         attn_one += nh * hd * gated_q + 2 * kvh * hd
         if cfg.get("attention_bias") and mt not in ("qwen2", "qwen2_moe"):
@@ -167,7 +169,7 @@ def shapes(config: dict[str, Any]) -> Shapes:
     if mt in ("qwen3", "qwen3_moe", "qwen3_next", "olmoe"):
         attn_one += 2 * hd if mt != "olmoe" else h + kvh * hd
 
-    lin_one = conv_values = rec_values = 0
+    lin_one = lin_packed = conv_values = rec_values = 0
     widest = max(nh * hd * gated_q, cfg.get("intermediate_size") or 0)
     if n_lin:
         kd = cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"]
@@ -177,6 +179,7 @@ def shapes(config: dict[str, Any]) -> Shapes:
         k = cfg["linear_conv_kernel_dim"]
         lin_one = (h * (2 * kd + 2 * vd) + h * 2 * vheads + conv_dim * k + 2 * vheads
                    + cfg["linear_value_head_dim"] + vd * h)
+        lin_packed = h * (2 * kd + 2 * vd) + vd * h
         conv_values = conv_dim * k
         rec_values = vheads * cfg["linear_key_head_dim"] * cfg["linear_value_head_dim"]
         widest = max(widest, 2 * kd + 2 * vd)
@@ -208,6 +211,8 @@ def shapes(config: dict[str, Any]) -> Shapes:
         conv_state_values=n_lin * conv_values,
         recurrent_state_values=n_lin * rec_values,
         widest_projection=widest,
+        packed_linear=(n_attn * attn_packed + n_lin * lin_packed + n_moe * 3 * h * shared_i
+                       + n_moe * experts * 3 * h * moe_i + dense_layers * 3 * h * cfg.get("intermediate_size", 0)),
     )
 
 
@@ -294,11 +299,22 @@ def _largest_fitting_context(budget: int, fixed: int, per_token: float) -> int:
 
 # ---- transformers and transformers-bnb4 --------------------------------------------------------
 
-def _weights_in_memory(model: Any, s: Shapes | None, dtype_bytes: int, quant: str | None) -> tuple[int, int]:
+def nf4_bytes(double_quant: bool = True) -> float:
+    """Bytes per weight of bitsandbytes 4-bit: half a byte plus one absmax per 64 weights (float32,
+    or with double quantization 8-bit plus a float32 per 256 absmax)."""
+    return 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256) if double_quant else 4 / NF4_BLOCK)
+
+
+def _weights_in_memory(model: Any, s: Shapes | None, dtype_bytes: int, quant: str | None,
+                       settings: Any = None) -> tuple[int, int]:
     """(bytes of weights as loaded, of which in the linear layers)."""
     if quant == "nf4" and s is not None:
-        linear = int(s.linear_weights * FORMAT_BYTES["nf4"])
-        rest = (s.total - s.linear_weights) * dtype_bytes
+        per = nf4_bytes(bool(_setting(settings, "double_quant", True)))
+        packed = s.linear_weights
+        if not _setting(settings, "quantize_experts", True):
+            packed -= s.routed_experts
+        linear = int(packed * per)
+        rest = (s.total - packed) * dtype_bytes
         return linear + rest, linear
     if model.quantization:  # a quantized checkpoint is loaded as stored
         return model.weight_bytes, model.weight_bytes
@@ -316,7 +332,7 @@ def plan_transformers(model: Any, settings: Any, machine: Any, *, quant: str | N
     dtype_bytes = _dtype_bytes(_setting(settings, "dtype"), gpu)
     dtype_name = {4: "float32", 2: "bfloat16"}[dtype_bytes]
     s = _shapes_or_none(model)
-    weights, _ = _weights_in_memory(model, s, dtype_bytes, quant)
+    weights, _ = _weights_in_memory(model, s, dtype_bytes, quant, settings)
     fmt = "NF4 (4-bit) for the linear layers" if quant == "nf4" else (model.quantization or dtype_name)
     ctx = _context(model, _setting(settings, "max_context"))
     kv_tok = s.kv_bytes_per_token(dtype_bytes) if s else 0
@@ -394,6 +410,11 @@ def plan_transformers(model: Any, settings: Any, machine: Any, *, quant: str | N
 def _advise_host(plan: MemoryPlan, model: Any, s: Shapes | None, weights: int, backend: str,
                  quant: str | None, ctx: int, per_token: float) -> None:
     host_left = (plan.host_available or 0) - (plan.host_bytes - weights)
+    if host_left <= 0 and weights < plan.host_bytes / 2:
+        worker = next((i.bytes for i in plan.items if i.what.startswith("worker process")), 0)
+        plan.advice.append(f"Free some host RAM: the worker process alone needs about {gb(worker)} and "
+                           f"{gb(plan.host_available or 0)} is available; close other programs.")
+        return
     if s is not None and s.routed_experts and s.model_type in ("qwen3_next", "qwen3_moe"):
         int4 = int(s.routed_experts * int4_bytes())
         plan.advice.append(f"The weights ({gb(weights)}) do not fit: use moe-offload with expert_format int4 "
@@ -411,9 +432,9 @@ def _advise_host(plan: MemoryPlan, model: Any, s: Shapes | None, weights: int, b
 
 
 def plan_bnb4(model: Any, settings: Any, machine: Any) -> MemoryPlan:
-    """transformers-bnb4: every linear layer, routed experts included, as NF4 (0.5 byte per weight
-    plus a float32 scale per 64), embeddings, lm_head and norms in the compute dtype; placed
-    like ``plan_transformers``."""
+    """transformers-bnb4: every linear layer, routed experts included (unless quantize_experts is
+    off), as 4-bit (``nf4_bytes``), embeddings, lm_head, router and norms in the compute dtype;
+    placed like ``plan_transformers``."""
     return plan_transformers(model, settings, machine, quant="nf4", backend="transformers-bnb4")
 
 

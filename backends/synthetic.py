@@ -259,16 +259,21 @@ def build_transformers_model(model: str, progress: ProgressCallback, *, dtype: A
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
+    quantization_config = unsupported.pop("quantization_config", None)
     if unsupported:
         raise BackendError(f"Synthetic models cannot be built with {', '.join(sorted(unsupported))}; "
                            "build the model, then convert it.")
     dtype = dtype or torch.bfloat16
     progress(Progress("Building the synthetic model's shapes"))
     cfg = hf_config(model)
+    if quantization_config is not None:
+        return _build_quantized(cfg, progress, dtype, device_map, max_memory, quantization_config, seed)
     with init_empty_weights(include_buffers=False):
         net = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if device_map is None:
         placement: dict[str, Any] = {"": "cpu"}
+    elif isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        placement = {"": device_map}
     elif isinstance(device_map, str):
         from transformers.integrations.accelerate import _get_device_map
         placement = _get_device_map(net, device_map, max_memory, None)
@@ -301,4 +306,48 @@ def build_transformers_model(model: str, progress: ProgressCallback, *, dtype: A
         from transformers.integrations.accelerate import accelerate_dispatch
         accelerate_dispatch(net, None, placement, None, None, False)
         net.hf_device_map = placement
+    return net
+
+
+def random_state_dict(cfg: Any, dtype: Any, seed: int = 0, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Random weights for every parameter of ``cfg``'s model, as CPU tensors (a checkpoint that
+    only ever lives in memory)."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        net = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    filler = RandomFill(seed)
+    params = list(net.named_parameters())
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    done = 0
+    out = {}
+    for name, p in params:
+        t = torch.empty(p.shape, dtype=p.dtype)
+        filler.fill(t, name)
+        out[name] = t
+        done += t.numel() * t.element_size()
+        if progress is not None:
+            progress(Progress("Filling random weights", done / 1e9, total / 1e9, "GB"))
+    return out
+
+
+def _build_quantized(cfg: Any, progress: ProgressCallback, dtype: Any, device_map: Any, max_memory: Any,
+                     quantization_config: Any, seed: int) -> Any:
+    """A quantized synthetic model: random weights in memory handed to ``from_pretrained`` as its
+    state dict, so the quantizer (bitsandbytes, ...) and accelerate's placement run exactly as
+    for a checkpoint, without one on disk."""
+    import transformers
+
+    state = random_state_dict(cfg, dtype, seed, progress)
+    progress(Progress("Quantizing the synthetic model"))
+    kwargs: dict[str, Any] = {"config": cfg, "state_dict": state, "dtype": dtype,
+                              "quantization_config": quantization_config}
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory)
+    model_class = getattr(transformers, cfg.architectures[0])  # the Auto class wants a path
+    net = model_class.from_pretrained(None, **kwargs)
+    del state
+    net.generation_config.eos_token_id = None
     return net
