@@ -283,7 +283,9 @@ def engine_kwargs(settings: VllmSettings, model_path: str) -> dict[str, Any]:
 
 def engine_env(settings: VllmSettings) -> dict[str, str]:
     """Environment variables the engine needs for ``settings`` (set before vllm is imported)."""
-    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # the worker has threads (its reader, the engine's event loop): forking it is unsafe
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     if isinstance(settings, VllmOffloadSettings) and not settings.pin_memory:
         env["VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY"] = "1"
     return env
@@ -510,7 +512,8 @@ class VllmBackend(Backend):
             raise
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
-            raise BackendError(explain_engine_error(text, settings) or f"vLLM failed to start: {text}") from exc
+            first = text.strip().splitlines()[0][:300]
+            raise BackendError(explain_engine_error(text, settings) or f"vLLM failed to start: {first}") from exc
         after = vllm_engine.measure_memory()
         self.tokenizer = self.engine.tokenizer
         info: dict[str, Any] = {"model_name": folder.name, "vllm_version": vllm_version,

@@ -16,7 +16,9 @@ What it does, each step recorded whether it passes or fails (nothing stops the r
    output self-check, and GPU/host memory before load, after load and after unload;
 4. the self-check on the same model with shuffled weights (it must fail);
 5. in-process unload (vLLM in this process, no worker): GPU memory after shutdown while the
-   process lives, and after it ends.
+   process lives, and after it ends;
+6. cancelling a load mid-start (the manager kills the worker): is the GPU freed, or does vLLM's
+   engine process outlive the worker?
 
 It writes report.json and report.md into --out (default test-artifacts/vllm-gpu-check).
 """
@@ -300,6 +302,55 @@ def run_scrambled(report: Report, name: str, settings: dict[str, Any]) -> None:
         manager.close()
 
 
+def compute_apps() -> list[dict[str, int]]:
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [{"pid": int(a), "used_mib": int(b)} for a, b in (line.split(",") for line in out.strip().splitlines())]
+
+
+def cancel_mid_load(report: Report, name: str, settings: dict[str, Any]) -> None:
+    """Cancel a load while vLLM starts: the manager kills the worker (SIGKILL). Does vLLM's engine
+    process, the worker's child, let go of the GPU too, or is it left behind?"""
+    import threading
+    manager = BackendManager(get_plugin_manager(), Path(tempfile.mkdtemp(prefix="vllm-check-")))
+    with report.step(f"{name}: cancel while loading, then GPU memory and leftover processes") as r:
+        baseline = gpu_used()
+        errors: list[str] = []
+        t = threading.Thread(target=lambda: errors.append(_load_quietly(manager, name, settings)), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and t.is_alive():
+            stage = manager.state.progress.stage if manager.state.progress else ""
+            if stage.startswith("Starting vLLM"):
+                break
+            time.sleep(0.2)
+        if not t.is_alive():
+            raise RuntimeError(f"the load ended before it could be cancelled: {errors}")
+        time.sleep(10)  # let vLLM start its engine process and take GPU memory
+        during = gpu_used()
+        manager.cancel_load()
+        t.join(60)
+        samples = []
+        for _ in range(30):
+            time.sleep(1)
+            samples.append(sum(gpu_used()))
+        left = samples[-1] - sum(baseline)
+        r.update(gpu_used_before=baseline, gpu_used_during_load=during, load_result=errors,
+                 gpu_used_after_cancel=samples, leftover_compute_apps=compute_apps())
+        r["ok"] = left < 512 * 2**20 and not r["leftover_compute_apps"]
+        r["summary"] = (f"{left / 2**20:.0f} MiB above the level before load 30 s after cancelling; GPU processes "
+                        f"left: {r['leftover_compute_apps'] or 'none'}")
+    manager.close()
+
+
+def _load_quietly(manager: BackendManager, name: str, settings: dict[str, Any]) -> str:
+    try:
+        manager.load(name, settings)
+        return "loaded"
+    except Exception as exc:
+        return str(exc)
+
+
 def in_process_unload(report: Report, python: Path, model: str, util: float) -> None:
     with report.step("in-process unload (no worker): GPU memory while the process lives and after") as r:
         proc = subprocess.run([str(python), "-c", IN_PROCESS_SCRIPT, model, str(util)], capture_output=True,
@@ -365,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if scrambled is not None:
         run_scrambled(report, "vllm-offload", dict(common, model=str(scrambled), cpu_offload_gb=offload_gb))
     in_process_unload(report, python, str(model), args.gpu_memory_utilization)
+    cancel_mid_load(report, "vllm", dict(common))
     VllmOffloadSettings.model_validate(dict(common, cpu_offload_gb=offload_gb))
     shutil.rmtree(scratch, ignore_errors=True)
     failed = [s["step"] for s in report.data["steps"] if not s["ok"]]

@@ -90,8 +90,9 @@ ASYNC_LLM_METHODS = {
 REQUEST_STATE_STATS = {"num_generation_tokens", "arrival_time", "queued_ts", "scheduled_ts", "first_token_ts",
                        "last_token_ts", "first_token_latency"}
 SCHEDULER_STATS = {"num_running_reqs", "num_waiting_reqs", "kv_cache_usage"}
+# vllm/envs.py (plus the Hugging Face ones vLLM honours)
 ENV_VARS = {"VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
+            "VLLM_WORKER_MULTIPROC_METHOD", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
 
 
 def all_settings():
