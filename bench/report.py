@@ -165,9 +165,10 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
+    failed: dict[str, list[dict[str, Any]]] = defaultdict(list)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[card_of(r)].append(r)
+        (failed if r.get("error") else groups)[card_of(r)].append(r)
     lines = [
         "# Benchmarks",
         "",
@@ -183,8 +184,13 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
     if groups:
         rel = chart_path.relative_to(out_path.parent) if chart_path.is_relative_to(out_path.parent) else chart_path
         lines += [f"![decode tok/s per backend and budget]({rel.as_posix()})", ""]
-    for card, rs in sorted(groups.items()):
-        lines += [f"## {card}", "", machine_line(rs), ""]
+    for card in sorted(set(groups) | set(failed)):
+        rs = groups.get(card, [])
+        lines += [f"## {card}", ""]
+        if not rs:
+            lines += _failures(failed.get(card, []))
+            continue
+        lines += [machine_line(rs), ""]
         bw = rs[-1].get("machine", {}).get("bandwidth", {})
         bounds = [(b, physical_bound(b, bw)) for b in sorted({r.get("vram_budget_gb") for r in rs if r.get("vram_budget_gb")})]
         bounds = [(b, v) for b, v in bounds if v]
@@ -198,7 +204,18 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
             lines.append(f"- {n}")
         if notes or checks:
             lines.append("")
+        lines += _failures(failed.get(card, []))
     return "\n".join(lines)
+
+
+def _failures(runs: list[dict[str, Any]]) -> list[str]:
+    if not runs:
+        return []
+    out = ["Runs that did not finish:", ""]
+    for r in sorted(runs, key=lambda r: (r.get("vram_budget_gb") or 0, r["backend"])):
+        budget = f" at {r['vram_budget_gb']:g} GB" if r.get("vram_budget_gb") else ""
+        out.append(f"- {r['backend']}{budget} on {r.get('model', '?')}: {r['error']}")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     out, chart_path = Path(args.out), Path(args.chart)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[card_of(r)].append(r)
+        if not r.get("error"):
+            groups[card_of(r)].append(r)
     if groups:
         chart(groups, chart_path)
     out.write_text(render(runs, chart_path, out))

@@ -94,11 +94,19 @@ def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     assert "2 of 4 layers" in ext["note"] and "extrapolated to 4 layers" in proc.stdout
 
 
-def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home):
+def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home, tmp_path):
+    path = tmp_path / "refused.json"
     proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--bandwidth-mb", "0",
-                 MOECHAT_HOST_RAM_GB="0.1")
+                 "--json", str(path), MOECHAT_HOST_RAM_GB="0.1")
     assert proc.returncode == 1
-    assert "moechat: This does not fit. host RAM: needs 0.5 GB of 0.1 GB available." in proc.stderr
+    sentence = "This does not fit. host RAM: needs 0.5 GB of 0.1 GB available."
+    assert f"moechat: {sentence}" in proc.stderr
+    # the failed run is recorded, and the report lists it
+    assert json.loads(path.read_text())["error"].startswith(sentence)
+    out = tmp_path / "B.md"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(tmp_path), "--out",
+                    str(out), "--chart", str(tmp_path / "c.png")], check=True, capture_output=True, timeout=120)
+    assert f"- transformers on synthetic:tiny: {sentence}" in out.read_text()
     proc = bench(home, "--backend", "transformers", "--model", str(home), "--layers", "2")
     assert proc.returncode == 1 and "--layers works only with synthetic models" in proc.stderr
 

@@ -369,6 +369,13 @@ def summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failure_record(backend: str, model: str, budget: float | None, error: str) -> dict[str, Any]:
+    """What a run that did not finish leaves in its JSON file, so the report can say so."""
+    return {"schema": SCHEMA, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **git_commit(), "backend": backend, "model": model, "vram_budget_gb": budget, "error": error,
+            "machine": machine_facts(0)}
+
+
 def run(args) -> int:
     from backends.api import BackendError
 
@@ -376,6 +383,12 @@ def run(args) -> int:
         result = measure(args)
     except BackendError as exc:
         print(f"moechat: {exc}", file=sys.stderr)
+        if args.json_path:
+            path = Path(args.json_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model = str(args.model) + (f"?layers={args.layers}" if args.layers else "")
+            path.write_text(json.dumps(failure_record(args.backend, model, args.vram_budget_gb, str(exc)),
+                                       indent=2) + "\n")
         return 1
     print(summary(result))
     if args.json_path:
