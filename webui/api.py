@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from backends.api import GenerateRequest, Message, SamplingParams
 from backends.manager import BackendManager, Event, Generation
@@ -134,33 +134,25 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 16 stop strings")
         return [s for s in value if s]
 
-    @field_validator("n")
+    @field_validator("n", "logprobs", "tools", "response_format")
     @classmethod
-    def one_choice(cls, value):
-        if value != 1:
-            raise ValueError("only n=1 is supported")
+    def supported(cls, value, info: ValidationInfo):
+        """Features that would change the answer and that moechat does not have."""
+        name = info.field_name
+        if name == "n":
+            refused = value != 1
+        elif name == "response_format":
+            refused = bool(value) and value.get("type", "text") != "text"
+        else:
+            refused = bool(value)
+        if refused:
+            raise ValueError(UNSUPPORTED[name])
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
 
-    @field_validator("tools")
-    @classmethod
-    def no_tools(cls, value):
-        if value:
-            raise ValueError("tools (function calling) are not supported")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def text_format(cls, value):
-        if value and value.get("type", "text") != "text":
-            raise ValueError(f"only the text format is supported, not {value.get('type')!r}")
-        return value
+UNSUPPORTED = {"n": "only n=1 is supported", "logprobs": "logprobs are not supported",
+               "tools": "tools (function calling) are not supported",
+               "response_format": "only the text response format is supported"}
 
 
 def validation_failure(exc: ValidationError) -> APIFailure:
@@ -387,17 +379,32 @@ def router(manager: BackendManager, options) -> APIRouter:
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(pump, first, reply_id, created, model, include_usage, received, failure_of),
-                media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return EventStreamResponse(
+                pump, stream_events(pump, first, reply_id, created, model, include_usage, received, failure_of))
         return await collect(pump, first, request, reply_id, created, model, received, failure_of)
 
     return api
 
 
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events of one generation. However the response ends (done, the client gone,
+    the server shutting down), the generation ends with it."""
+
+    def __init__(self, pump: EventPump, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.pump = pump
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.pump.stop()
+
+
 async def stream_events(pump: EventPump, event: Event, reply_id: str, created: int, model: str,
                         include_usage: bool, received: float, failure_of):
-    """The server-sent events of one streamed reply. A client that goes away stops the generation."""
+    """The server-sent events of one streamed reply."""
 
     def chunk(delta: dict, reason: str | None = None, **extra) -> str:
         out = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -407,26 +414,23 @@ async def stream_events(pump: EventPump, event: Event, reply_id: str, created: i
         return sse(out)
 
     first_token = None
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            if event.kind == "chunk" and event.text:
-                first_token = first_token or time.monotonic()
-                yield chunk({"content": event.text})
-            elif event.kind == "done":
-                if event.error:
-                    yield sse(failure_of(event).body())
-                    return
-                timings = timings_of(event, received, first_token)
-                yield chunk({}, finish_reason(event.finish_reason), timings=timings)
-                if include_usage:
-                    yield sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                               "model": model, "choices": [], "usage": usage_of(event), "timings": timings})
-                yield "data: [DONE]\n\n"
+    yield chunk({"role": "assistant", "content": ""})
+    while True:
+        if event.kind == "chunk" and event.text:
+            first_token = first_token or time.monotonic()
+            yield chunk({"content": event.text})
+        elif event.kind == "done":
+            if event.error:
+                yield sse(failure_of(event).body())
                 return
-            event = await pump.next()
-    finally:
-        pump.stop()
+            timings = timings_of(event, received, first_token)
+            yield chunk({}, finish_reason(event.finish_reason), timings=timings)
+            if include_usage:
+                yield sse({"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                           "model": model, "choices": [], "usage": usage_of(event), "timings": timings})
+            yield "data: [DONE]\n\n"
+            return
+        event = await pump.next()
 
 
 async def collect(pump: EventPump, event: Event, request: Request, reply_id: str, created: int, model: str,
