@@ -183,7 +183,8 @@ def test_errors_have_the_openai_shape_and_a_sentence(demo_server):
 
 
 def test_a_page_login_is_the_api_key_when_no_key_is_set(fake_server):
-    assert get_json(fake_server.url + "v1/models", key=None)[0] == 401
+    status, body = get_json(fake_server.url + "v1/models", key=None)
+    assert status == 401 and "USER:PASSWORD" in body["error"]["message"]
     assert get_json(fake_server.url + "v1/models", key="alice:wrong")[0] == 401
     assert [m.id for m in client(fake_server, LOGIN).models.list().data] == ["fake-echo"]
 

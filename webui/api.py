@@ -272,9 +272,11 @@ def router(manager: BackendManager, options) -> APIRouter:
     api = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-compatible API"])
     # Who may call: an API key names no user; with page logins (--auth) and no key, a login's
     # USER:PASSWORD is the key, so the API is never an open door beside a locked page.
-    keys: dict[str, str | None] = {k: None for k in getattr(options, "api_keys", None) or ()}
+    keys: dict[str, str | None] = {k: None for k in options.api_keys}
+    what = "an API key: send it as 'Authorization: Bearer KEY'"
     if not keys:
-        keys = {f"{user}:{password}": user for user, password in (getattr(options, "users", None) or {}).items()}
+        keys = {f"{user}:{password}": user for user, password in options.users.items()}
+        what = "your login as the API key: send 'Authorization: Bearer USER:PASSWORD'"
     started = int(time.time())
 
     def caller(request: Request) -> str | None:
@@ -284,8 +286,8 @@ def router(manager: BackendManager, options) -> APIRouter:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
-            raise APIFailure(401, "This server needs an API key: send it as 'Authorization: Bearer KEY' "
-                                  "(the openai client's api_key).", code="invalid_api_key")
+            raise APIFailure(401, f"This server needs {what} (the openai client's api_key).",
+                             code="invalid_api_key")
         for key, user in keys.items():
             if secrets.compare_digest(given.encode(), key.encode()):
                 return user
