@@ -6,6 +6,7 @@ test-artifacts/ (git-ignored).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -225,6 +226,50 @@ def test_a_failed_load_says_why_on_the_page_and_keeps_the_model_and_chat(page):
     assert "Loaded fake-echo with fake" in page.inner_text("#model-status")   # the loaded model stayed
     assert bubbles(page, "user") == users
     shot(page, "06-failed-load")
+
+
+def test_history_rename_search_export_import_and_delete(page, tmp_path):
+    open_section(page, "chat-tools", "This chat")
+    page.locator("#rename-box input, #rename-box textarea").first.fill("Switching backends")
+    page.click("#rename")
+    wait_text(page, "#chat-list", "Switching backends")
+    titles = lambda: page.locator("#chat-list label").all_inner_texts()   # noqa: E731
+    count = len(titles())
+    assert count >= 2
+
+    search = page.locator("#search input, #search textarea").first
+    search.fill("switching")
+    page.wait_for_function("document.querySelectorAll('#chat-list label').length === 1")
+    assert "Switching backends" in titles()[0]
+    search.fill("edited question")                 # text inside a message, not the title
+    page.wait_for_function("document.querySelectorAll('#chat-list label').length === 1")
+    assert "Switching backends" in titles()[0]
+    search.fill("")
+    page.wait_for_function(f"document.querySelectorAll('#chat-list label').length === {count}")
+
+    page.click("#export-json")
+    link = page.locator("#export-file a").first
+    link.wait_for()
+    with page.expect_download() as dl:
+        link.click()
+    exported = tmp_path / "chat.json"
+    dl.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert data["title"] == "Switching backends"
+    assert [m["content"] for m in data["messages"] if m["role"] == "user"][:2] == [
+        "an edited question", "now the demo model"]
+
+    with page.expect_file_chooser() as fc:
+        page.click("#import")
+    fc.value.set_files(str(exported))
+    wait_text(page, "#history-note", "Imported.")
+    assert len(titles()) == count + 1
+    assert bubbles(page, "user")[:2] == ["an edited question", "now the demo model"]
+
+    page.click("#delete-chat")
+    wait_text(page, "#history-note", "Chat deleted.")
+    assert len(titles()) == count and bubbles(page, "user") == []
+    shot(page, "06b-history")
 
 
 def test_a_reply_cut_by_a_server_crash_is_kept_and_marked_after_restart(browser, tmp_path_factory, demo_model):

@@ -233,6 +233,17 @@ def test_a_load_that_fails_says_why(ctx):
     assert "The last load failed: The pretend disk is full." in views[0].notice
 
 
+def test_a_backend_crash_mid_reply_keeps_what_was_written_and_says_so(ctx):
+    load_fake(ctx, crash_after=3)
+    views = turn(ctx, "s7", None, "send", text=LONG)
+    reply = ctx.store.get(views[-1].chat_id, "").messages[-1]
+    assert reply.content == "w1 w2 w3" and reply.status == "error"
+    assert views[-1].notice.startswith("The fake backend process was killed by SIGKILL while generating.")
+    assert "✂ cut off by an error" in views[-1].messages[-1]["content"]
+    wait_for(lambda: ctx.manager.state.status == "failed", "the manager noticed the crash")
+    assert h.progress_text(ctx.manager).startswith("Nothing is loaded. The fake backend process was killed")
+
+
 def test_a_load_can_be_cancelled(ctx):
     lines: list[str] = []
     t, _ = in_thread(lambda: lines.extend(load_fake(ctx, delay_s=2)))

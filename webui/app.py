@@ -45,7 +45,8 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
 
     def speed_frame() -> Any:
         rows = h.speed_history(ctx)
-        return pd.DataFrame(rows or [], columns=["reply", "tok/s", "backend"])
+        frame = pd.DataFrame(rows or [], columns=["reply", "tok/s", "backend"])
+        return frame.astype({"reply": str, "tok/s": float, "backend": str})
 
     with gr.Blocks(title="moechat") as blocks:
         chat_id = gr.State(None)

@@ -102,7 +102,7 @@ def progress_text(manager: BackendManager) -> str:
             text += " This is the built-in demo model: its replies are noise. Give a model folder to chat for real."
         return text
     if s.status == "failed":
-        return f"Load failed: {s.error}"
+        return f"Nothing is loaded. {s.error}"
     return "Nothing is loaded. Choose a backend and a model folder, then press Load."
 
 
