@@ -299,3 +299,29 @@ def test_versions_parse_like_vllm_names_them():
     assert parse_version("0.11.1.dev3+g1234abc") == (0, 11, 1)
     assert parse_version("0.33") == (0, 33, 0)
     assert parse_version(None) is None and parse_version("main") is None
+
+
+# ---- the worker side, in a real worker process ----------------------------------------------------
+def test_a_worker_without_vllm_says_so_when_asked_to_load(tmp_path):
+    """The worker under a Python that lacks vLLM (here: the app's own) answers the load with a
+    sentence, not a trace. (The manager's probe normally stops this earlier.)"""
+    from queue import Empty
+
+    from backends.manager import WorkerProcess
+    entry = get_plugin_manager().backend("vllm-offload")
+    worker = WorkerProcess(entry, sys.executable, on_exit=lambda w: None)
+    try:
+        worker.send({"op": "load", "settings": {"model": str(tmp_path)}})
+        while True:
+            try:
+                msg = worker.control.get(timeout=60)
+            except Empty:
+                pytest.fail("the worker did not answer the load")
+            if msg["op"] != "progress":
+                break
+        assert msg == {"op": "load_error", "message": (
+            "vLLM is not installed in the worker's Python: run `make vllm-env`, or set MOECHAT_VLLM_PYTHON to a "
+            "Python that has vLLM.")}
+    finally:
+        worker.stop()
+    assert worker.proc.poll() is not None
