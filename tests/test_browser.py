@@ -272,6 +272,18 @@ def test_history_rename_search_export_import_and_delete(page, tmp_path):
     shot(page, "06b-history")
 
 
+def test_loading_shows_its_stage_and_progress_and_can_be_cancelled(page):
+    load(page, "Fake", delay_s="1.5")                       # three pretend steps of 1.5 s
+    wait_text(page, "#load-status", "Pretending to load")
+    assert "of 3 steps" in page.inner_text("#load-status")
+    shot(page, "06c-loading")
+    page.click("#cancel-load")
+    wait_text(page, "#load-status", "Loading was cancelled; nothing is loaded.")
+    wait_text(page, "#model-status", "Nothing is loaded.")
+    send(page, "anyone there?")
+    wait_text(page, "#notice", "No model is loaded.")
+
+
 def test_a_reply_cut_by_a_server_crash_is_kept_and_marked_after_restart(browser, tmp_path_factory, demo_model):
     data = data_dir_with_demo(tmp_path_factory, demo_model, "restart")
     first = Server(data, "--backend", "fake", "--set", "delay_s=0.3").start()

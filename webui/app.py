@@ -123,7 +123,7 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 stats = gr.Markdown(h.stats_markdown(ctx), elem_id="stats")
                 speed_plot = gr.BarPlot(speed_frame(), x="reply", y="tok/s", title="tok/s of the last replies",
                                         height=200, elem_id="speed-plot", x_title="reply", y_title="tok/s",
-                                        sort="x")
+                                        sort="x", y_lim=[0, None])
         timer = gr.Timer(TICK_S)
 
         all_form_comps = [c for name in names for c in form_comps[name]]

@@ -448,6 +448,10 @@ def stats_snapshot(ctx: Context) -> dict[str, Any]:
             fresh = manager.stats(timeout=3)
         except Exception as exc:
             fresh = dict(ctx._stats, backend_stats_error=str(exc))
+        if not (fresh.get("backend_stats") or {}).get("gpus"):
+            # no GPU numbers from the backend: ask nvidia-smi, as seldom as the worker
+            fresh["host_gpus"] = [{"index": g.index, "used_bytes": g.used, "total_bytes": g.total}
+                                  for g in machine.gpus()]
         ctx._stats, ctx._stats_at = fresh, now
     out = dict(ctx._stats)
     # what changes without asking the worker: state, the last reply, the queue
@@ -489,16 +493,12 @@ def stats_markdown(ctx: Context, live: dict[str, Any] | None = None) -> str:
     bstats = dict(s.get("backend_stats") or {})
     gpus = bstats.pop("gpus", None)
     rss = bstats.pop("worker_rss_bytes", None)
+    gpus = gpus or s.get("host_gpus")
     if gpus:
         for g in gpus:
             rows.append((f"GPU {g['index']} memory", f"{fmt_bytes(g['used_bytes'])} of {fmt_bytes(g['total_bytes'])}"))
     else:
-        found = machine.gpus()
-        if found:
-            for g in found:
-                rows.append((f"GPU {g.index} memory", f"{fmt_bytes(g.used)} of {fmt_bytes(g.total)}"))
-        else:
-            rows.append(("GPU memory", "no GPU"))
+        rows.append(("GPU memory", "no GPU"))
     pid = s.get("worker_pid")
     if pid:
         rss = machine.process_rss(pid) or rss
