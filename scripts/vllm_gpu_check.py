@@ -159,12 +159,12 @@ def build_trained_tiny_model(root: Path) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from backends.demo import CORPUS, build_tiny_model
+    from backends.demo import build_tiny_model
 
     trained = build_tiny_model(root / "trained", "llama", seed=3)
     tok = transformers.AutoTokenizer.from_pretrained(trained)
     model = transformers.AutoModelForCausalLM.from_pretrained(trained)
-    ids = torch.tensor([tok(CORPUS, add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tok(selfcheck.PARAGRAPH, add_special_tokens=False)["input_ids"]])
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
