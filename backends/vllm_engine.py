@@ -58,7 +58,16 @@ class VllmEngine:
     """One AsyncLLM on its own event loop thread."""
 
     def __init__(self, engine_kwargs: dict[str, Any]):
+        import dataclasses
+
+        import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
+
+        unknown = sorted(set(engine_kwargs) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
+        if unknown:
+            raise BackendError(f"This vLLM ({vllm.__version__}) has no {', '.join(unknown)} engine argument, "
+                               "which these settings need: install vLLM 0.28 or newer in the vLLM environment "
+                               "(`make vllm-env`).")
 
         self.scheduler: dict[str, Any] = {}
         self.last_request: dict[str, Any] = {}
