@@ -228,6 +228,31 @@ def test_a_failed_load_says_why_on_the_page_and_keeps_the_model_and_chat(page):
     shot(page, "06-failed-load")
 
 
+def test_the_chats_own_edit_icon_continue_and_delete_a_message(page):
+    users_before = bubbles(page, "user")
+    page.locator("#chatbot .message-row.user-row").last.hover()
+    page.locator("#chatbot button[aria-label=Edit]").last.click()
+    page.locator("#chatbot textarea").fill("native edit words")
+    page.locator("#chatbot button[aria-label=Submit]").click()
+    wait_reply(page, lambda t: t.startswith("native edit words") and "fake-echo" in t)
+    assert bubbles(page, "user") == users_before[:-1] + ["native edit words"]
+
+    fill(page, "sampling-max_new_tokens", "2")
+    page.click("#regenerate")
+    wait_reply(page, lambda t: t.startswith("native edit\n") and "reached the token limit" in t)
+    page.click("#continue")
+    wait_reply(page, lambda t: t.startswith("native editnative edit\n"))
+    fill(page, "sampling-max_new_tokens", "64")
+
+    replies = len(bubbles(page, "bot"))
+    page.locator("#chatbot .message-row.bot-row").last.click()         # choose the last reply
+    page.wait_for_function(f"document.querySelector('#message-number input').value === '{2 * replies}'")
+    page.click("#delete-message")
+    wait_text(page, "#notice", f"Deleted message {2 * replies}.")
+    assert len(bubbles(page, "bot")) == replies - 1
+    assert bubbles(page, "user") == users_before[:-1] + ["native edit words"]
+
+
 def test_history_rename_search_export_import_and_delete(page, tmp_path):
     open_section(page, "chat-tools", "This chat")
     page.locator("#rename-box input, #rename-box textarea").first.fill("Switching backends")
