@@ -13,8 +13,8 @@ from vLLM's source and written down. Where they come from:
   ``vllm/v1/metrics/stats.py``.
 
 VERSION NOTE: the brief targets vLLM 0.33.0. The newest vLLM source that could be read here is
-the untagged "latest" of 2026-05 (after 0.20, before 0.33), so these records are that version's,
-not a verified 0.33 read. ``scripts/vllm_gpu_check.py`` compares this record against the vLLM
+the untagged "latest" documentation build of 2026-05-07 (the page does not name its version), so
+these records are that build's, not a verified read of the 0.33.0 tag. ``scripts/vllm_gpu_check.py`` compares this record against the vLLM
 actually installed (``dataclasses.fields(AsyncEngineArgs)``) and writes any difference down.
 """
 
@@ -28,7 +28,7 @@ from backends.api import GenerateRequest, Message, SamplingParams
 from backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_env, engine_kwargs, param_segments,
                             sampling_kwargs)
 
-RECORDED_FROM = "vLLM source, docs.vllm.ai/en/latest as of 2026-05-07 (brief targets 0.33.0; see VERSION NOTE)"
+RECORDED_FROM = "vLLM source as on docs.vllm.ai/en/latest, 2026-05-07 (brief targets 0.33.0; see VERSION NOTE)"
 
 # name -> the Python types a value may have (from the annotation; None where it is Optional).
 ENGINE_ARGS: dict[str, tuple[type, ...]] = {
