@@ -189,6 +189,22 @@ def test_a_second_person_is_queued_and_their_stop_leaves_the_first_alone(ctx):
     assert reply.status == "stop" and reply.content == LONG
 
 
+def test_a_load_waits_for_the_reply_being_written_and_leaves_it_whole(ctx):
+    load_fake(ctx, delay_s=0.1)
+    views: list[h.TurnView] = []
+    t1, _ = in_thread(lambda: [views.append(v) for v in h.run_turn(ctx, "", "c", None, "send", text=LONG)])
+    wait_for(lambda: any(v.notice == "Writing …" for v in views), "the reply started")
+    lines: list[str] = []
+    t2, _ = in_thread(lambda: lines.extend(load_fake(ctx, delay_s=0.0)))
+    wait_for(lambda: bool(lines), "the load said something")
+    assert lines[0] == "Waiting for the replies being written to finish, then loading with fake …"
+    t1.join(30)
+    t2.join(30)
+    reply = ctx.store.get(views[-1].chat_id, "").messages[-1]
+    assert reply.status == "stop" and reply.content == LONG
+    assert lines[-1].startswith("Loaded **fake-echo**")
+
+
 def test_regenerate_continue_edit_and_delete(ctx):
     load_fake(ctx, delay_s=0.0)
     views = turn(ctx, "s3", None, "send", text="alpha beta gamma delta", sampling={"max_new_tokens": 2})
