@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from backends.machine import GiB, Gpu, Machine
 from backends.manager import BackendManager
 from backends.modelinfo import ModelInfo
 from backends.plugins import get_plugin_manager
-from backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
+from backends.vllm_ import (HYBRID_ERROR, PROJECT_ROOT, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
                             explain_engine_error, gpu_weights_measured, is_hybrid, kv_bytes_per_token, memory_plan,
                             offload_warning, parse_version, refusal, state_bytes_per_sequence)
 from backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
@@ -325,3 +326,20 @@ def test_a_worker_without_vllm_says_so_when_asked_to_load(tmp_path):
     finally:
         worker.stop()
     assert worker.proc.poll() is not None
+
+
+def test_the_gpu_check_script_reports_why_it_cannot_run_here(tmp_path, contract_model_dir):
+    """On a machine without vLLM the GPU check still finishes and writes down why each step failed."""
+    env = dict(os.environ, MOECHAT_NO_GPU="1", MOECHAT_HOME=str(tmp_path / "home"),
+               **{PYTHON_ENV: str(tmp_path / "no-vllm" / "python")})
+    out = subprocess.run([sys.executable, "scripts/vllm_gpu_check.py", "--model", str(contract_model_dir),
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=str(PROJECT_ROOT))
+    assert out.returncode == 1, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    steps = {s["step"]: s for s in report["steps"]}
+    assert not steps["machine and vLLM environment"]["ok"]
+    assert "There is no Python at" in steps["machine and vLLM environment"]["summary"]
+    assert steps["vllm: load"]["error"].startswith("BackendError: The vllm backend cannot run here")
+    assert all(not s["ok"] for s in report["steps"])  # nothing claims to have run
+    assert "| vllm: load | NO |" in (tmp_path / "report" / "report.md").read_text()
