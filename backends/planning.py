@@ -615,6 +615,16 @@ def table(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+def markdown(plan: MemoryPlan) -> str:
+    """The plan as a Markdown table and its verdict, for the web page."""
+    rows = ["| where | size | what |", "|---|---:|---|"]
+    for item in plan.items:
+        note = f" ({item.note})" if item.note else ""
+        rows.append(f"| {'GPU' if item.device == 'gpu' else 'RAM'} | {gb(item.bytes)} | {item.what}{note} |")
+    return "\n".join(rows + ["", ("**" + describe(plan) + "**") if not plan.fits else describe(plan)]
+                     + [f"- {n}" for n in plan.notes])
+
+
 def to_dict(plan: MemoryPlan) -> dict[str, Any]:
     return {"fits": plan.fits, "gpu_bytes": plan.gpu_bytes, "host_bytes": plan.host_bytes,
             "gpu_available": plan.gpu_available, "host_available": plan.host_available,
@@ -640,7 +650,8 @@ def check_after_load(plan: MemoryPlan | None, info: dict[str, Any]) -> str | Non
         planned_gpu = sum(i.bytes for i in plan.items if i.device == "gpu" and _is_weights(i))
         planned_host = sum(i.bytes for i in plan.items if i.device == "host" and _is_weights(i))
         got_gpu = sum(v for k, v in measured.items() if k in ("cuda", "gpu"))
-        got_host = sum(v for k, v in measured.items() if k == "cpu")
+        # accelerate keeps offloaded weights in host RAM and leaves "meta" parameters in the model
+        got_host = sum(v for k, v in measured.items() if k in ("cpu", "meta"))
         if _differs(got_gpu, planned_gpu):
             problems.append(f"{gb(got_gpu)} of weights are on the GPU where the plan put {gb(planned_gpu)}")
         if _differs(got_host, planned_host):

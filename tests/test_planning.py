@@ -245,6 +245,14 @@ def test_plan_matches_measured_memory_on_cpu(manager, backend, tolerance):
                               MemoryItem("worker process", "host", int(0.5 * GB))], gpu_available=int(16 * GB))
     warning = planning.check_after_load(wrong, dict(info, weight_bytes={"cpu": int(2 * GB)}))
     assert warning and "on the GPU where the plan put 2.0 GB" in warning
+    # a plan that offloads, measured with nothing offloaded: said in so many words
+    offload = MemoryPlan(items=[MemoryItem("weights on the GPU", "gpu", int(10 * GB)),
+                                MemoryItem("offloaded weights in host RAM", "host", int(30 * GB))],
+                         gpu_available=int(80 * GB), host_available=int(100 * GB))
+    warning = planning.check_after_load(offload, {"weight_bytes": {"cuda": int(40 * GB)}})
+    assert "offload did not happen as planned" in warning
+    # accelerate's offloaded parameters show up as "meta": that is the planned offload
+    assert planning.check_after_load(offload, {"weight_bytes": {"cuda": int(10 * GB), "meta": int(30 * GB)}}) is None
 
 
 def test_a_load_that_cannot_fit_is_refused_with_the_plan_sentence(manager, monkeypatch):
