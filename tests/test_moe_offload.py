@@ -256,3 +256,17 @@ def test_backend_streams_a_chat_reply(models, tmp_path):
                 "host_rss_gb"):
         assert key in stats
     backend.unload()
+
+
+def test_a_second_family_runs_through_its_adapter_alone(tmp_path):
+    """Qwen3-MoE goes through the same engine; only adapters/qwen3_moe.py knows it."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build_tiny_model(tmp_path / "qwen3moe", "qwen3_moe", seed=5)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = prompt(9)
+    for kw in ({}, {"cache_experts": 3, "miss_policy": "copy"}):
+        eng = engine(folder, tmp_path, **kw)
+        assert (eng.forward(ids)[0] - ref_logits(ref, ids)).abs().max().item() <= TOL
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, ids.shape[1]:].tolist()
+    assert list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 10, set())) == want
