@@ -575,7 +575,7 @@ class VllmBackend(Backend):
                 ("passed" if check["passed"] else "not checked") + f" ({check['message']})"
         warnings = self.info.get("warnings") if getattr(self, "info", None) else None
         if warnings:
-            out["warnings"] = list(warnings)
+            out["warnings"] = " ".join(warnings)
         return out
 
     def unload(self) -> None:

@@ -215,8 +215,10 @@ class VllmEngine:
         for key in ("running_requests", "waiting_requests"):
             if self.scheduler.get(key) is not None:
                 out[key] = self.scheduler[key]
-        if self.last_request:
-            out["last_request"] = dict(self.last_request)
+        # vLLM's own numbers for the last request, flat so a stats table shows each on its row
+        for key, value in self.last_request.items():
+            if key in ("ttft_s", "decode_tok_s", "prefill_tok_s"):
+                out[f"vllm_{key}"] = round(float(value), 4)
         return out
 
     def shutdown(self) -> None:

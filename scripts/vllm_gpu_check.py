@@ -263,8 +263,9 @@ def run_backend(report: Report, name: str, settings: dict[str, Any], label: str)
             stats = manager.stats()
             r["stats"] = stats
             bs = stats.get("backend_stats", {})
-            r["ok"] = "kv_cache_usage" in bs and "ttft_s" in bs.get("last_request", {})
-            r["summary"] = f"kv_cache_usage {bs.get('kv_cache_usage')}, last request {bs.get('last_request')}"
+            r["ok"] = "kv_cache_usage" in bs and "vllm_ttft_s" in bs
+            r["summary"] = (f"kv_cache_usage {bs.get('kv_cache_usage')}, vLLM's time to first token "
+                            f"{bs.get('vllm_ttft_s')} s, decode {bs.get('vllm_decode_tok_s')} tok/s")
         with report.step(f"{label}: output self-check") as r:
             result = selfcheck.check_loaded(manager)
             r["selfcheck"] = result.to_dict()
