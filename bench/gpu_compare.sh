@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The comparison set on a GPU machine, in under 10 minutes: every backend that can run there, on
+# The comparison set on a GPU machine, in under 10 minutes: every backend that can run there
+# (moe-offload, transformers-bnb4, transformers, vllm when its interpreter is there), on
 # Qwen3-Next-80B-A3B's shapes (random weights, LAYERS of 48 layers at full width, extrapolated to
 # 48), at 16 and 24 GB VRAM budgets (enforced in the worker). Writes one JSON per run to
 # bench/results/ and regenerates BENCHMARKS.md and bench/chart.png.
 #
 #   bench/gpu_compare.sh                   # from the repository root
 #   BACKENDS="moe-offload transformers" LAYERS=4 bench/gpu_compare.sh
+#
+# Each run is stopped after PER_RUN_S seconds, and a run that could not finish before TOTAL_S is
+# not started; both are recorded as failures, so the whole set stays under 10 minutes.
 #
 # Needs: torch with CUDA, transformers, accelerate, and moechat's own small dependencies
 # (pluggy, loguru, pydantic, psutil, platformdirs, tokenizers; bitsandbytes for transformers-bnb4;
@@ -16,16 +20,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LAYERS=${LAYERS:-4}
 BUDGETS=${BUDGETS:-"16 24"}
-BACKENDS=${BACKENDS:-"moe-offload transformers-bnb4 transformers"}
+BACKENDS=${BACKENDS:-}
 PROMPT=${PROMPT:-256}
-GEN=${GEN:-16}
+GEN=${GEN:-12}
 REPEAT=${REPEAT:-2}
-PER_RUN_S=${PER_RUN_S:-150}
+PER_RUN_S=${PER_RUN_S:-120}
+TOTAL_S=${TOTAL_S:-560}
 WHEELS=${WHEELS:-shared/wheels}
 OUT=${OUT:-bench/results}
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MOECHAT_HOME=${MOECHAT_HOME:-$(mktemp -d /tmp/moechat-bench.XXXXXX)}
 mkdir -p "$OUT"
+start=$(date +%s)
 
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl 2>&1 | tail -3
@@ -38,12 +44,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_compare.sh: torch sees no CUDA GPU here; run it on a GPU machine." >&2
   exit 1
 fi
-missing=$("$PY" - <<'EOF'
+missing=$("$PY" -c "
 import importlib.util
-print(" ".join(m for m in ("pluggy", "loguru", "pydantic", "psutil", "platformdirs", "tokenizers",
-                            "transformers", "accelerate", "matplotlib") if importlib.util.find_spec(m) is None))
-EOF
-)
+print(' '.join(m for m in ('pluggy', 'loguru', 'pydantic', 'psutil', 'platformdirs', 'tokenizers',
+                            'transformers', 'accelerate', 'matplotlib') if importlib.util.find_spec(m) is None))")
 if [ -n "$missing" ]; then
   echo "gpu_compare.sh: missing Python packages: $missing (put their wheels in $WHEELS)." >&2
   exit 1
@@ -51,25 +55,43 @@ fi
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
 stamp=$(date -u +%Y%m%d-%H%M)
-start=$(date +%s)
 "$PY" -m webui.cli plugins
+if [ -z "$BACKENDS" ]; then  # every backend that can run here, but the test and remote ones
+  BACKENDS=$("$PY" -m webui.cli plugins --json | "$PY" -c "
+import json, sys
+rows = json.load(sys.stdin)['backends']
+order = ['moe-offload', 'transformers-bnb4', 'transformers', 'vllm']
+names = [r['backend'] for r in rows if r['available'] and r['backend'] not in ('fake', 'remote')]
+print(' '.join(sorted(names, key=lambda n: order.index(n) if n in order else len(order))))")
+fi
+echo "backends: $BACKENDS; budgets: $BUDGETS GB; $LAYERS of 48 layers"
+
+record_failure() {  # FILE BACKEND BUDGET SENTENCE
+  "$PY" -c "
+import json, sys
+from webui.commands.bench import failure_record
+path, backend, budget, sentence = sys.argv[1:]
+json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=$LAYERS', float(budget), sentence),
+          open(path, 'w'), indent=2)" "$@"
+}
+
 for budget in $BUDGETS; do
   for backend in $BACKENDS; do
     name="$OUT/${stamp}-${card}-${backend}-${budget}gb.json"
-    echo "== $backend at ${budget} GB ($(( $(date +%s) - start )) s so far)"
-    timeout --signal=TERM "$PER_RUN_S" "$PY" -m webui.cli bench --backend "$backend" \
+    elapsed=$(( $(date +%s) - start ))
+    if [ $(( elapsed + PER_RUN_S )) -gt "$TOTAL_S" ]; then
+      echo "== $backend at ${budget} GB: skipped, the ${TOTAL_S} s budget is used up"
+      record_failure "$name" "$backend" "$budget" "Not run: the comparison's ${TOTAL_S} s were used up."
+      continue
+    fi
+    echo "== $backend at ${budget} GB (${elapsed} s so far)"
+    timeout --signal=TERM --kill-after=10 "$PER_RUN_S" "$PY" -m webui.cli bench --backend "$backend" \
       --model synthetic:qwen3-next-80b-a3b --layers "$LAYERS" --vram-budget-gb "$budget" \
       --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT" --no-progress --json "$name"
     rc=$?
-    if [ $rc -eq 124 ]; then
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
       echo "   $backend at ${budget} GB took more than ${PER_RUN_S} s; stopped."
-      "$PY" - "$name" "$backend" "$budget" "$PER_RUN_S" <<'EOF'
-import json, sys
-from webui.commands.bench import failure_record
-path, backend, budget, limit = sys.argv[1:]
-json.dump(failure_record(backend, "synthetic:qwen3-next-80b-a3b", float(budget),
-                         f"Stopped after {limit} s without finishing."), open(path, "w"), indent=2)
-EOF
+      record_failure "$name" "$backend" "$budget" "Stopped after ${PER_RUN_S} s without finishing."
     fi
   done
 done
