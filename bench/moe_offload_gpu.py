@@ -84,6 +84,11 @@ def run_offload(args) -> dict:
 
     dev = args.device
     cfg = load_config(args.layers, args.experts)
+    if args.null_experts:
+        # Ablation: routed experts contribute nothing and cost nothing (no sync, no copy), which
+        # leaves the resident part's own time per token.
+        from backends.moe_offload.engine import OffloadedExperts
+        OffloadedExperts.forward = lambda self, x, top_k_index, top_k_weights: torch.zeros_like(x)
     if args.uniform_routing:
         # Worst case for a cache: every token picks top_k experts uniformly at random, with no
         # locality from one token to the next (real routing has some; a random model's has more).
@@ -101,6 +106,7 @@ def run_offload(args) -> dict:
                                torch.bfloat16, 128, pin=dev == "cuda")
     out = {"layers": args.layers, "num_experts": sh.num_experts, "top_k": sh.top_k,
            "routing": "uniform random (forced)" if args.uniform_routing else "the random model's router",
+           "null_experts": args.null_experts, "policy": args.policy,
            "experts_host_gb": round(store.total_bytes() / GiB, 2),
            "store_build_s": round(time.perf_counter() - t0, 1), "runs": []}
     total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else None
@@ -353,6 +359,7 @@ def main() -> None:
     ap.add_argument("--base-layers", type=int, default=4)
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--uniform-routing", action="store_true")
+    ap.add_argument("--null-experts", action="store_true", help="ablation: routed experts skipped")
     ap.add_argument("--bnb-timeout", type=int, default=380)
     ap.add_argument("--workdir", default="/tmp/moe-bench")
     ap.add_argument("--out", default=None)
