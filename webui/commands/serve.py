@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--auth", help="require login: USER:PASSWORD, or a file with one USER:PASSWORD a line")
     p.add_argument("--admin", action="append", default=[],
                    help="a user allowed to load and unload models (repeatable); default: every user")
-    p.add_argument("--api-key", help="require this key on /v1, or a file with one key a line")
+    p.add_argument("--api-key", help="require this key on the OpenAI-compatible API (/v1), or a file with one key "
+                                     "a line; without it, --auth logins (USER:PASSWORD) are the API keys")
     p.add_argument("--data-dir", default=None, help="where chats and the demo model live (default: $MOECHAT_HOME or the user data dir)")
     p.add_argument("--no-load", action="store_true", help="start with nothing loaded")
 
