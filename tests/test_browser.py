@@ -27,11 +27,11 @@ LONG = "one two three four five six seven eight nine ten eleven twelve thirteen 
 
 
 # ---- fixtures -----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory) -> Path:
-    """A prebuilt demo model (the app would build one on first use; tests build it once)."""
-    from backends.demo import build_tiny_model
-    return build_tiny_model(tmp_path_factory.mktemp("demo") / "demo-model")
+@pytest.fixture(scope="module")
+def demo_model(contract_model_dir) -> Path:
+    """The demo model, prebuilt once per session (tests/conftest.py); copied into each data dir
+    as ``demo-model``, where the app would otherwise build it on first use."""
+    return contract_model_dir
 
 
 def data_dir_with_demo(tmp_path_factory, demo_model: Path, name: str) -> Path:

@@ -72,9 +72,10 @@ def test_model_folders_are_found_in_the_models_dir_and_the_hugging_face_cache_la
 
 # ---- handlers over a real manager and the fake backend ----------------------------------------
 @pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> Path:
-    from backends.demo import build_tiny_model
-    return build_tiny_model(tmp_path_factory.mktemp("demo") / "demo-model")
+def demo_model(contract_model_dir) -> Path:
+    """The demo model, prebuilt once per session (tests/conftest.py); copied into each data dir
+    as ``demo-model``, where the app would otherwise build it on first use."""
+    return contract_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +270,17 @@ def test_a_load_can_be_cancelled(ctx):
     t.join(30)
     assert lines[-1] == "Loading was cancelled; nothing is loaded."
     assert ctx.manager.state.status != "ready"
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_unloading_unless_forced(ctx, monkeypatch):
+    load_fake(ctx)
+    monkeypatch.setenv("MOECHAT_HOST_RAM_GB", "0.01")
+    lines = list(h.load_steps(ctx, "", "transformers", "", {"device": "cpu"}))
+    assert lines[-1].startswith("Load failed: This does not fit.") and "with force" in lines[-1]
+    assert ctx.manager.state.backend == "fake" and ctx.manager.state.ready      # still loaded
+    lines = list(h.load_steps(ctx, "", "transformers", "", {"device": "cpu"}, force=True))
+    assert lines[-1].startswith("Loaded **demo-model** with **transformers**")
+    assert "Memory plan: This does not fit." in lines[-1]
 
 
 def test_only_admins_may_load_when_admins_are_named(ctx):

@@ -114,6 +114,8 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                     with gr.Group(visible=name == default_backend, elem_id=f"settings-{name}") as grp:
                         comps = forms.build_components(specs, elem_prefix=f"setting-{name}-")
                     groups[name], form_specs[name], form_comps[name] = grp, specs, comps
+                force = gr.Checkbox(False, label="Load anyway", elem_id="force-load",
+                                    info="Load even when the memory plan says it will not fit.")
                 with gr.Row():
                     load_btn = gr.Button("Load", variant="primary", elem_id="load")
                     cancel_btn = gr.Button("Cancel load", elem_id="cancel-load")
@@ -166,14 +168,14 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
 
         backend.change(on_backend, backend, [backend_info] + [groups[n] for n in names], show_progress="hidden")
 
-        def on_load(request: gr.Request, name, folder_value, *values):
+        def on_load(request: gr.Request, name, folder_value, force_value, *values):
             user = user_of(request)
             try:
                 settings = forms.collect(form_specs[name], list(values_of(name, values))) if name in form_specs else {}
             except ValueError as exc:
                 yield str(exc), gr.skip()
                 return
-            for line in h.load_steps(ctx, user, name, folder_value, settings):
+            for line in h.load_steps(ctx, user, name, folder_value, settings, force=bool(force_value)):
                 yield line, h.progress_text(manager)
 
         def values_of(name, values):
@@ -184,7 +186,7 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 start += len(form_comps[n])
             return ()
 
-        load_btn.click(on_load, [backend, folder] + all_form_comps, [load_status, model_status],
+        load_btn.click(on_load, [backend, folder, force] + all_form_comps, [load_status, model_status],
                        concurrency_limit=None, show_progress="hidden")
 
         def on_cancel(request: gr.Request):

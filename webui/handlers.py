@@ -20,7 +20,7 @@ from loguru import logger
 
 from backends import machine
 from backends.api import BackendError, GenerateRequest, Message, SamplingParams
-from backends.manager import BackendManager, Generation, settings_error
+from backends.manager import BackendManager, Generation, plan_refusal, settings_error
 from webui.chats import ChatError, ChatStore, StoredMessage, reply_note
 
 SAVE_EVERY_S = 0.3            # a streaming reply is written to the database at least this often
@@ -111,10 +111,11 @@ def fmt_num(x: float) -> str:
 
 
 def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
-               settings: dict[str, Any], poll_s: float = 0.4) -> Iterator[str]:
+               settings: dict[str, Any], poll_s: float = 0.4, force: bool = False) -> Iterator[str]:
     """Load ``backend`` with ``settings`` (and the model ``folder``), yielding the progress
-    line while it loads and a last line that says how it ended. A bad folder or settings are
-    refused before anything is unloaded, so the loaded model stays."""
+    line while it loads and a last line that says how it ended. A bad folder or settings, or a
+    memory plan that does not fit (unless ``force``), are refused before anything is unloaded,
+    so the loaded model stays."""
     manager = ctx.manager
     if not may_manage(ctx, user):
         yield not_allowed(ctx)
@@ -135,18 +136,21 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         yield f"Load failed: the {backend} backend cannot run here: {probe.reason}"
         return
     try:
-        manager.plan(backend, settings)          # checks the folder and settings, unloads nothing
+        _, _, plan = manager.plan(backend, settings)   # checks the folder and settings, unloads nothing
     except BackendError as exc:
         yield f"Load failed: {exc}"
         return
     except Exception as exc:                     # e.g. the demo model could not be created
         yield f"Load failed: {type(exc).__name__}: {exc}"
         return
+    if plan is not None and not plan.fits and not force:
+        yield f"Load failed: {plan_refusal(plan)}"
+        return
     outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            outcome["info"] = manager.load(backend, settings, user=user or None)
+            outcome["info"] = manager.load(backend, settings, user=user or None, force=force)
         except BackendError as exc:
             outcome["error"] = str(exc)
         except Exception as exc:
@@ -167,7 +171,9 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         else:
             yield f"Load failed: {outcome['error']}"
     else:
-        yield progress_text(manager)
+        from backends.planning import describe
+        plan = manager.state.plan
+        yield progress_text(manager) + (f"\n\nMemory plan: {describe(plan)}" if plan is not None else "")
 
 
 def cancel_load(ctx: Context, user: str) -> str:
