@@ -266,7 +266,7 @@ class RemoteBackend(Backend):
     def generate(self, request: GenerateRequest, should_stop) -> Iterator[Chunk]:
         stream = ReplyStream(self.client, f"{self.url}/chat/completions", self.request_body(request),
                              headers(self.api_key))
-        counted, finish, usage, timings, started = 0, None, {}, {}, False
+        counted, finish, usage, timings, started, whole = 0, None, {}, {}, False, False
         deadline = time.monotonic() + self.timeout
         try:
             while True:
@@ -290,11 +290,13 @@ class RemoteBackend(Backend):
                     if finish is None:
                         raise BackendError(f"The server at {self.url} ended the reply without finishing it. "
                                            "What was written so far is kept; send again.")
+                    whole = True
                     break
                 data = sse_data(value)
                 if data is None:
                     continue
                 if data == "[DONE]":
+                    whole = True
                     break
                 started = True
                 if data.get("error"):
@@ -309,7 +311,8 @@ class RemoteBackend(Backend):
                         yield Chunk(text=text, tokens=1)
                     finish = choice.get("finish_reason") or finish
         finally:
-            stream.close()
+            if not whole:  # stopped or failed: hang up; a whole reply leaves the connection for the next
+                stream.close()
         self.replies += 1
         self.server_timings = timings
         # The server's own count wins over one per piece of text (a piece may hold several tokens).
