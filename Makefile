@@ -10,7 +10,7 @@ SET ?=
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test system-deps vllm-env bench-report clean
+.PHONY: install run test system-deps vllm-env vllm-gpu-check bench-report clean
 
 # A machine with an NVIDIA GPU gets PyPI's CUDA build of torch; a CPU-only one gets torch 2.13.0
 # (a CPU wheel where one is provided locally, as on our CI machines).
@@ -42,6 +42,10 @@ test: install system-deps
 # vLLM needs its own environment (it pins a CUDA torch): see docs/vllm.md.
 vllm-env:
 	bash scripts/make-vllm-env.sh
+
+# On a GPU machine with the vLLM environment: runs both vLLM backends and writes what it saw.
+vllm-gpu-check: install
+	$(BIN)/python scripts/vllm_gpu_check.py
 
 bench-report: install
 	$(BIN)/python bench/report.py

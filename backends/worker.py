@@ -46,12 +46,16 @@ def resolve(path: str) -> type[Backend]:
 
 
 def memory_stats() -> dict[str, Any]:
-    """Host memory of this process and GPU memory as torch sees it (if torch is loaded)."""
+    """Host memory of this process, and GPU memory: from torch where this process already has a
+    CUDA context, else from nvidia-smi (a stats call must never create a CUDA context, which
+    costs GPU memory in processes that run none, such as vLLM's front end)."""
     import psutil
+
+    from backends.machine import gpus as smi_gpus
 
     stats: dict[str, Any] = {"worker_rss_bytes": psutil.Process().memory_info().rss}
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None and torch.cuda.is_initialized():
         gpus = []
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
@@ -59,6 +63,8 @@ def memory_stats() -> dict[str, Any]:
                          "allocated_bytes": torch.cuda.memory_allocated(i),
                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(i)})
         stats["gpus"] = gpus
+    elif found := smi_gpus():
+        stats["gpus"] = [{"index": g.index, "used_bytes": g.used, "total_bytes": g.total} for g in found]
     return stats
 
 
