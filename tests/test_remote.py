@@ -80,16 +80,21 @@ def test_probe_reaches_the_server_or_says_why(upstream, monkeypatch):
     assert not probe.available and probe.reason.startswith("Cannot reach the server at http://127.0.0.1:")
 
 
-def test_load_refusals_are_sentences(upstream, tmp_path):
+def test_load_refusals_are_sentences_and_the_key_can_come_from_the_environment(upstream, tmp_path, monkeypatch):
     mgr = BackendManager(get_plugin_manager(), tmp_path)
     try:
         cases = [({"api_key": "wrong"}, "refused the API key"),
+                 ({}, "needs an API key"),
                  ({"api_key": KEY, "model_name": "nope"}, "does not serve 'nope'; it serves fake-echo"),
                  ({"base_url": f"127.0.0.1:{free_port()}"}, "Cannot reach the server")]
         for settings, sentence in cases:
             with pytest.raises(BackendError, match=sentence):
                 mgr.load("remote", {"base_url": UPSTREAM, **settings})
             assert mgr.state.status == "failed" and sentence.split(";")[0] in mgr.state.error
+        monkeypatch.setenv("MOECHAT_REMOTE_API_KEY", KEY)  # kept out of the settings (and the page's form)
+        mgr.load("remote", {"base_url": UPSTREAM})
+        assert mgr.state.settings["api_key"] == ""
+        assert collect(mgr.generate(chat("hello there")))[0] == "hello there"
     finally:
         mgr.close()
 

@@ -38,8 +38,8 @@ class RemoteSettings(BackendSettings):
     base_url: str = Field(default_factory=lambda: os.environ.get(URL_ENV, "http://127.0.0.1:8000/v1"),
                           description="Address of the OpenAI-compatible server, e.g. http://gpu-box:8000/v1 "
                                       f"(vllm serve, llama-server, moechat serve). Default: ${URL_ENV}.")
-    api_key: str = Field(default_factory=lambda: os.environ.get(KEY_ENV, ""),
-                         description=f"The server's API key; empty if it needs none. Default: ${KEY_ENV}.")
+    api_key: str = Field("", description=f"The server's API key. Empty: ${KEY_ENV} (read where the backend "
+                                         "runs, so it never shows in a form), or no key.")
     model_name: str = Field("", description="Which of the server's models to chat with; empty: the first it lists.")
     timeout_s: float = Field(120.0, gt=0, le=3600,
                              description="Seconds to wait for the server to answer, and between two tokens.")
@@ -218,7 +218,7 @@ class RemoteBackend(Backend):
         import httpx
 
         self.url = api_root(settings.base_url)
-        self.api_key = settings.api_key
+        self.api_key = settings.api_key or os.environ.get(KEY_ENV, "")
         self.timeout = settings.timeout_s
         progress(Progress(f"Asking {self.url} for its models"))
         models = list_models(self.url, self.api_key, min(self.timeout, 30.0))
