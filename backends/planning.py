@@ -369,13 +369,28 @@ def plan_transformers(model: Any, settings: Any, machine: Any, *, quant: str | N
     else:
         gcap = int(gcap_set * GB) if gcap_set is not None else m.gpus[0].total
         ccap = int(ccap_set * GB) if ccap_set is not None else 0  # no "cpu" key: accelerate skips the CPU
-    on_gpu = min(weights, gcap)
-    on_host = min(weights - on_gpu, ccap)
-    nowhere = weights - on_gpu - on_host
+    host_note = "accelerate moves them over PCIe on every forward: slow"
+    if quant == "nf4" and s is not None:
+        # accelerate places by the sizes bitsandbytes announces: linear layers 4-bit, the fused
+        # experts (quantized only after loading) and the rest in the load dtype. Modules placed on
+        # the CPU are not converted (llm_int8_enable_fp32_cpu_offload) and stay in that dtype.
+        packed_experts = s.routed_experts if _setting(settings, "quantize_experts", True) else 0
+        per = nf4_bytes(bool(_setting(settings, "double_quant", True)))
+        placed = int((s.linear_weights - packed_experts) * per) + (s.total - s.linear_weights + packed_experts) * dtype_bytes
+        share = min(1.0, gcap / placed) if placed else 1.0
+        on_gpu = int(weights * share)
+        offloaded = int((s.total * dtype_bytes) * (1 - share))
+        on_host = min(offloaded, ccap)
+        nowhere = offloaded - on_host
+        if share < 1:
+            host_note = f"not quantized when offloaded: {dtype_name}; " + host_note
+    else:
+        on_gpu = min(weights, gcap)
+        on_host = min(weights - on_gpu, ccap)
+        nowhere = weights - on_gpu - on_host
     plan.items.append(MemoryItem("weights on the GPU", "gpu", on_gpu, fmt))
     if on_host:
-        plan.items.append(MemoryItem("offloaded weights in host RAM", "host", on_host,
-                                     "accelerate moves them over PCIe on every forward: slow"))
+        plan.items.append(MemoryItem("offloaded weights in host RAM", "host", on_host, host_note))
     if kv:
         plan.items.append(MemoryItem(f"KV cache for {ctx} tokens (attention layers)", "gpu", kv))
     if state:
@@ -409,15 +424,19 @@ def plan_transformers(model: Any, settings: Any, machine: Any, *, quant: str | N
 
 def _advise_host(plan: MemoryPlan, model: Any, s: Shapes | None, weights: int, backend: str,
                  quant: str | None, ctx: int, per_token: float) -> None:
-    host_left = (plan.host_available or 0) - (plan.host_bytes - weights)
-    if host_left <= 0 and weights < plan.host_bytes / 2:
+    offloaded = sum(i.bytes for i in plan.items if i.device == "host" and "weights" in i.what)
+    host_left = (plan.host_available or 0) - (plan.host_bytes - offloaded)
+    if host_left <= 0 and offloaded < plan.host_bytes / 2:
         worker = next((i.bytes for i in plan.items if i.what.startswith("worker process")), 0)
         plan.advice.append(f"Free some host RAM: the worker process alone needs about {gb(worker)} and "
                            f"{gb(plan.host_available or 0)} is available; close other programs.")
         return
+    what = (f"The {gb(offloaded)} of layers that do not fit on the GPU stay unquantized in host RAM "
+            "(bitsandbytes does not quantize offloaded layers) and do not fit"
+            if quant == "nf4" and plan.gpu_available else f"The weights ({gb(weights)}) do not fit")
     if s is not None and s.routed_experts and s.model_type in ("qwen3_next", "qwen3_moe"):
         int4 = int(s.routed_experts * int4_bytes())
-        plan.advice.append(f"The weights ({gb(weights)}) do not fit: use moe-offload with expert_format int4 "
+        plan.advice.append(f"{what}: use moe-offload with expert_format int4 "
                            f"(routed experts {gb(int4)} in host RAM, the rest on the GPU)"
                            + ("." if quant == "nf4" else " or transformers-bnb4 (4-bit)."))
     elif quant != "nf4":

@@ -291,7 +291,7 @@ def build_transformers_model(model: str, progress: ProgressCallback, *, dtype: A
         dev = torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
         t = torch.empty(p.shape, dtype=p.dtype, device=dev)
         filler.fill(t, name)
-        set_module_tensor_to_device(net, name, dev, value=t)
+        set_module_tensor_to_device(net, name, dev, value=t, clear_cache=False)
         done += t.numel() * t.element_size()
         progress(Progress("Filling random weights", done / 1e9, total / 1e9, "GB"))
     for name, b in list(net.named_buffers()):
