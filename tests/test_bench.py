@@ -84,9 +84,14 @@ def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     path = tmp_path / "layers.json"
     proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--layers", "2",
                  "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--json", str(path),
-                 "--bandwidth-mb", "0")
+                 "--bandwidth-mb", "0", "--vram-budget-gb", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(path.read_text())
+    # the budget is scaled to the depth (and is harmless without a GPU)
+    from webui.commands.bench import scaled_budget
+    assert r["vram_budget_gb"] == 16
+    assert r["vram_budget_applied_gb"] == round(scaled_budget(16, synthetic.model_info("synthetic:tiny"), 2, 4), 3)
+    assert r["vram_budget_applied_gb"] < 16
     assert r["model"] == "synthetic:tiny?layers=2" and (r["layers"], r["full_layers"]) == (2, 4)
     assert r["load_info"]["model_name"] == "synthetic:tiny?layers=2"
     ext = r["extrapolated"]
