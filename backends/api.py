@@ -20,7 +20,16 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 class BackendError(Exception):
-    """An error a person can act on. Its message is shown as it is, on the page and in the CLI."""
+    """An error a person can act on. Its message is shown as it is, on the page and in the CLI.
+    ``code`` travels with it to the app (the API answers with it)."""
+
+    code: ClassVar[str] = "backend_error"
+
+
+class PromptTooLong(BackendError):
+    """The prompt does not fit the model's context. Raise it before generating."""
+
+    code: ClassVar[str] = "context_length_exceeded"
 
 
 class BackendSettings(BaseModel):

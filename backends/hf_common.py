@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, StopCheck
+from backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, PromptTooLong, StopCheck
 
 STREAM_TIMEOUT_S = 600.0
 
@@ -204,7 +204,7 @@ class HFBackend(Backend):
 
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
     if context and prompt_tokens >= context:
-        raise BackendError(
+        raise PromptTooLong(
             f"The prompt is {prompt_tokens} tokens but the model takes at most {context}. "
             "Shorten the chat (start a new one or delete old messages) or raise max_context.")
 

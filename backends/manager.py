@@ -73,6 +73,8 @@ class Event:
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    # with an error: context_length_exceeded, model_not_loaded, backend_crashed, backend_error
+    code: str | None = None
 
 
 class WorkerProcess:
@@ -480,7 +482,8 @@ class BackendManager:
                 yield Event("queued", position=position)
             worker = self._worker
             if worker is None or not worker.alive or not self.state.ready:
-                yield Event("done", finish_reason="error", error=self.not_ready_message())
+                yield Event("done", finish_reason="error", error=self.not_ready_message(),
+                            code="model_loading" if self.state.status == "loading" else "model_not_loaded")
                 return
             gen.backend = self.state.backend
             gen.model = self.state.info.get("model_name")
@@ -499,6 +502,7 @@ class BackendManager:
         q: Queue[dict] = Queue()
         with worker.lock:
             worker.streams[gen.id] = q
+        finished = False
         try:
             gen.started = True
             worker.send({"op": "generate", "id": gen.id, "request": gen.request.model_dump()})
@@ -513,15 +517,18 @@ class BackendManager:
                     self.history.append(usage)
                     self.plugins.emit("generation_finished", backend=gen.backend, user=gen.user,
                                       finish_reason=msg["finish_reason"], usage=usage)
-                    yield Event("done", finish_reason=msg["finish_reason"], usage=usage, error=msg["error"])
+                    finished = True
+                    yield Event("done", finish_reason=msg["finish_reason"], usage=usage, error=msg["error"],
+                                code=msg.get("code"))
                     return
                 elif msg["op"] == "exit":
-                    yield Event("done", finish_reason="error", error=(
+                    finished = True
+                    yield Event("done", finish_reason="error", code="backend_crashed", error=(
                         f"The {worker.entry.name} backend process {worker.exit_description()} while "
                         "generating. What was written so far is kept; load the model again to continue."))
                     return
         except GeneratorExit:
-            if worker.alive:
+            if worker.alive and not finished:
                 try:
                     worker.send({"op": "cancel", "id": gen.id})
                 except BackendError:

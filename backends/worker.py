@@ -10,7 +10,8 @@ Started by ``BackendManager`` as ``python -m backends.worker --address A --backe
     worker -> host: {"op": "progress", "stage", "done", "total", "unit"}
                     {"op": "loaded", "info": {...}} / {"op": "load_error", "message": str}
                     {"op": "chunk", "id", "text", "tokens"}
-                    {"op": "done", "id", "finish_reason", "usage": {...}, "error": str|None}
+                    {"op": "done", "id", "finish_reason", "usage": {...}, "error": str|None,
+                     "code": str|None}   # BackendError.code, e.g. context_length_exceeded
                     {"op": "stats", "stats": {...}}
                     {"op": "perplexity", "value": float|None, "unsupported": bool, "error": str|None}
 
@@ -157,7 +158,7 @@ class Worker:
         first = last = None
         completion = 0
         prompt_tokens = None
-        finish, error = None, None
+        finish, error, code = None, None, None
         try:
             for chunk in self.backend.generate(request, lambda: gen_id in self.cancelled):
                 now = time.perf_counter()
@@ -173,10 +174,10 @@ class Worker:
                     finish, error = chunk.finish_reason, chunk.error
                     break
         except BackendError as exc:
-            finish, error = "error", str(exc)
+            finish, error, code = "error", str(exc), exc.code
         except Exception as exc:
             logger.exception("generate failed")
-            finish, error = "error", describe_crash(exc)
+            finish, error, code = "error", describe_crash(exc), "backend_error"
         if finish is None:
             finish = "cancelled" if gen_id in self.cancelled else "stop"
         self.cancelled.discard(gen_id)
@@ -189,7 +190,8 @@ class Worker:
             "total_s": time.perf_counter() - started,
         }
         self.last_usage = usage
-        self.send({"op": "done", "id": gen_id, "finish_reason": finish, "usage": usage, "error": error})
+        self.send({"op": "done", "id": gen_id, "finish_reason": finish, "usage": usage, "error": error,
+                   "code": code})
 
     def perplexity(self, text: str) -> dict[str, Any]:
         """The loaded model's perplexity on ``text``; ``unsupported`` when the backend cannot score."""

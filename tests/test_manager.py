@@ -160,3 +160,28 @@ def test_worker_runs_under_the_interpreter_the_backend_asks_for(manager, tmp_pat
     assert collect(manager.generate(chat("still works")))[0] == "still works"
     with pytest.raises(BackendError, match="did not start"):
         manager.load("fake", {"python": str(tmp_path / "no-such-python")})
+
+
+def test_a_consumer_that_stops_reading_after_done_frees_the_queue(manager):
+    manager.load("fake", {})
+    it = iter(manager.generate(chat("one two")))
+    for ev in it:
+        if ev.kind == "done":
+            break
+    closer = threading.Thread(target=it.close)
+    closer.start()
+    closer.join(10)  # it must not wait for a second 'done' that never comes
+    assert not closer.is_alive()
+    assert manager.stats()["queue_length"] == 0
+    assert collect(manager.generate(chat("three")))[0] == "three"
+
+
+def test_errors_carry_a_code_the_api_can_answer_with(manager):
+    _, last = collect(manager.generate(chat("hello")))
+    assert last.code == "model_not_loaded"
+    manager.load("fake", {"context_length": 8})
+    _, last = collect(manager.generate(chat("one two three four five six seven eight nine")))
+    assert last.code == "context_length_exceeded" and "at most 8" in last.error
+    manager.load("fake", {"crash_after": 1})
+    _, last = collect(manager.generate(chat("a b c")))
+    assert last.code == "backend_crashed"

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from backends.api import GenerateRequest, Message, SamplingParams
 from backends.manager import BackendManager, Event, Generation
 
-# The sentence a backend raises when a prompt does not fit (backends.hf_common.check_prompt_fits,
-# the fake backend, and a remote moechat passing it on).
+# The sentence a remote server answers when a prompt does not fit (a moechat or vLLM behind the
+# remote plugin passes it on as a plain error); local backends raise PromptTooLong.
 PROMPT_TOO_LONG = re.compile(r"The prompt is \d+ tokens")
 DISCONNECT_POLL_S = 0.5
 
@@ -316,12 +316,11 @@ def router(manager: BackendManager, options) -> APIRouter:
 
     def failure_of(event: Event) -> APIFailure:
         error = event.error or "The backend failed."
-        if PROMPT_TOO_LONG.search(error):
+        if event.code == "context_length_exceeded" or PROMPT_TOO_LONG.search(error):
             return APIFailure(400, error, code="context_length_exceeded", param="messages")
-        if error == manager.not_ready_message():
-            return APIFailure(503, error, type="server_error", code="model_not_loaded")
-        worker = manager._worker  # no public accessor yet; its ``alive`` drops before the stream hears
-        if not manager.state.ready or worker is None or not worker.alive:
+        if event.code in ("model_not_loaded", "model_loading"):
+            return APIFailure(503, error, type="server_error", code=event.code, retry=event.code == "model_loading")
+        if event.code == "backend_crashed" or not manager.state.ready:
             return APIFailure(500, error, type="server_error", code="backend_crashed")
         return APIFailure(500, error, type="server_error", code="backend_error")
 

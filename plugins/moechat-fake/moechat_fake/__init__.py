@@ -9,7 +9,7 @@ import time
 
 from pydantic import Field
 
-from backends.api import Backend, BackendError, BackendSettings, Chunk, Progress
+from backends.api import Backend, BackendError, BackendSettings, Chunk, Progress, PromptTooLong
 from backends.hookspecs import hookimpl
 
 
@@ -58,7 +58,7 @@ class FakeBackend(Backend):
     def generate(self, request, should_stop):
         prompt_tokens = self.count_prompt_tokens(request)
         if prompt_tokens >= self.settings.context_length:
-            raise BackendError(f"The prompt is {prompt_tokens} tokens but the model takes at most "
+            raise PromptTooLong(f"The prompt is {prompt_tokens} tokens but the model takes at most "
                                f"{self.settings.context_length}. Shorten the chat.")
         users = [m.content for m in request.messages if m.role == "user"]
         source = request.prompt if request.prompt is not None else (users[-1] if users else "")
