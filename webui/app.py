@@ -254,7 +254,9 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
         chatbot.edit(on_native_edit, [chat_id, system_prompt] + sampling_comps, turn_outputs, **chat_kw)
 
         def on_stop(request: gr.Request):
-            return h.stop(ctx, session_of(request))
+            line = h.stop(ctx, session_of(request))
+            # the reply's own stream says how it ended; writing "Stopping …" here could land after it
+            return line if line == h.NOTHING_TO_STOP else gr.skip()
 
         stop_btn.click(on_stop, None, notice, concurrency_limit=None, show_progress="hidden")
 

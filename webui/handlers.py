@@ -26,6 +26,7 @@ from webui.chats import ChatError, ChatStore, StoredMessage, reply_note
 SAVE_EVERY_S = 0.3            # a streaming reply is written to the database at least this often
 STATS_REFRESH_S = 2.0         # backend stats are asked of the worker at most this often
 GiB = 1024**3
+NOTHING_TO_STOP = "Nothing to stop."
 
 
 @dataclass
@@ -272,7 +273,7 @@ def stop(ctx: Context, session: str) -> str:
     with ctx.lock:
         gen = ctx.sessions.get(session)
     if gen is None:
-        return "Nothing to stop."
+        return NOTHING_TO_STOP
     gen.stop()
     return "Stopping …"
 
@@ -523,7 +524,8 @@ def fmt_value(key: str, value: Any) -> str:
         return f"{value:.3g}"
     if isinstance(value, int) and key.endswith("bytes"):
         return fmt_bytes(value)
-    return str(value)
+    text = str(value).replace("|", "/").replace("\n", " ")
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def speed_history(ctx: Context, last: int = 20) -> list[dict[str, Any]]:
