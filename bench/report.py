@@ -28,6 +28,8 @@ FULL_MODEL = "synthetic:qwen3-next-80b-a3b"
 
 
 def load_runs(folder: Path) -> list[dict[str, Any]]:
+    """Every run in ``folder``: ``moechat bench`` JSON files (one run or a list), and the
+    engine-level files of bench/moe_offload_gpu.py, converted to the same fields."""
     runs = []
     for path in sorted(folder.glob("*.json")):
         try:
@@ -35,11 +37,68 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
         except ValueError:
             print(f"skipping {path}: not JSON", file=sys.stderr)
             continue
-        for run in data if isinstance(data, list) else [data]:
-            if isinstance(run, dict) and run.get("schema") and run.get("backend"):
-                run["_file"] = path.name
-                runs.append(run)
+        if isinstance(data, dict) and data.get("benchmark") == "bench/moe_offload_gpu.py":
+            found = from_moe_offload_gpu(data, path.name)
+        else:
+            found = [r for r in (data if isinstance(data, list) else [data])
+                     if isinstance(r, dict) and r.get("schema") and r.get("backend")]
+        for run in found:
+            run["_file"] = path.name
+            runs.append(run)
     return runs
+
+
+def _one(value: float | None) -> dict[str, Any]:
+    return {"median": value, "min": value, "max": value, "values": [] if value is None else [value]}
+
+
+def from_moe_offload_gpu(data: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Runs of bench/moe_offload_gpu.py (the moe-offload engine driven directly, and its
+    transformers-bnb4 baseline from a random checkpoint) in ``moechat bench``'s fields. Runs at
+    reduced depth had their budget scaled from 24 GB; they are listed under that card size."""
+    env = data.get("environment") or {}
+    machine = {"gpus": [{"name": data.get("card") or env.get("gpu", "?"),
+                         "total_bytes": int((env.get("gpu_total_gb") or 0) * GiB)}],
+               "cpu": env.get("cpu", f"{env.get('cpu_count', '?')} cores"), "cpu_count": env.get("cpu_count"),
+               "host_total_bytes": int((env.get("host_ram_gb") or 0) * GiB), "bandwidth": {}}
+    base = {"schema": "moe_offload_gpu", "date": str(data.get("date_utc") or env.get("date_utc", "")),
+            "git_commit": data.get("commit") or env.get("commit"), "git_dirty": False, "machine": machine,
+            "full_layers": 48, "ttft_s": _one(None), "load_time_s": None, "plan_check": None,
+            "source": f"bench/moe_offload_gpu.py ({name})"}
+    labels = {"moe_offload_48_layers": "moe-offload (engine)",
+              "moe_offload_48_layers_uniform_routing": "moe-offload (engine, uniform routing)"}
+    out = []
+    for key, section in data.items():
+        if not isinstance(section, dict) or not key.startswith(("moe_offload_", "transformers_bnb4_")):
+            continue
+        layers = section.get("layers") or 48
+        if key.startswith("transformers_bnb4_"):
+            runs = [dict(section, vram_budget_gb=section.get("gpu_memory_gb"))] if "decode_tok_s" in section else []
+            backend = "transformers-bnb4 (random checkpoint)"
+        else:
+            runs = section.get("runs") or []
+            backend = labels.get(key, "moe-offload (engine" + (", without fla" if "without_fla" in key else "") + ")")
+        for r in runs:
+            applied = r.get("vram_budget_gb")
+            budget = applied if layers == 48 else 24.0  # reduced-depth runs: scaled from 24 GB
+            dec, pre = r.get("decode_tok_s"), r.get("prefill_tok_s")
+            model = FULL_MODEL if layers == 48 else f"{FULL_MODEL}?layers={layers}"
+            run = dict(base, backend=backend, model=model, layers=layers,
+                       vram_budget_gb=budget, vram_budget_applied_gb=applied, decode_tok_s=_one(dec),
+                       prefill_tok_s=_one(pre),
+                       peak_gpu_bytes=int(r["gpu_peak_allocated_gb"] * GiB) if r.get("gpu_peak_allocated_gb") else None,
+                       peak_host_bytes=int((r.get("host_peak_gb") or section.get("host_peak_gb") or 0) * GiB) or None,
+                       backend_stats={k: r[k] for k in ("cache_share", "decode_hit_rate", "pcie_mb_per_token")
+                                      if k in r},
+                       extrapolated=None)
+            if layers < 48:
+                run["extrapolated"] = {
+                    "layers": 48, "decode_tok_s": dec * layers / 48 if dec else None,
+                    "prefill_tok_s": pre * layers / 48 if pre else None, "ttft_s": None,
+                    "note": (f"Measured with {layers} of 48 layers at full width and a budget of {applied} GB "
+                             f"(24 GB scaled to the depth); time per token scaled by 48/{layers}.")}
+            out.append(run)
+    return out
 
 
 def card_of(run: dict[str, Any]) -> str:
@@ -52,6 +111,23 @@ def decode_full_depth(run: dict[str, Any]) -> float | None:
     if ext and ext.get("decode_tok_s"):
         return ext["decode_tok_s"]
     return (run.get("decode_tok_s") or {}).get("median")
+
+
+# For runs that did not measure the machine (bench/moe_offload_gpu.py): the lent H200 machine as
+# FACTS.md measured it (pinned host-to-device 54.7 GB/s, CPU copy 50 GB/s) and the card's rated
+# memory bandwidth. Shown as such in the report.
+KNOWN_BANDWIDTH = {
+    "NVIDIA H200": {"gpu_copy_gb_s": 4800.0, "cpu_copy_gb_s": 50.0, "h2d_pinned_gb_s": 54.7,
+                    "source": "FACTS.md's measurements of the lent H200 machine and the H200's rated 4.8 TB/s"},
+}
+
+
+def bandwidth_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    for r in reversed(runs):
+        bw = r.get("machine", {}).get("bandwidth") or {}
+        if bw.get("gpu_copy_gb_s") and bw.get("cpu_copy_gb_s"):
+            return bw
+    return KNOWN_BANDWIDTH.get(card_of(runs[-1]), {}) if runs else {}
 
 
 def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float | None:
@@ -82,6 +158,8 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
 
 
 def fmt(v: Any, spec: str = "{:.2f}") -> str:
+    if isinstance(v, (int, float)) and spec == "{:.2f}" and 0 < abs(v) < 0.1:
+        return f"{v:.2g}"  # small speeds keep two significant digits
     return spec.format(v) if isinstance(v, (int, float)) else "-"
 
 
@@ -128,22 +206,27 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 5.5), squeeze=False)
     for ax, (card, runs) in zip(axes[0], sorted(groups.items())):
         budgets = sorted({r.get("vram_budget_gb") or 0 for r in runs})
         backends = sorted({r["backend"] for r in runs})
         width = 0.8 / max(len(backends), 1)
         for j, backend in enumerate(backends):
-            xs, ys = [], []
+            labelled_backend = False
             for i, b in enumerate(budgets):
-                vals = [decode_full_depth(r) for r in runs if r["backend"] == backend and (r.get("vram_budget_gb") or 0) == b]
-                vals = [v for v in vals if v]
-                if vals:
-                    xs.append(i - 0.4 + width * (j + 0.5))
-                    ys.append(vals[-1])
-            bars = ax.bar(xs, ys, width, label=backend)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        bw = runs[-1].get("machine", {}).get("bandwidth", {})
+                # the run closest to the full depth (measured beats extrapolated), then the latest
+                found = [r for r in runs if r["backend"] == backend and (r.get("vram_budget_gb") or 0) == b
+                         and decode_full_depth(r)]
+                if not found:
+                    continue
+                best = max(found, key=lambda r: (r.get("layers") or 0, r.get("date") or ""))
+                value = decode_full_depth(best)
+                bars = ax.bar([i - 0.4 + width * (j + 0.5)], [value], width, color=f"C{j}",
+                              hatch="//" if best.get("extrapolated") else None, edgecolor="white",
+                              label=None if labelled_backend else backend)
+                labelled_backend = True
+                ax.bar_label(bars, labels=[f"{value:.2g}" if value < 10 else f"{value:.1f}"], fontsize=7)
+        bw = bandwidth_of(runs)
         labelled = False
         for i, b in enumerate(budgets):
             bound = physical_bound(b, bw) if b else None
@@ -156,8 +239,8 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
         ax.set_ylabel("decode tok/s, batch 1 (48 layers)")
         ax.set_yscale("log")
         models = sorted({r.get("model", "").split("?")[0] for r in runs})
-        ax.set_title(f"{card}\n{', '.join(models)}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{card}\n{', '.join(models)}; hatched: extrapolated from fewer layers", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.suptitle("Decode speed per backend and VRAM budget (batch 1, at the model's full depth)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -173,9 +256,11 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
         "# Benchmarks",
         "",
         "Generated by `python bench/report.py` from the runs in `bench/results/`; do not edit by hand.",
-        "Each run is one `moechat bench` (see docs/benchmarks.md for what is measured and how). Models named",
-        "`synthetic:` have the real shapes and random weights; runs with fewer layers than the model keep",
-        "every width, and their full-depth decode speed is extrapolated (time per token x 48 / layers).",
+        "Each run is one `moechat bench` (see docs/benchmarks.md for what is measured and how), or one run of",
+        "`bench/moe_offload_gpu.py` (the moe-offload engine driven directly, said so under its card). Models",
+        "named `synthetic:` have the real shapes and random weights; runs with fewer layers than the model",
+        "keep every width, and their full-depth decode speed is extrapolated (time per token x 48 / layers).",
+        "Budgets are GiB of GPU memory, enforced in the process (see docs/benchmarks.md).",
         "",
     ]
     if not runs:
@@ -191,13 +276,18 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
             lines += _failures(failed.get(card, []))
             continue
         lines += [machine_line(rs), ""]
-        bw = rs[-1].get("machine", {}).get("bandwidth", {})
+        bw = bandwidth_of(rs)
         bounds = [(b, physical_bound(b, bw)) for b in sorted({r.get("vram_budget_gb") for r in rs if r.get("vram_budget_gb")})]
         bounds = [(b, v) for b, v in bounds if v]
         if bounds:
             lines += ["Physical bound for batch-1 decode on this machine with int4 experts: " + "; ".join(
-                f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + ".", ""]
+                f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + "."
+                      + (f" Bandwidths from {bw['source']}." if bw.get("source") else ""), ""]
         lines += [table(rs), ""]
+        sources = sorted({r["source"] for r in rs if r.get("source")})
+        if sources:
+            lines += ["Runs not made by `moechat bench`: " + "; ".join(sources) + " (the engine driven directly; "
+                      "its own JSON has every detail).", ""]
         notes = sorted({r["extrapolated"]["note"] for r in rs if r.get("extrapolated")})
         checks = sorted({f"{r['backend']}: {r['plan_check']}" for r in rs if r.get("plan_check")})
         for n in notes + checks:

@@ -181,3 +181,30 @@ def test_physical_bound_follows_the_cached_share():
     # FACTS.md: experts on the CPU, memory-bound, int4: 77 to 116 tok/s on a 60-80 GB/s desktop
     assert 60 < b16 < b24 < 130
     assert physical_bound(24, {"cpu_copy_gb_s": 35.0}) is None   # no GPU bandwidth: no bound
+
+
+def test_report_reads_the_moe_offload_engine_files(tmp_path):
+    """bench/moe_offload_gpu.py writes its own JSON; the report shows its runs under the card,
+    with the 4-layer ones extrapolated and the machine's bound from FACTS.md for that card."""
+    data = {
+        "benchmark": "bench/moe_offload_gpu.py", "card": "NVIDIA H200", "commit": "a" * 40,
+        "date_utc": "2026-11-27 22:58", "environment": {"gpu": "NVIDIA H200", "gpu_total_gb": 139.8,
+                                                        "host_ram_gb": 125.9, "cpu_count": 16},
+        "moe_offload_48_layers": {"layers": 48, "host_peak_gb": 39.0, "runs": [
+            {"vram_budget_gb": 16.0, "decode_tok_s": 8.45, "prefill_tok_s": 428.7, "cache_share": 0.25,
+             "gpu_peak_allocated_gb": 14.45, "host_peak_gb": 39.0}]},
+        "transformers_bnb4_4_layers": {"layers": 4, "gpu_memory_gb": 3.06, "decode_tok_s": 0.0578,
+                                       "prefill_tok_s": 3.89, "gpu_peak_allocated_gb": 1.74, "host_peak_gb": 36.1},
+    }
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "moe_offload_gpu_h200.json").write_text(json.dumps(data))
+    out, chart = tmp_path / "B.md", tmp_path / "c.png"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(results), "--out", str(out),
+                    "--chart", str(chart)], check=True, capture_output=True, timeout=120)
+    text = out.read_text()
+    assert "## NVIDIA H200" in text and "Physical bound for batch-1 decode on this machine" in text
+    assert "| moe-offload (engine) | synthetic:qwen3-next-80b-a3b | 16 GB | 8.45 (8.45-8.45) | 8.45 |" in text
+    assert ("| transformers-bnb4 (random checkpoint) | synthetic:qwen3-next-80b-a3b, 4 of 48 layers | 24 GB "
+            "| 0.058 (0.058-0.058) | 0.0048 (extrapolated) |") in text
+    assert chart.read_bytes()[:4] == b"\x89PNG"
