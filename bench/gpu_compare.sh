@@ -3,7 +3,7 @@
 # (moe-offload, transformers-bnb4, transformers, vllm when its interpreter is there), on
 # Qwen3-Next-80B-A3B's shapes (random weights, LAYERS of 48 layers at full width, extrapolated to
 # 48), at 16 and 24 GB VRAM budgets (enforced in the worker). Writes one JSON per run to
-# bench/results/ and regenerates BENCHMARKS.md and bench/chart.png.
+# bench/results/compare-DATE-CARD/ and regenerates BENCHMARKS.md and bench/chart.png.
 #
 #   bench/gpu_compare.sh                   # from the repository root
 #   BACKENDS="moe-offload transformers" LAYERS=4 bench/gpu_compare.sh
@@ -55,6 +55,9 @@ fi
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
 stamp=$(date -u +%Y%m%d-%H%M)
+# one folder per comparison (bench/results/*moe* files belong to bench/moe_offload_gpu.py)
+OUT="$OUT/compare-${stamp}-${card}"
+mkdir -p "$OUT"
 "$PY" -m webui.cli plugins
 if [ -z "$BACKENDS" ]; then  # every backend that can run here, but the test and remote ones
   BACKENDS=$("$PY" -m webui.cli plugins --json | "$PY" -c "
@@ -77,7 +80,7 @@ json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=$LAYERS',
 
 for budget in $BUDGETS; do
   for backend in $BACKENDS; do
-    name="$OUT/${stamp}-${card}-${backend}-${budget}gb.json"
+    name="$OUT/${backend}-${budget}gb.json"
     elapsed=$(( $(date +%s) - start ))
     if [ $(( elapsed + PER_RUN_S )) -gt "$TOTAL_S" ]; then
       echo "== $backend at ${budget} GB: skipped, the ${TOTAL_S} s budget is used up"
@@ -95,5 +98,5 @@ for budget in $BUDGETS; do
     fi
   done
 done
-"$PY" bench/report.py --results "$OUT"
+"$PY" bench/report.py
 echo "gpu_compare.sh: done in $(( $(date +%s) - start )) s; results in $OUT"

@@ -31,7 +31,7 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
     """Every run in ``folder``: ``moechat bench`` JSON files (one run or a list), and the
     engine-level files of bench/moe_offload_gpu.py, converted to the same fields."""
     runs = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except ValueError:
@@ -43,7 +43,7 @@ def load_runs(folder: Path) -> list[dict[str, Any]]:
             found = [r for r in (data if isinstance(data, list) else [data])
                      if isinstance(r, dict) and r.get("schema") and r.get("backend")]
         for run in found:
-            run["_file"] = path.name
+            run["_file"] = str(path.relative_to(folder))
             runs.append(run)
     return runs
 
