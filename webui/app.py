@@ -1,7 +1,9 @@
 """The web page: layout and event wiring only. What the buttons do lives in webui.handlers
 (plain functions over the BackendManager and the ChatStore); the settings forms come from
-webui.forms; the model-folder list from webui.models."""
+webui.forms; the model-folder list from webui.models.
 
+No ``from __future__ import annotations`` here: Gradio reads the handlers' annotations
+(``gr.Request``, ``gr.SelectData``) at wiring time, and ``gr`` is imported inside build_ui."""
 
 import time
 from typing import Any
