@@ -270,3 +270,24 @@ def test_a_second_family_runs_through_its_adapter_alone(tmp_path):
         assert (eng.forward(ids)[0] - ref_logits(ref, ids)).abs().max().item() <= TOL
     want = ref.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, ids.shape[1]:].tolist()
     assert list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 10, set())) == want
+
+
+def test_memory_plan_for_the_80b_model_on_a_24_gb_card():
+    from backends.machine import Gpu, Machine
+    from backends.modelinfo import ModelInfo
+    from backends.moe_offload import MoeOffloadBackend
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "backends/moe_offload/qwen3_next_80b.json").read_text())
+    info = ModelInfo(path="x", model_type="qwen3_next", architecture="Qwen3NextForCausalLM", param_count=int(79.7e9),
+                     weight_bytes=int(159e9), dtype="bfloat16", quantization=None, quantization_config=None,
+                     num_layers=48, num_experts=512, experts_per_token=10, context_length=262144, config=cfg)
+    machine = Machine(gpus=[Gpu(0, "card", 24 * 1024**3, 0)], host_total=128 * 1024**3,
+                      host_available=120 * 1024**3, cpu_count=16)
+    plan = MoeOffloadBackend.plan(info, MoeOffloadBackend.Settings(vram_budget_gb=24), machine)
+    assert plan.fits
+    assert 39e9 < plan.host_bytes < 42e9            # int4 experts: about 40 GB (FACTS.md)
+    assert plan.gpu_bytes <= 24 * 1024**3
+    cache = next(i for i in plan.items if i.what == "GPU expert cache")
+    assert "of 512 experts per layer" in cache.note
+    fp16 = MoeOffloadBackend.plan(info, MoeOffloadBackend.Settings(expert_format="none"), machine)
+    assert not fp16.fits and any("int4" in a for a in fp16.advice)
