@@ -10,6 +10,8 @@
 #
 # Each run is stopped after PER_RUN_S seconds, and a run that could not finish before TOTAL_S is
 # not started; both are recorded as failures, so the whole set stays under 10 minutes.
+# The backends that stream offloaded weights through accelerate (SLOW, seconds per token at 4
+# layers on an H200) run at SLOW_LAYERS layers with a short prompt, a few tokens, no warm-up.
 #
 # Needs: torch with CUDA, transformers, accelerate, and moechat's own small dependencies
 # (pluggy, loguru, pydantic, psutil, platformdirs, tokenizers; bitsandbytes for transformers-bnb4;
@@ -26,6 +28,8 @@ GEN=${GEN:-12}
 REPEAT=${REPEAT:-2}
 PER_RUN_S=${PER_RUN_S:-120}
 TOTAL_S=${TOTAL_S:-560}
+SLOW=${SLOW:-"transformers transformers-bnb4"}
+SLOW_LAYERS=${SLOW_LAYERS:-2}
 WHEELS=${WHEELS:-shared/wheels}
 OUT=${OUT:-bench/results}
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -69,14 +73,15 @@ print(' '.join(sorted(names, key=lambda n: order.index(n) if n in order else len
 fi
 echo "backends: $BACKENDS; budgets: $BUDGETS GB; $LAYERS of 48 layers"
 
-record_failure() {  # FILE BACKEND BUDGET SENTENCE
+record_failure() {  # FILE BACKEND BUDGET LAYERS SENTENCE
   "$PY" -c "
 import json, sys
 from webui.commands.bench import failure_record
-path, backend, budget, sentence = sys.argv[1:]
-json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=$LAYERS', float(budget), sentence),
+path, backend, budget, layers, sentence = sys.argv[1:]
+json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=' + layers, float(budget), sentence),
           open(path, 'w'), indent=2)" "$@"
 }
+layers_of() { case " $SLOW " in *" $1 "*) echo "$SLOW_LAYERS" ;; *) echo "$LAYERS" ;; esac; }
 
 for budget in $BUDGETS; do
   for backend in $BACKENDS; do
@@ -84,17 +89,20 @@ for budget in $BUDGETS; do
     elapsed=$(( $(date +%s) - start ))
     if [ $(( elapsed + PER_RUN_S )) -gt "$TOTAL_S" ]; then
       echo "== $backend at ${budget} GB: skipped, the ${TOTAL_S} s budget is used up"
-      record_failure "$name" "$backend" "$budget" "Not run: the comparison's ${TOTAL_S} s were used up."
+      record_failure "$name" "$backend" "$budget" "$(layers_of "$backend")" "Not run: the comparison's ${TOTAL_S} s were used up."
       continue
     fi
-    echo "== $backend at ${budget} GB (${elapsed} s so far)"
+    shape=(--layers "$LAYERS" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT")
+    case " $SLOW " in
+      *" $backend "*) shape=(--layers "$SLOW_LAYERS" --prompt-tokens 16 --gen-tokens 3 --repeat 1 --warmup 0) ;;
+    esac
+    echo "== $backend at ${budget} GB: ${shape[*]} (${elapsed} s so far)"
     timeout --signal=TERM --kill-after=10 "$PER_RUN_S" "$PY" -m webui.cli bench --backend "$backend" \
-      --model synthetic:qwen3-next-80b-a3b --layers "$LAYERS" --vram-budget-gb "$budget" \
-      --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT" --no-progress --json "$name"
+      --model synthetic:qwen3-next-80b-a3b --vram-budget-gb "$budget" "${shape[@]}" --no-progress --json "$name"
     rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
       echo "   $backend at ${budget} GB took more than ${PER_RUN_S} s; stopped."
-      record_failure "$name" "$backend" "$budget" "Stopped after ${PER_RUN_S} s without finishing."
+      record_failure "$name" "$backend" "$budget" "$(layers_of "$backend")" "Stopped after ${PER_RUN_S} s without finishing."
     fi
   done
 done

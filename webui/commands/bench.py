@@ -1,6 +1,6 @@
 """``moechat bench``: measure a backend the same way as every other one.
 
-Loads through the real BackendManager and worker process, then runs one warm-up and
+Loads through the real BackendManager and worker process, then runs ``--warmup`` warm-ups and
 ``--repeat`` generations of ``--gen-tokens`` tokens after a ``--prompt-tokens`` prompt, and
 reports load time, time to first token, prefill and decode speed (median, min, max), peak GPU
 memory (torch's peak allocation in the worker), peak host memory of the worker (its VmHWM),
@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
                    help="behave like a card with this many GiB (the cap is enforced in the worker)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens to generate per run (default 32)")
-    p.add_argument("--repeat", type=int, default=3, help="measured runs after one warm-up (default 3)")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs after the warm-up (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1; 0 for very slow backends)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend setting (repeatable)")
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the results as JSON")
@@ -240,6 +241,8 @@ def measure(args) -> dict[str, Any]:
                         ("--repeat", args.repeat)):
         if value < 1:
             raise BackendError(f"{name} must be at least 1.")
+    if args.warmup < 0:
+        raise BackendError("--warmup must be 0 or more.")
 
     manager = BackendManager(get_plugin_manager())
     backends = manager.backends()
@@ -257,7 +260,7 @@ def measure(args) -> dict[str, Any]:
     settings = derive_settings(entry, model, given, budget, context)
 
     bar = Bar(args.no_progress)
-    steps = args.repeat + 2  # load, warm-up, runs
+    steps = args.repeat + args.warmup + 1  # load, warm-ups, runs
 
     def on_progress(p) -> None:
         frac = (p.done / p.total) if p.total else 0.0
@@ -272,8 +275,9 @@ def measure(args) -> dict[str, Any]:
         load_wall = time.perf_counter() - started
         text = prompt_text(model_spec, args.prompt_tokens)
         runs: list[dict[str, Any]] = []
-        for i in range(args.repeat + 1):
-            bar.show("warm-up" if i == 0 else f"run {i} of {args.repeat}", (1 + i) / steps)
+        for i in range(args.warmup + args.repeat):
+            warmup = i < args.warmup
+            bar.show("warm-up" if warmup else f"run {i - args.warmup + 1} of {args.repeat}", (1 + i) / steps)
             request = GenerateRequest(prompt=text, sampling=SamplingParams(
                 temperature=0.0, max_new_tokens=args.gen_tokens, seed=0))
             usage, error = {}, None
@@ -282,7 +286,7 @@ def measure(args) -> dict[str, Any]:
                     usage, error = ev.usage, ev.error
             if error:
                 raise BackendError(f"Generation failed: {error}")
-            runs.append(dict(usage, warmup=(i == 0)))
+            runs.append(dict(usage, warmup=warmup))
         bar.show("done", 1.0)
         stats = manager.stats()
         backend_stats = stats.get("backend_stats", {})
@@ -311,6 +315,7 @@ def measure(args) -> dict[str, Any]:
         "prompt_tokens_requested": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "repeat": args.repeat,
+        "warmup": args.warmup,
         "load_time_s": info.get("load_time_s"),
         "load_wall_s": load_wall,
         "prompt_tokens": spread([r.get("prompt_tokens") for r in measured])["median"],
