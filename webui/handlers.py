@@ -107,6 +107,11 @@ def progress_text(manager: BackendManager) -> str:
     return "Nothing is loaded. Choose a backend and a model folder, then press Load."
 
 
+def fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 def fmt_num(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
@@ -159,10 +164,11 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
     worker = threading.Thread(target=run, daemon=True, name=f"load-{backend}")
+    started = time.monotonic()
     worker.start()
     while worker.is_alive():
         if manager.state.status == "loading":
-            yield progress_text(manager)
+            yield f"{progress_text(manager)} {fmt_duration(time.monotonic() - started)}"
         else:   # the load waits its turn behind replies already being written
             yield f"Waiting for the replies being written to finish, then loading with {backend} …"
         worker.join(poll_s)
