@@ -299,7 +299,14 @@ def measure(args) -> dict[str, Any]:
 
     measured = [r for r in runs if not r["warmup"]]
     gpus = backend_stats.get("gpus") or info.get("gpus") or []
-    peak_gpu = max((g.get("peak_allocated_bytes") or 0 for g in gpus), default=None) if gpus else None
+    # torch's peak allocation in the worker; where the worker holds no CUDA context (vLLM's front
+    # end), what nvidia-smi shows in use at the end (the engine's memory, all of the card's users)
+    if any("peak_allocated_bytes" in g for g in gpus):
+        peak_gpu, peak_gpu_source = max(g.get("peak_allocated_bytes") or 0 for g in gpus), "torch peak allocated"
+    elif gpus:
+        peak_gpu, peak_gpu_source = max(g.get("used_bytes") or 0 for g in gpus), "nvidia-smi used at the end"
+    else:
+        peak_gpu, peak_gpu_source = None, None
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -324,6 +331,7 @@ def measure(args) -> dict[str, Any]:
         "prefill_tok_s": spread([r.get("prefill_tok_s") for r in measured]),
         "decode_tok_s": spread([r.get("decode_tok_s") for r in measured]),
         "peak_gpu_bytes": peak_gpu,
+        "peak_gpu_source": peak_gpu_source,
         "peak_host_bytes": peak_host,
         "backend_stats": backend_stats,
         "load_info": state.info,
