@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from backends.api import Backend, Probe
 from backends.hf_common import HFSettings
+from backends.hookspecs import hookimpl
 from backends.manager import BackendManager
 from backends.plugins import get_plugin_manager
 from webui import forms
@@ -68,6 +70,36 @@ def test_model_folders_are_found_in_the_models_dir_and_the_hugging_face_cache_la
         ("Qwen/Tiny (Hugging Face cache)", snap),
     ]
     assert find_model_folders(tmp_path / "missing", hf_cache=False) == []
+
+
+class UnicornBackend(Backend):
+    """A backend that cannot run here."""
+
+    name = "unicorn"
+    label = "Unicorn"
+    description = "Runs on unicorns."
+
+    @classmethod
+    def probe(cls) -> Probe:
+        return Probe(False, "No unicorn is attached: attach one and restart.")
+
+
+class UnicornPlugin:
+    @staticmethod
+    @hookimpl
+    def register_backends(register):
+        register(UnicornBackend)
+
+
+def test_the_backend_list_shows_why_a_backend_cannot_run(tmp_path):
+    manager = BackendManager(get_plugin_manager([UnicornPlugin]), tmp_path)
+    choices = dict((name, label) for label, name in h.backend_choices(manager))
+    assert choices["unicorn"] == "Unicorn (unavailable: No unicorn is attached: attach one and restart.)"
+    assert choices["fake"] == "Fake: echoes your message (for tests)"
+    assert "**Not available here:** No unicorn is attached" in h.backend_help(manager, "unicorn")
+    ctx = h.Context(manager, ChatStore.in_data_dir(tmp_path))
+    assert list(h.load_steps(ctx, "", "unicorn", "", {})) == [
+        "Load failed: the unicorn backend cannot run here: No unicorn is attached: attach one and restart."]
 
 
 # ---- handlers over a real manager and the fake backend ----------------------------------------

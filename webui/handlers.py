@@ -66,7 +66,8 @@ def backend_choices(manager: BackendManager) -> list[tuple[str, str]]:
     out = []
     for name, entry in sorted(manager.backends().items()):
         probe = entry.probe()
-        label = entry.label if probe.available else f"{entry.label} (unavailable: {probe.reason})"
+        reason = probe.reason if len(probe.reason) <= 90 else probe.reason[:89].rstrip() + "…"
+        label = entry.label if probe.available else f"{entry.label} (unavailable: {reason})"
         out.append((label, name))
     return out
 
