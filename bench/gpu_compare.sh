@@ -40,9 +40,28 @@ start=$(date +%s)
 if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$WHEELS"/*.whl 2>&1 | tail -3
 fi
-# backends are found through entry points, so moechat must be installed (editable, offline)
+# backends are found through entry points, so moechat must be installed (editable, offline); where
+# pip cannot, a bare dist-info with the entry points on PYTHONPATH does the same
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import importlib.metadata as m; m.distribution('moechat')" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+fi
+if ! "$PY" -c "import importlib.metadata as m; m.distribution('moechat')" 2>/dev/null; then
+  site=$(mktemp -d /tmp/moechat-site.XXXXXX)
+  "$PY" - "$site" <<'PYEOF'
+import sys, tomllib
+from pathlib import Path
+meta = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+info = Path(sys.argv[1]) / f"moechat-{meta['version']}.dist-info"
+info.mkdir(parents=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: moechat\nVersion: {meta['version']}\n")
+lines = []
+for group, eps in meta.get("entry-points", {}).items():
+    lines.append(f"[{group}]")
+    lines += [f"{name} = {target}" for name, target in eps.items()]
+(info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+PYEOF
+  export PYTHONPATH="$site:$PYTHONPATH"
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_compare.sh: torch sees no CUDA GPU here; run it on a GPU machine." >&2
