@@ -53,22 +53,6 @@ def load_config(layers: int, experts: int | None = None):
     return Qwen3NextConfig(**d)
 
 
-def init_resident(model) -> None:
-    """Random resident weights in place, in the ranges a trained model has."""
-    import torch
-
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("A_log"):
-                p.copy_(torch.empty(p.shape, device=p.device).uniform_(1, 16).log())
-            elif n.endswith("dt_bias") or n.endswith("linear_attn.norm.weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()              # zero-centred RMSNorm weights: scale 1
-            else:
-                p.normal_(0.0, 0.02)
-
-
 def sync(dev):
     import torch
     if dev == "cuda":
@@ -79,6 +63,7 @@ def run_offload(args) -> dict:
     import torch
 
     from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+    from backends.moe_offload.build import random_resident
     from backends.moe_offload.engine import Engine, Options, Sampler
     from backends.moe_offload.store import ExpertStore
 
@@ -120,7 +105,7 @@ def run_offload(args) -> dict:
         opts = Options(expert_format="int4", device=dev, dtype=torch.bfloat16, vram_budget_gb=budget,
                        max_context=args.context, miss_policy=args.policy, cache_experts=args.cache_experts)
         t0 = time.perf_counter()
-        eng = Engine.assemble(cfg, adapter, store, opts, init_resident)
+        eng = Engine.assemble(cfg, adapter, store, opts, random_resident)
         sync(dev)
         run = {"vram_budget_gb": budget, "assemble_s": round(time.perf_counter() - t0, 1)}
         run.update({k: eng.info[k] for k in ("cache_slots_per_layer", "resident_gb", "expert_cache_gb",

@@ -17,7 +17,7 @@ from backends.api import BackendError
 
 ROOT = Path(__file__).resolve().parent.parent
 # Backends that run on a CPU-only machine and take synthetic: models. Add one here when it does.
-CPU_BACKENDS = ["transformers", "transformers-bnb4", "fake"]
+CPU_BACKENDS = ["transformers", "transformers-bnb4", "moe-offload", "fake"]
 GEN_TOKENS = 6
 REPEAT = 2
 

@@ -134,11 +134,15 @@ class MoeOffloadBackend(Backend):
 
         import torch
 
-        from backends.moe_offload.build import load_engine
+        from backends import synthetic
+        from backends.moe_offload.build import load_engine, synthetic_engine
         from backends.moe_offload.engine import Engine, Options
 
         folder = settings.model
-        if not folder:
+        is_synthetic = synthetic.is_synthetic(folder)
+        if is_synthetic:
+            folder = synthetic.tokenizer_folder(settings.model)
+        elif not folder:
             from backends.demo import demo_model_dir
             from backends.machine import data_dir
             progress(Progress("Preparing the demo model"))
@@ -167,14 +171,15 @@ class MoeOffloadBackend(Backend):
             miss_policy=settings.miss_policy, max_context=settings.max_context,
             cache_dir=Path(settings.cache_dir) if settings.cache_dir else None, cpu_threads=settings.cpu_threads)
         try:
-            self.engine = load_engine(folder, options, progress)
+            self.engine = (synthetic_engine(settings.model, options, progress) if is_synthetic
+                           else load_engine(folder, options, progress))
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError("The GPU ran out of memory while loading: lower vram_budget_gb, cache_experts "
                                "or max_context.") from exc
         own = getattr(self.engine.config, "max_position_embeddings", None)
         self.max_context = min(settings.max_context, own) if own else settings.max_context
         info = dict(self.engine.info)
-        info["model_name"] = Path(folder).name
+        info["model_name"] = settings.model if is_synthetic else Path(folder).name
         return info
 
     def _eos_ids(self) -> set[int]:

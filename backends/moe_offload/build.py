@@ -7,6 +7,7 @@ written to a disk cache, so the next load of the same folder and format reads th
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,43 @@ def load_config(folder: Path) -> Any:
     if hasattr(config, "quantization_config"):
         del config.quantization_config   # weights are dequantized or converted by us
     return config
+
+
+def random_resident(model: torch.nn.Module) -> None:
+    """Random resident weights in place, in the ranges a trained model has."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("A_log"):
+                p.copy_(torch.empty(p.shape, device=p.device).uniform_(1, 16).log())
+            elif n.endswith("dt_bias") or n.endswith("linear_attn.norm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()              # zero-centred RMSNorm weights: scale 1
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def synthetic_engine(spec: str, options: Options, progress=lambda p: None) -> Engine:
+    """An engine for a ``synthetic:`` spec (backends.synthetic): the real shapes, random weights
+    built in memory, int4 experts made as random bytes (no checkpoint, no quantization pass)."""
+    from backends import synthetic
+
+    if options.expert_format != "int4":
+        raise BackendError("Synthetic models are built with int4 experts; set expert_format to int4.")
+    t_start = time.perf_counter()
+    config = synthetic.hf_config(spec)
+    adapter = adapter_for(config.model_type)
+    shapes = adapter.shapes(config)
+    progress(Progress("Making random int4 experts in host memory"))
+    # tiny synthetic shapes are narrower than the default group; any group that divides them will do
+    group = math.gcd(options.int4_group_size, shapes.hidden, shapes.intermediate)
+    store = ExpertStore.random("int4", shapes.moe_layers, shapes.num_experts, shapes.hidden, shapes.intermediate,
+                               options.dtype, group, pin=torch.device(options.device).type == "cuda")
+    progress(Progress("Placing random resident weights"))
+    engine = Engine.assemble(config, adapter, store, options, random_resident)
+    engine.info.update({"checkpoint_format": "synthetic", "experts_from_disk_cache": False,
+                        "load_s": round(time.perf_counter() - t_start, 2), "model_type": config.model_type})
+    return engine
 
 
 def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -> Engine:
