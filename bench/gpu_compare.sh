@@ -6,6 +6,7 @@
 # bench/results/compare-DATE-CARD/ and regenerates BENCHMARKS.md and bench/chart.png.
 #
 #   bench/gpu_compare.sh                   # from the repository root
+#   MOECHAT_GIT_COMMIT=$(git rev-parse HEAD)   # set it where the copy of the tree has no .git
 #   BACKENDS="moe-offload transformers" LAYERS=4 bench/gpu_compare.sh
 #
 # Each run is stopped after PER_RUN_S seconds, and a run that could not finish before TOTAL_S is

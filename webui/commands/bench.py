@@ -75,6 +75,9 @@ def git_commit() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return None
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("MOECHAT_GIT_COMMIT"):
+        # a copy of the tree without .git (as on the lent GPU machine): the caller says which commit
+        return {"git_commit": os.environ["MOECHAT_GIT_COMMIT"], "git_dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
