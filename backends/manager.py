@@ -69,6 +69,7 @@ class Event:
 
     kind: str
     text: str = ""
+    tokens: int = 0  # generated tokens this chunk stands for
     position: int = 0
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
@@ -459,6 +460,11 @@ class BackendManager:
             if cancelled():
                 raise Cancelled("Cancelled while waiting in the queue.")
 
+    def queue_length(self) -> int:
+        """Generations, loads and unloads waiting or running."""
+        with self._turns:
+            return len(self._queue)
+
     def queue_position(self, gen: Generation) -> int:
         with self._turns:
             return self._queue.index(gen.id) if gen.id in self._queue else -1
@@ -511,7 +517,7 @@ class BackendManager:
             while True:
                 msg = q.get()
                 if msg["op"] == "chunk":
-                    yield Event("chunk", text=msg["text"])
+                    yield Event("chunk", text=msg["text"], tokens=msg["tokens"])
                 elif msg["op"] == "done":
                     usage = dict(msg["usage"], backend=gen.backend, model=gen.model)
                     self.history.append(usage)
@@ -559,7 +565,7 @@ class BackendManager:
             out["error"] = self.state.error
         if self.history:
             out["last"] = dict(self.history[-1])
-        out["queue_length"] = len(self._queue)
+        out["queue_length"] = self.queue_length()
         out["load"] = {k: v for k, v in self.state.info.items() if k not in ("gpus", "worker_rss_bytes")}
         out["memory"] = self.memory_log
         worker = self._worker

@@ -6,7 +6,8 @@ Started by ``BackendManager`` as ``python -m backends.worker --address A --backe
     host -> worker: {"op": "load", "settings": {...}}
                     {"op": "generate", "id": str, "request": {...}}
                     {"op": "cancel", "id": str}      # stop that generation at the next token
-                    {"op": "stats"} / {"op": "perplexity", "text": str} / {"op": "unload"}
+                    {"op": "stats"}   # answered at once, also while a reply streams
+                    {"op": "perplexity", "text": str} / {"op": "unload"}
     worker -> host: {"op": "progress", "stage", "done", "total", "unit"}
                     {"op": "loaded", "info": {...}} / {"op": "load_error", "message": str}
                     {"op": "chunk", "id", "text", "tokens"}
@@ -85,7 +86,8 @@ class Worker:
             self.conn.send(msg)
 
     def read_forever(self) -> None:
-        """Reader thread: cancels take effect at once, everything else queues for the main loop."""
+        """Reader thread: cancels and stats take effect at once (stats are read while a reply
+        streams), everything else queues for the main loop."""
         while True:
             try:
                 msg = self.conn.recv()
@@ -94,6 +96,8 @@ class Worker:
                 return
             if msg.get("op") == "cancel":
                 self.cancelled.add(msg["id"])
+            elif msg.get("op") == "stats":
+                self.send_quietly({"op": "stats", "stats": self.stats()})
             else:
                 self.inbox.put(msg)
 
@@ -106,8 +110,6 @@ class Worker:
                 self.load(msg["settings"])
             elif op == "generate":
                 self.generate(msg["id"], msg["request"])
-            elif op == "stats":
-                self.send({"op": "stats", "stats": self.stats()})
             elif op == "perplexity":
                 self.send({"op": "perplexity", **self.perplexity(msg["text"])})
             elif op in ("unload", "exit"):

@@ -185,3 +185,15 @@ def test_errors_carry_a_code_the_api_can_answer_with(manager):
     manager.load("fake", {"crash_after": 1})
     _, last = collect(manager.generate(chat("a b c")))
     assert last.code == "backend_crashed"
+
+
+def test_stats_answer_while_a_reply_streams(manager):
+    """Live stats on the page: the worker answers mid-reply, with the backend's own keys."""
+    manager.load("fake", {"delay_s": 0.1})
+    seen = {}
+    for ev in manager.generate(chat("one two three four five six")):
+        if ev.kind == "chunk" and ev.text.strip() == "three":
+            seen = manager.stats(timeout=2)
+            assert ev.tokens == 1
+    assert 3 <= seen["backend_stats"]["fake_tokens_generated"] < 6  # mid-reply, not after it
+    assert seen["queue_length"] == 1  # the reply still running

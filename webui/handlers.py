@@ -389,7 +389,7 @@ def run_turn(ctx: Context, user: str, session: str, chat_id: int | None, action:
                 now = time.monotonic()
                 if first_at is None:
                     first_at = now
-                chunks += 1
+                chunks += ev.tokens
                 reply += ev.text
                 if now - saved_at >= SAVE_EVERY_S or chunks == 1:
                     store.update_message(reply_id, content=reply)
@@ -452,12 +452,11 @@ def delete_message(ctx: Context, user: str, chat_id: int | None, index: int | No
 
 # ---- live stats ------------------------------------------------------------------------------
 def stats_snapshot(ctx: Context) -> dict[str, Any]:
-    """The manager's stats, asked of the worker only when it is idle and at most every
-    ``STATS_REFRESH_S`` (the worker answers between generations, never mid-reply)."""
+    """The manager's stats, asked of the worker at most every ``STATS_REFRESH_S`` (the worker
+    answers at once, also while a reply streams)."""
     now = time.monotonic()
     manager = ctx.manager
-    busy = bool(getattr(manager, "_queue", ()))
-    if now - ctx._stats_at >= STATS_REFRESH_S and not busy:
+    if now - ctx._stats_at >= STATS_REFRESH_S:
         try:
             fresh = manager.stats(timeout=3)
         except Exception as exc:
@@ -471,7 +470,7 @@ def stats_snapshot(ctx: Context) -> dict[str, Any]:
     # what changes without asking the worker: state, the last reply, the queue
     out["status"] = manager.state.status
     out["backend"] = manager.state.backend
-    out["queue_length"] = len(getattr(manager, "_queue", ()))
+    out["queue_length"] = manager.queue_length()
     if manager.history:
         out["last"] = dict(manager.history[-1])
     if manager.state.status != "ready":
