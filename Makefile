@@ -10,7 +10,7 @@ SET ?=
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test system-deps vllm-env vllm-gpu-check bench-report clean
+.PHONY: install run test system-deps vllm-env vllm-gpu-check bench-gpu bench-report clean
 
 # A machine with an NVIDIA GPU gets PyPI's CUDA build of torch; a CPU-only one gets torch 2.13.0
 # (a CPU wheel where one is provided locally, as on our CI machines).
@@ -46,6 +46,10 @@ vllm-env:
 # On a GPU machine with the vLLM environment: runs both vLLM backends and writes what it saw.
 vllm-gpu-check: install
 	$(BIN)/python scripts/vllm_gpu_check.py
+
+# The comparison set on a GPU machine (under 10 minutes): see docs/benchmarks.md.
+bench-gpu: install
+	MOECHAT_GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null) PYTHON=$(BIN)/python bash bench/gpu_compare.sh
 
 bench-report: install
 	$(BIN)/python bench/report.py
