@@ -20,7 +20,6 @@ from backends.api import (
     BackendSettings,
     Chunk,
     GenerateRequest,
-    MemoryItem,
     MemoryPlan,
     Probe,
     Progress,
@@ -58,10 +57,6 @@ class MoeOffloadSettings(BackendSettings):
                                                             "Empty: torch's default.")
 
 
-def _expert_bytes_per_param(fmt: str, group: int, dtype_bytes: int) -> float:
-    return {"int4": 0.5 + 2 / group, "fp8": 1.0 + 4 / (128 * 128)}.get(fmt, float(dtype_bytes))
-
-
 class MoeOffloadBackend(Backend):
     name = "moe-offload"
     label = "moe-offload: experts in RAM, GPU expert cache"
@@ -84,49 +79,8 @@ class MoeOffloadBackend(Backend):
 
     @classmethod
     def plan(cls, model: Any, settings: BackendSettings, machine: Any) -> MemoryPlan | None:
-        cfg = getattr(model, "config", None) or {}
-        if cfg.get("model_type") not in ("qwen3_next", "qwen3_moe"):
-            return None
-        s = settings if isinstance(settings, MoeOffloadSettings) else MoeOffloadSettings(**settings.model_dump())
-        h, i, e = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
-        layers = cfg["num_hidden_layers"]
-        sparse = cfg.get("decoder_sparse_step", 1) or 1
-        moe_layers = sum(1 for n in range(layers) if n not in (cfg.get("mlp_only_layers") or [])
-                         and (n + 1) % sparse == 0)
-        expert_params = 3 * h * i * e * moe_layers
-        total = getattr(model, "param_count", 0) or expert_params
-        gpu = bool(machine and getattr(machine, "gpus", None)) and s.device != "cpu"
-        dtype_bytes = 2 if (gpu and s.dtype != "float32") else 4
-        resident = max(total - expert_params, 0) * dtype_bytes
-        host_experts = int(expert_params * _expert_bytes_per_param(s.expert_format, s.int4_group_size, dtype_bytes))
-        head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-        attn_layers = (layers // cfg.get("full_attention_interval", 4)
-                       if cfg["model_type"] == "qwen3_next" else layers)
-        kv = attn_layers * 2 * cfg["num_key_value_heads"] * head_dim * dtype_bytes * s.max_context
-        plan = MemoryPlan(host_available=getattr(machine, "host_available", None))
-        plan.items.append(MemoryItem("routed experts", "host", host_experts,
-                                     f"{s.expert_format}, {expert_params / 1e9:.1f} B parameters"))
-        dev = "gpu" if gpu else "host"
-        plan.items.append(MemoryItem("resident weights (attention, DeltaNet, router, shared experts, embeddings)",
-                                     dev, resident))
-        plan.items.append(MemoryItem(f"KV cache for {s.max_context} tokens", dev, kv))
-        if gpu:
-            total_gpu = machine.gpu_total
-            budget = int(s.vram_budget_gb * GiB) if s.vram_budget_gb else total_gpu
-            plan.gpu_available = total_gpu
-            left = budget - resident - kv - int(2.0 * GiB)
-            per_expert = int(3 * h * i * _expert_bytes_per_param(s.expert_format, s.int4_group_size, dtype_bytes))
-            slots = s.cache_experts if s.cache_experts is not None else max(0, min(e, left // max(per_expert * moe_layers, 1)))
-            plan.items.append(MemoryItem("GPU expert cache", "gpu", slots * per_expert * moe_layers,
-                                         f"{slots} of {e} experts per layer"))
-            plan.items.append(MemoryItem("work area", "gpu", int(2.0 * GiB)))
-            if left < 0:
-                plan.advice.append("Raise vram_budget_gb or lower max_context: the resident part alone does "
-                                   "not fit the budget.")
-        if plan.host_available is not None and plan.host_bytes > plan.host_available:
-            plan.advice.append("Choose expert_format int4: the experts do not fit in host memory as "
-                               f"{s.expert_format}.")
-        return plan
+        from backends.planning import plan_moe_offload
+        return plan_moe_offload(model, settings, machine)
 
     # ---- in the worker --------------------------------------------------------------------------
     def load(self, settings: MoeOffloadSettings, progress: ProgressCallback) -> dict[str, Any]:
