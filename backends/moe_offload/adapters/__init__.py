@@ -42,13 +42,38 @@ class Adapter:
         """Tensors the model does not use (e.g. multi-token-prediction heads)."""
         return bool(self.skip_re and self.skip_re.match(name))
 
+    # The transformers classes of the family: "module:Class" under transformers.models.
+    causal_lm: str = ""
+    rotary_embedding: str = ""
+
     def shapes(self, config: Any) -> ExpertShapes:
-        raise NotImplementedError
+        """Which layers have routed experts (Qwen-style ``mlp_only_layers`` and
+        ``decoder_sparse_step``), and the expert shapes."""
+        layers = tuple(
+            i for i in range(config.num_hidden_layers)
+            if i not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0
+            and (i + 1) % getattr(config, "decoder_sparse_step", 1) == 0
+        )
+        return ExpertShapes(layers, config.num_experts, config.num_experts_per_tok,
+                            config.hidden_size, config.moe_intermediate_size)
 
     def build_resident(self, config: Any, make_experts: Callable[[int], Any]) -> Any:
         """The model on the meta device with every routed-experts module replaced by
         ``make_experts(layer_index)``."""
-        raise NotImplementedError
+        import torch
+
+        with torch.device("meta"):
+            model = _transformers_class(self.causal_lm)(config)
+        for i in self.shapes(config).moe_layers:
+            model.model.layers[i].mlp.experts = make_experts(i)
+        return model
+
+    def rebuild_buffers(self, model: Any, device: Any) -> None:
+        """Buffers that are computed, not loaded (rotary frequencies), made on ``device``."""
+        import torch
+
+        with torch.device(device):
+            model.model.rotary_emb = _transformers_class(self.rotary_embedding)(model.config)
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         return 0
@@ -56,6 +81,13 @@ class Adapter:
     def state_bytes(self, config: Any, dtype_bytes: int) -> int:
         """Per-sequence recurrent state that does not grow with context."""
         return 0
+
+
+def _transformers_class(path: str) -> Any:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"transformers.models.{module}"), name)
 
 
 def adapter_for(model_type: str) -> Adapter:

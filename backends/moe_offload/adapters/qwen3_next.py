@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
-from backends.moe_offload.adapters import Adapter, ExpertShapes
+from backends.moe_offload.adapters import Adapter
 
 
 class Qwen3NextAdapter(Adapter):
     model_types = ("qwen3_next",)
     skip_re = re.compile(r"^mtp\.")   # the multi-token-prediction layer; transformers drops it too
-
-    def shapes(self, config: Any) -> ExpertShapes:
-        layers = tuple(
-            i for i in range(config.num_hidden_layers)
-            if i not in (config.mlp_only_layers or []) and config.num_experts > 0
-            and (i + 1) % config.decoder_sparse_step == 0
-        )
-        return ExpertShapes(layers, config.num_experts, config.num_experts_per_tok,
-                            config.hidden_size, config.moe_intermediate_size)
-
-    def build_resident(self, config: Any, make_experts: Callable[[int], Any]) -> Any:
-        import torch
-        from transformers import Qwen3NextForCausalLM
-
-        with torch.device("meta"):
-            model = Qwen3NextForCausalLM(config)
-        for i in self.shapes(config).moe_layers:
-            model.model.layers[i].mlp.experts = make_experts(i)
-        return model
-
-    def rebuild_buffers(self, model: Any, device: Any) -> None:
-        import torch
-        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRotaryEmbedding
-
-        with torch.device(device):
-            model.model.rotary_emb = Qwen3NextRotaryEmbedding(model.config)
+    causal_lm = "qwen3_next.modeling_qwen3_next:Qwen3NextForCausalLM"
+    rotary_embedding = "qwen3_next.modeling_qwen3_next:Qwen3NextRotaryEmbedding"
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         attn_layers = sum(1 for t in config.layer_types if t == "full_attention")
