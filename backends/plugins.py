@@ -78,6 +78,16 @@ class Plugins:
                 self._fail(plugin_name, f"register_backends raised {type(exc).__name__}: {exc}")
         return found
 
+    def listing(self) -> list[dict]:
+        """Every backend with whether it can run here and why not, for `moechat plugins`,
+        ``GET /v1/models`` and the page."""
+        rows = []
+        for name, entry in sorted(self.backends().items()):
+            probe = entry.probe()
+            rows.append({"name": name, "label": entry.label, "plugin": entry.plugin,
+                         "available": probe.available, "reason": probe.reason})
+        return rows
+
     def backend(self, name: str) -> BackendEntry:
         backends = self.backends()
         if name not in backends:

@@ -88,7 +88,7 @@ if [ -z "$BACKENDS" ]; then  # every backend that can run here, but the test and
 import json, sys
 rows = json.load(sys.stdin)['backends']
 order = ['moe-offload', 'transformers-bnb4', 'transformers', 'vllm']
-names = [r['backend'] for r in rows if r['available'] and r['backend'] not in ('fake', 'remote')]
+names = [r['name'] for r in rows if r['available'] and r['name'] not in ('fake', 'remote')]
 print(' '.join(sorted(names, key=lambda n: order.index(n) if n in order else len(order))))")
 fi
 echo "backends: $BACKENDS; budgets: $BUDGETS GB; $LAYERS of 48 layers"

@@ -52,7 +52,7 @@ def test_builtin_backends_are_entry_points_like_any_plugin():
 
 def test_broken_plugins_are_reported_and_the_rest_still_load(site):
     listing, stderr = run_plugins_json(site)
-    names = {b["backend"] for b in listing["backends"]}
+    names = {b["name"] for b in listing["backends"]}
     assert {"transformers", "fake"} <= names
     failed = {f["plugin"]: f["error"] for f in listing["failed_plugins"]}
     assert "boom at import" in failed["exploding"]
@@ -62,11 +62,11 @@ def test_broken_plugins_are_reported_and_the_rest_still_load(site):
 
 def test_allow_list_limits_which_plugins_load(site):
     listing, _ = run_plugins_json(site, MOECHAT_PLUGINS="fake,exploding")
-    assert [b["backend"] for b in listing["backends"]] == ["fake"]
+    assert [b["name"] for b in listing["backends"]] == ["fake"]
     assert [f["plugin"] for f in listing["failed_plugins"]] == ["exploding"]
     listing, _ = run_plugins_json(site, MOECHAT_DISABLE_PLUGINS="exploding,faulty")
     assert not {"exploding", "faulty"} & {f["plugin"] for f in listing["failed_plugins"]}
-    assert "fake" in {b["backend"] for b in listing["backends"]}
+    assert "fake" in {b["name"] for b in listing["backends"]}
 
 
 def test_unavailable_backend_is_listed_with_its_reason(site):
@@ -90,7 +90,7 @@ def test_unavailable_backend_is_listed_with_its_reason(site):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: needs_gpu\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[moechat.backends]\nneeds-gpu = needs_gpu\n")
     listing, _ = run_plugins_json(site)
-    row = next(b for b in listing["backends"] if b["backend"] == "needs-gpu")
+    row = next(b for b in listing["backends"] if b["name"] == "needs-gpu")
     assert row["available"] is False and "no CUDA GPU" in row["reason"]
 
 

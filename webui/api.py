@@ -328,13 +328,8 @@ def router(manager: BackendManager, options) -> APIRouter:
     def list_models(request: Request) -> dict[str, Any]:
         caller(request)
         card = loaded_model()
-        backends = []
-        for name, entry in sorted(manager.backends().items()):
-            probe = entry.probe()
-            backends.append({"name": name, "label": entry.label, "plugin": entry.plugin,
-                             "available": probe.available, "reason": probe.reason})
         return {"object": "list", "data": [card] if card else [], "status": manager.state.status,
-                "backends": backends}
+                "backends": manager.plugins.listing()}
 
     @api.get("/models/{model_id:path}")
     def get_model(model_id: str, request: Request) -> dict[str, Any]:

@@ -11,18 +11,14 @@ def run(args) -> int:
     from backends.plugins import get_plugin_manager
 
     plugins = get_plugin_manager()
-    rows = []
-    for name, entry in sorted(plugins.backends().items()):
-        probe = entry.probe()
-        rows.append({"backend": name, "label": entry.label, "plugin": entry.plugin,
-                     "available": probe.available, "reason": probe.reason})
+    rows = plugins.listing()
     failures = [{"plugin": f.plugin, "error": f.error} for f in plugins.failures]
     if args.json:
         print(json.dumps({"backends": rows, "failed_plugins": failures}, indent=2))
         return 0
     for r in rows:
         state = "ready" if r["available"] else f"unavailable: {r['reason']}"
-        print(f"{r['backend']:<20} {r['label']:<50} [{r['plugin']}] {state}")
+        print(f"{r['name']:<20} {r['label']:<50} [{r['plugin']}] {state}")
     for f in failures:
         print(f"BROKEN plugin {f['plugin']}: {f['error']}")
     return 0
