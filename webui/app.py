@@ -104,6 +104,8 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 backend = gr.Dropdown(choices=h.backend_choices(manager), value=default_backend,
                                       label="Backend", elem_id="backend")
                 backend_info = gr.Markdown(h.backend_help(manager, default_backend), elem_id="backend-info")
+                broken = h.broken_plugins_text(manager)
+                gr.Markdown(broken, visible=bool(broken), elem_id="broken-plugins")
                 folder = gr.Dropdown(choices=folder_choices(), value=options.model or "", allow_custom_value=True,
                                      label="Model folder", elem_id="model-folder",
                                      info="Pick a folder found under the models directory or the Hugging Face "

@@ -72,6 +72,15 @@ def backend_choices(manager: BackendManager) -> list[tuple[str, str]]:
     return out
 
 
+def broken_plugins_text(manager: BackendManager) -> str:
+    """Plugins that failed to load or register, with their error; empty when there are none."""
+    failures = manager.plugins.failures
+    if not failures:
+        return ""
+    lines = [f"- **{f.plugin}**: {f.error}" for f in failures]
+    return "**Plugins that failed to load** (the others work; see `moechat plugins`):\n" + "\n".join(lines)
+
+
 def backend_help(manager: BackendManager, name: str | None) -> str:
     entry = manager.backends().get(name or "")
     if entry is None:
