@@ -155,9 +155,10 @@ class Backend:
 
     # ---- cheap, called in the app process --------------------------------------------
     @classmethod
-    def probe(cls) -> Probe:
+    def probe(cls, settings: BackendSettings | None = None) -> Probe:
         """Say whether this backend can run here. Must be fast and import nothing heavy
-        (use ``importlib.util.find_spec``)."""
+        (use ``importlib.util.find_spec``). Listing calls it without settings; a load calls it
+        with the settings about to be used (another interpreter, say), so judge those."""
         return Probe(True)
 
     @classmethod

@@ -54,7 +54,7 @@ class Bnb4Backend(HFBackend):
     Settings = Bnb4Settings
 
     @classmethod
-    def probe(cls) -> Probe:
+    def probe(cls, settings=None) -> Probe:
         from importlib.util import find_spec
         missing = [m for m in ("torch", "transformers", "accelerate", "bitsandbytes") if find_spec(m) is None]
         if missing:

@@ -302,7 +302,11 @@ class BackendManager:
         if backend not in backends:
             raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
         entry = backends[backend]
-        probe = entry.probe()
+        try:
+            parsed = entry.cls.Settings.model_validate(settings)
+        except ValidationError as exc:
+            raise BackendError(settings_error(exc)) from exc
+        probe = entry.probe(parsed)
         if not probe.available:
             raise BackendError(f"The {backend} backend cannot run here: {probe.reason}")
         with self._load_lock:

@@ -7,6 +7,7 @@ names) limits which plugins load; ``MOECHAT_DISABLE_PLUGINS`` drops some.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -38,9 +39,11 @@ class BackendEntry:
     def label(self) -> str:
         return self.cls.label or self.name
 
-    def probe(self) -> Probe:
+    def probe(self, settings: object | None = None) -> Probe:
         try:
-            return self.cls.probe()
+            if settings is not None and len(inspect.signature(self.cls.probe).parameters) >= 1:
+                return self.cls.probe(settings)
+            return self.cls.probe()  # also plugins written before probes took settings
         except Exception as exc:  # a probe must not take the listing down
             logger.opt(exception=exc).warning("probe of {} raised", self.name)
             return Probe(False, f"its availability check failed: {exc}")

@@ -31,7 +31,7 @@ class TransformersBackend(HFBackend):
     Settings = HFSettings
 
     @classmethod
-    def probe(cls) -> Probe:
+    def probe(cls, settings=None) -> Probe:
         from importlib.util import find_spec
         missing = [m for m in ("torch", "transformers", "accelerate") if find_spec(m) is None]
         if missing:

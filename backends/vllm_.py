@@ -459,8 +459,8 @@ class VllmBackend(Backend):
     info: dict[str, Any]
 
     @classmethod
-    def probe(cls) -> Probe:
-        python, source = vllm_python()
+    def probe(cls, settings: VllmSettings | None = None) -> Probe:
+        python, source = vllm_python(settings.python if settings is not None else None)
         problems = python_problems(python, source)
         gpu = gpu_problem()
         if gpu:

@@ -197,3 +197,11 @@ def test_stats_answer_while_a_reply_streams(manager):
             assert ev.tokens == 1
     assert 3 <= seen["backend_stats"]["fake_tokens_generated"] < 6  # mid-reply, not after it
     assert seen["queue_length"] == 1  # the reply still running
+
+
+def test_a_load_probes_the_settings_it_was_given(manager, tmp_path):
+    """vLLM's interpreter can be set in the form: the check at load looks at that one, not the default."""
+    missing = tmp_path / "vllm-env" / "bin" / "python"
+    with pytest.raises(BackendError) as err:
+        manager.load("vllm", {"python": str(missing)})
+    assert str(missing) in str(err.value) and "python setting" in str(err.value)

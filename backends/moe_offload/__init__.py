@@ -70,7 +70,7 @@ class MoeOffloadBackend(Backend):
         self.max_context: int | None = None
 
     @classmethod
-    def probe(cls) -> Probe:
+    def probe(cls, settings=None) -> Probe:
         from importlib.util import find_spec
         missing = [m for m in ("torch", "transformers", "safetensors") if find_spec(m) is None]
         if missing:

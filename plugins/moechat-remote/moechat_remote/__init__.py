@@ -197,7 +197,7 @@ class RemoteBackend(Backend):
     needs_model = False
 
     @classmethod
-    def probe(cls) -> Probe:
+    def probe(cls, settings=None) -> Probe:
         """httpx must be installed. When $MOECHAT_REMOTE_URL names a server, also reach it and list
         its models (the reason then says which); otherwise the server is checked at load."""
         if find_spec("httpx") is None:
