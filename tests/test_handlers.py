@@ -355,3 +355,11 @@ def test_chats_of_one_user_are_invisible_to_another_and_export_import(ctx, tmp_p
     bad.write_text("[1, 2]")
     with pytest.raises(ChatError, match="list of messages"):
         h.import_chat(ctx, "bob", str(bad))
+
+
+def test_the_plan_is_shown_before_loading_and_bad_settings_get_a_sentence(ctx):
+    preview = h.plan_preview(ctx, "transformers", "", {"device": "cpu"})
+    assert "| RAM |" in preview and "This fits." in preview
+    assert h.plan_preview(ctx, "fake", "", {}) == "The fake backend gives no memory plan for this model."
+    assert list(h.load_steps(ctx, "", "fake", "", {"delay_s": -1}))[-1].startswith(
+        "Load failed: Some settings are not valid. delay_s:")

@@ -43,6 +43,10 @@ def test_load_that_cannot_fit_shows_the_plan_sentence(small_ram_server):
         box = page.locator("#model-folder input")
         box.fill("synthetic:tiny")
         box.press("Enter")
+        page.click("#check-plan")  # the plan, before anything is loaded
+        page.locator("#plan-preview").filter(has_text="This does not fit.").first.wait_for()
+        preview = page.inner_text("#plan-preview")
+        assert "worker process" in preview and "weights" in preview
         page.click("#load")
         page.locator("#load-status").filter(has_text="This does not fit.").first.wait_for()
         shot(page, "plan-refused")

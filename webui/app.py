@@ -121,9 +121,11 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 force = gr.Checkbox(False, label="Load anyway", elem_id="force-load",
                                     info="Load even when the memory plan says it will not fit.")
                 with gr.Row():
+                    plan_btn = gr.Button("Will it fit?", elem_id="check-plan")
                     load_btn = gr.Button("Load", variant="primary", elem_id="load")
                     cancel_btn = gr.Button("Cancel load", elem_id="cancel-load")
                     unload_btn = gr.Button("Unload", elem_id="unload")
+                plan_view = gr.Markdown(elem_id="plan-preview")
                 load_status = gr.Markdown(elem_id="load-status")
                 gr.Markdown("### Live stats")
                 stats = gr.Markdown(h.stats_markdown(ctx), elem_id="stats")
@@ -190,6 +192,14 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
                 start += len(form_comps[n])
             return ()
 
+        def on_plan(name, folder_value, *values):
+            try:
+                settings = forms.collect(form_specs[name], list(values_of(name, values))) if name in form_specs else {}
+            except ValueError as exc:
+                return str(exc)
+            return h.plan_preview(ctx, name, folder_value, settings)
+
+        plan_btn.click(on_plan, [backend, folder] + all_form_comps, plan_view, show_progress="hidden")
         load_btn.click(on_load, [backend, folder, force] + all_form_comps, [load_status, model_status],
                        concurrency_limit=None, show_progress="hidden")
 

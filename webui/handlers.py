@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from pydantic import ValidationError
 
 from backends import machine
 from backends.api import BackendError, GenerateRequest, Message, SamplingParams
@@ -147,7 +148,12 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
     if entry is None:
         yield f"There is no backend named {backend!r}."
         return
-    probe = entry.probe()
+    try:
+        parsed = entry.cls.Settings.model_validate(settings)
+    except ValidationError as exc:
+        yield f"Load failed: {settings_error(exc)}"
+        return
+    probe = entry.probe(parsed)   # judged with these settings (another interpreter, say)
     if not probe.available:
         yield f"Load failed: the {backend} backend cannot run here: {probe.reason}"
         return
@@ -191,6 +197,21 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         from backends.planning import describe
         plan = manager.state.plan
         yield progress_text(manager) + (f"\n\nMemory plan: {describe(plan)}" if plan is not None else "")
+
+
+def plan_preview(ctx: Context, backend: str | None, folder: str | None, settings: dict[str, Any]) -> str:
+    """The memory plan for loading ``folder`` with ``backend`` and ``settings``, as Markdown,
+    before anything is loaded; or the sentence that says why there is none."""
+    if not backend:
+        return "Choose a backend first."
+    from backends.planning import markdown
+    try:
+        _, _, plan = ctx.manager.plan(backend, dict(settings, model=(folder or "").strip()))
+    except BackendError as exc:
+        return str(exc)
+    if plan is None:
+        return f"The {backend} backend gives no memory plan for this model."
+    return markdown(plan)
 
 
 def cancel_load(ctx: Context, user: str) -> str:
