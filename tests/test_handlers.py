@@ -363,3 +363,11 @@ def test_the_plan_is_shown_before_loading_and_bad_settings_get_a_sentence(ctx):
     assert h.plan_preview(ctx, "fake", "", {}) == "The fake backend gives no memory plan for this model."
     assert list(h.load_steps(ctx, "", "fake", "", {"delay_s": -1}))[-1].startswith(
         "Load failed: Some settings are not valid. delay_s:")
+
+
+def test_load_warnings_reach_the_person():
+    info = {"wrong_output": True, "warnings": ["Offload did not happen."], "plan_check": "Memory differs."}
+    assert h.load_warnings(info) == [
+        "this backend failed its output self-check: its replies are likely garbage.",
+        "Offload did not happen.", "Memory differs."]
+    assert h.load_warnings({}) == []

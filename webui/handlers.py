@@ -196,7 +196,20 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
     else:
         from backends.planning import describe
         plan = manager.state.plan
-        yield progress_text(manager) + (f"\n\nMemory plan: {describe(plan)}" if plan is not None else "")
+        yield (progress_text(manager) + (f"\n\nMemory plan: {describe(plan)}" if plan is not None else "")
+               + "".join(f"\n\n**Warning:** {w}" for w in load_warnings(manager.state.info)))
+
+
+def load_warnings(info: dict[str, Any]) -> list[str]:
+    """What a finished load says the person should know: memory far from the plan, offload that
+    did not happen, a backend whose output failed its self-check."""
+    out = []
+    if info.get("wrong_output"):
+        out.append("this backend failed its output self-check: its replies are likely garbage.")
+    out.extend(info.get("warnings") or [])
+    if info.get("plan_check"):
+        out.append(info["plan_check"])
+    return out
 
 
 def plan_preview(ctx: Context, backend: str | None, folder: str | None, settings: dict[str, Any]) -> str:
