@@ -6,8 +6,8 @@ except ``apply_vram_budget``, which the worker calls.
 
 The shapes come from the config alone, so a plan for an 80 B model needs no weights:
 ``model_from_config(config)`` builds the ``ModelInfo``. Each backend's ``plan`` classmethod
-delegates to one function here: ``plan_transformers``, ``plan_bnb4``, ``plan_moe_offload``,
-``plan_vllm``. After a load, ``check_after_load(plan, info)`` compares the plan with what the
+delegates to one function here: ``plan_transformers``, ``plan_bnb4``, ``plan_moe_offload``
+(vLLM's plan lives with its settings in backends/vllm_.py). After a load, ``check_after_load(plan, info)`` compares the plan with what the
 worker measured and returns a warning sentence when they differ a lot.
 
 How each number is made is written down in docs/memory-plan.md.
@@ -34,14 +34,10 @@ MiB = 1024**2
 # CPU at about 0.38 GB with the demo model; CUDA's libraries and context add about 1.5 GB).
 WORKER_HOST_CPU = int(0.5 * GB)
 WORKER_HOST_GPU = int(2.0 * GB)
-# vLLM runs an engine-core process next to the worker and keeps its own buffers.
-VLLM_HOST = int(4.0 * GB)
 # GPU memory the CUDA context and the allocator's slack take before any tensor.
 CUDA_CONTEXT = int(0.5 * GiB)
 # moe-offload's work area on the GPU (the backend reserves the same).
 MOE_OFFLOAD_WORK_AREA = int(1.5 * GiB)
-# vLLM: CUDA graphs and the sampler beyond the profiled activations.
-VLLM_GRAPHS = int(1.0 * GiB)
 # Bytes per parameter of each weight format. int4 and NF4 carry a scale per group.
 NF4_BLOCK = 64
 FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0 + 4 / (128 * 128)}
@@ -525,84 +521,6 @@ def plan_moe_offload(model: Any, settings: Any, machine: Any) -> MemoryPlan | No
                                f"{gb(s.routed_experts * int4_bytes(group))} as int4.")
         else:
             plan.advice.append("The int4 experts do not fit in host RAM: close other programs or add RAM.")
-    return plan
-
-
-# ---- vLLM --------------------------------------------------------------------------------------
-
-def plan_vllm(model: Any, settings: Any, machine: Any, *, pinned: bool | None = None) -> MemoryPlan:
-    """vLLM: weights on the GPU except ``cpu_offload_gb`` (streamed every forward; pinned offload
-    takes about 1.9 x that in host RAM unless VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1), the
-    profiled activations and CUDA graphs, then KV cache and Mamba-style state for at least one
-    sequence of ``max_model_len`` inside ``gpu_memory_utilization`` x the card."""
-    m = effective_machine(machine)
-    s = _shapes_or_none(model)
-    quant = _setting(settings, "quantization")
-    if quant in ("fp8",) and not model.quantization and s is not None:
-        weights = int(s.linear_weights * FORMAT_BYTES["fp8"]) + (s.total - s.linear_weights) * 2
-        fmt = "fp8 (quantized while loading)"
-    else:
-        weights = model.weight_bytes if model.quantization or s is None else s.total * 2
-        fmt = model.quantization or "bfloat16"
-    offload = int(_setting(settings, "cpu_offload_gb", 0) * GiB)
-    util = _setting(settings, "gpu_memory_utilization", 0.9)
-    ctx = _context(model, _setting(settings, "max_model_len") or _setting(settings, "max_context"))
-    kv_dtype = _setting(settings, "kv_cache_dtype", "auto")
-    kv_bytes = 1 if str(kv_dtype).startswith("fp8") else 2
-    kv_tok = s.kv_bytes_per_token(kv_bytes) if s else 0
-    state = s.state_bytes_per_sequence(2) if s else 0
-    batched = _setting(settings, "max_num_batched_tokens", 8192)
-    act = s.activation_bytes(min(batched, ctx), 2) if s else 0
-    if pinned is None:
-        pinned = os.environ.get("VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY") not in ("1", "true", "True")
-
-    plan = MemoryPlan(host_available=m.host_available or None)
-    plan.items.append(MemoryItem("vLLM processes (API, engine core, CUDA libraries)", "host", VLLM_HOST))
-    if offload:
-        host_offload = int(offload * (1.9 if pinned else 1.0))
-        plan.items.append(MemoryItem(f"offloaded weights (cpu_offload_gb {offload / GiB:g})", "host", host_offload,
-                                     "pinned: about 1.9 x cpu_offload_gb" if pinned else "not pinned"))
-        plan.notes.append("vLLM streams offloaded weights over PCIe on every forward: expect under 1 tok/s "
-                          "for large offloads.")
-    if not m.gpus:
-        plan.gpu_available = 0
-        plan.items.append(MemoryItem("weights on the GPU", "gpu", max(weights - offload, 0), fmt))
-        plan.advice.append("vLLM needs a CUDA GPU; use moe-offload or transformers on this machine.")
-        return plan
-    total = m.gpus[0].total
-    budget = min(int(util * total), gpu_free(m) or 0)
-    plan.gpu_available = budget
-    on_gpu = max(weights - offload, 0)
-    plan.items.append(MemoryItem("weights on the GPU", "gpu", on_gpu, fmt))
-    plan.items.append(MemoryItem(f"activations (profile run, {min(batched, ctx)} tokens)", "gpu", act))
-    plan.items.append(MemoryItem("CUDA context, CUDA graphs, sampler", "gpu", CUDA_CONTEXT + VLLM_GRAPHS))
-    if kv_tok:
-        plan.items.append(MemoryItem(f"KV cache for one sequence of {ctx} tokens (attention layers)", "gpu",
-                                     kv_tok * ctx, "vLLM gives the KV cache all that is left of the budget"))
-    if state:
-        plan.items.append(MemoryItem("Gated DeltaNet state (one sequence)", "gpu", state))
-    if plan.gpu_bytes > budget:
-        need = plan.gpu_bytes - budget
-        want = math.ceil((offload + need) / GiB)
-        host_need = VLLM_HOST + want * GiB * (1.9 if pinned else 1.0)
-        if plan.host_available is None or host_need <= plan.host_available:
-            plan.advice.append(f"Raise cpu_offload_gb to {want} (offloaded weights are slow), or use an fp8 or "
-                               "int4 checkpoint.")
-        elif pinned and VLLM_HOST + want * GiB <= plan.host_available:
-            plan.advice.append(f"Raise cpu_offload_gb to {want} and set VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 "
-                               "(pinned offload takes about 1.9 x cpu_offload_gb of RAM), or use an int4 checkpoint.")
-        else:
-            plan.advice.append(f"The {fmt} weights ({gb(weights)}) do not fit in this GPU and RAM even offloaded: "
-                               "use an fp8 or int4 checkpoint, or moe-offload.")
-        best = _largest_fitting_context(budget, plan.gpu_bytes - kv_tok * ctx, kv_tok)
-        if best and best < ctx and kv_tok * ctx > need:
-            plan.advice.append(f"Or lower max_model_len to {best} (now {ctx}).")
-    if plan.host_available is not None and plan.host_bytes > plan.host_available:
-        if pinned and offload:
-            plan.advice.append("Set VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 (pinned offload takes about "
-                               "1.9 x cpu_offload_gb of RAM), or lower cpu_offload_gb with a smaller checkpoint.")
-        else:
-            plan.advice.append("Lower cpu_offload_gb, or use an fp8 or int4 checkpoint.")
     return plan
 
 

@@ -186,28 +186,32 @@ def fp8_checkpoint(big):
 
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("ram", RAMS)
-def test_vllm_bf16_80b_cannot_fit_even_offloaded(big, card, ram):
-    plan = planning.plan_vllm(big, SimpleNamespace(max_model_len=8192), machine(card, ram))
+def test_vllm_bf16_80b_does_not_fit_and_says_what_to_do(big, card, ram):
+    from backends.vllm_ import VllmBackend
+
+    plan = VllmBackend.plan(big, VllmBackend.Settings(model=big.path, max_model_len=8192), machine(card, ram))
     assert item(plan, "weights on the GPU").bytes == TOTAL * 2
-    assert plan.gpu_available == min(int(0.9 * card * GiB), card * GiB)
-    assert not plan.fits and "do not fit in this GPU and RAM even offloaded" in planning.describe(plan)
+    assert plan.gpu_available == int(card * GiB * 0.9)           # gpu_memory_utilization 0.9
+    assert not plan.fits and "vllm-offload" in planning.describe(plan)
 
 
 @pytest.mark.parametrize("card", CARDS)
-def test_vllm_fp8_offload_pinned_memory_needs_128_gb(big, card):
+def test_vllm_fp8_offload_pinned_memory_takes_1_9x_the_offload(big, card):
+    from backends.vllm_ import VllmOffloadBackend
+
     model = fp8_checkpoint(big)
-    first = planning.plan_vllm(model, SimpleNamespace(max_model_len=8192), machine(card, 128))
-    advice = next(a for a in first.advice if a.startswith("Raise cpu_offload_gb to "))
-    offload = int(advice.split()[3])
-    settings = SimpleNamespace(max_model_len=8192, cpu_offload_gb=offload)
-    on_128 = planning.plan_vllm(model, settings, machine(card, 128), pinned=True)
-    assert item(on_128, "offloaded weights").bytes == int(offload * GiB * 1.9)
-    assert on_128.fits, planning.describe(on_128)
-    on_64 = planning.plan_vllm(model, settings, machine(card, 64), pinned=True)
-    assert not on_64.fits and "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1" in planning.describe(on_64)
-    # without pinning, 64 GB holds the offload next to a 24 GB card, not next to a 16 GB one
-    unpinned = planning.plan_vllm(model, settings, machine(card, 64), pinned=False)
-    assert unpinned.fits == (card == 24), planning.describe(unpinned)
+
+    def plan(ram, pin):
+        s = VllmOffloadBackend.Settings(model=big.path, max_model_len=8192, cpu_offload_gb=66, pin_memory=pin)
+        return VllmOffloadBackend.plan(model, s, machine(card, ram))
+
+    pinned = plan(128, True)
+    assert item(pinned, "offloaded weights").bytes == int(66 * GiB * 1.9)
+    assert pinned.gpu_bytes <= pinned.gpu_available               # 66 GiB offloaded: the GPU side fits
+    assert not pinned.fits and "Turn pin_memory off" in planning.describe(pinned)
+    unpinned = plan(128, False)
+    assert item(unpinned, "offloaded weights").bytes == 66 * GiB
+    assert unpinned.fits and not plan(64, False).fits
 
 
 # Every installed backend answers through the plugin API (Backend.plan), with its own settings.
