@@ -160,7 +160,6 @@ class ExpertStore:
             raise ValueError("random stores are int4 only")
         store = cls(fmt, layers, num_experts, hidden, intermediate, dtype, group, pin)
         g = torch.Generator().manual_seed(seed)
-        protos: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for li, layer in enumerate(layers):
             for proj in ("gate_up", "down"):
                 p = store._alloc(layer, proj)
