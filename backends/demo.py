@@ -125,6 +125,49 @@ def build_tiny_model(folder: str | os.PathLike, family: str = "qwen3_next", seed
     return folder
 
 
+def build_selfcheck_models(root: str | os.PathLike, steps: int = 100) -> tuple[Path, Path]:
+    """A tiny Llama trained on the self-check paragraph (so it scores it well) and a copy of it
+    with every weight tensor shuffled (so it scores it badly): the two sides of the output
+    self-check, for tests and for the GPU check script."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from backends.selfcheck import PARAGRAPH
+
+    root = Path(root)
+    trained = build_tiny_model(root / "trained", "llama", seed=3)
+    tok = transformers.AutoTokenizer.from_pretrained(trained)
+    model = transformers.AutoModelForCausalLM.from_pretrained(trained)
+    ids = torch.tensor([tok(PARAGRAPH, add_special_tokens=False)["input_ids"]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, and a busy box stays fast
+    try:
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(trained)
+
+    scrambled = root / "scrambled"
+    shutil.copytree(trained, scrambled)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.view(-1)
+            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
+    model.save_pretrained(scrambled)
+    return trained, scrambled
+
+
 def demo_model_dir(data_dir: Path) -> Path:
     """The demo model in ``data_dir``, created on first use."""
     folder = data_dir / "demo-model"

@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from backends import machine, selfcheck  # noqa: E402
+from backends.demo import build_selfcheck_models  # noqa: E402
 from backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
 from backends.manager import BackendManager  # noqa: E402
 from backends.plugins import get_plugin_manager  # noqa: E402
@@ -151,39 +152,6 @@ def collect(events) -> tuple[str, Any]:
             text += ev.text
         last = ev
     return text, last
-
-
-def build_trained_tiny_model(root: Path) -> tuple[Path, Path]:
-    """A tiny Llama trained on the demo corpus (it knows the self-check paragraph) and a copy of it
-    with every weight tensor shuffled."""
-    import torch
-    import transformers
-
-    from backends.demo import build_tiny_model
-
-    trained = build_tiny_model(root / "trained", "llama", seed=3)
-    tok = transformers.AutoTokenizer.from_pretrained(trained)
-    model = transformers.AutoModelForCausalLM.from_pretrained(trained)
-    ids = torch.tensor([tok(selfcheck.PARAGRAPH, add_special_tokens=False)["input_ids"]])
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(200):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(trained)
-    scrambled = root / "scrambled"
-    shutil.copytree(trained, scrambled)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            flat = p.view(-1)
-            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
-    model.save_pretrained(scrambled)
-    return trained, scrambled
 
 
 def recorded_signatures() -> Any:
@@ -399,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(args.model)
     else:
         with report.step("build a tiny model trained on the self-check paragraph") as r:
-            model, scrambled = build_trained_tiny_model(scratch)
+            model, scrambled = build_selfcheck_models(scratch, steps=200)
             r["summary"] = f"{model.name} and {scrambled.name}"
     weights = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
     offload_gb = args.offload_gb if args.offload_gb is not None else max(weights / 3 / 2**30, 0.001)

@@ -8,7 +8,6 @@ garbage: the check fails and says so. A backend that cannot score text is report
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 
@@ -22,42 +21,9 @@ TRAIN_STEPS = 100
 
 @pytest.fixture(scope="module")
 def trained_and_scrambled(tmp_path_factory):
-    """(folder of a tiny Llama trained on the demo corpus, folder of it with shuffled weights)."""
-    import torch
-    import transformers
-
-    from backends.demo import build_tiny_model
-
-    root = tmp_path_factory.mktemp("selfcheck-models")
-    trained = build_tiny_model(root / "trained", "llama", seed=3)
-    tok = transformers.AutoTokenizer.from_pretrained(trained)
-    model = transformers.AutoModelForCausalLM.from_pretrained(trained)
-    ids = torch.tensor([tok(selfcheck.PARAGRAPH, add_special_tokens=False)["input_ids"]])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, and a busy CI box stays fast
-    try:
-        torch.manual_seed(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(TRAIN_STEPS):
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-    finally:
-        torch.set_num_threads(threads)
-    model.save_pretrained(trained)
-
-    scrambled = root / "scrambled"
-    shutil.copytree(trained, scrambled)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            flat = p.view(-1)
-            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
-    model.save_pretrained(scrambled)
-    return trained, scrambled
+    """(folder of a tiny Llama trained on the paragraph, folder of it with shuffled weights)."""
+    from backends.demo import build_selfcheck_models
+    return build_selfcheck_models(tmp_path_factory.mktemp("selfcheck-models"), steps=TRAIN_STEPS)
 
 
 @pytest.fixture(scope="module")
