@@ -15,10 +15,11 @@ from backends.api import (
     Probe,
     Progress,
     SamplingParams,
+    probe_modules,
 )
 from backends.hookspecs import hookimpl
 
 __all__ = [
     "Backend", "BackendError", "BackendSettings", "Chunk", "GenerateRequest", "MemoryItem",
-    "MemoryPlan", "Message", "Probe", "Progress", "SamplingParams", "hookimpl",
+    "MemoryPlan", "Message", "Probe", "Progress", "SamplingParams", "hookimpl", "probe_modules",
 ]

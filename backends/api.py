@@ -138,6 +138,17 @@ class MemoryPlan:
         return gpu_ok and host_ok
 
 
+def probe_modules(*modules: str) -> Probe:
+    """A probe for backends that need only some Python packages: available when all of them can be
+    imported, else a reason naming the missing ones. Imports nothing."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
+    return Probe(True)
+
+
 class Backend:
     """Subclass this and hand the class to ``register(...)`` in your ``register_backends`` hook.
 

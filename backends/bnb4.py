@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import Probe, Progress, ProgressCallback
+from backends.api import Probe, Progress, ProgressCallback, probe_modules
 from backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
 from backends.hookspecs import hookimpl
 from backends.transformers_ import load_pretrained
@@ -55,11 +55,7 @@ class Bnb4Backend(HFBackend):
 
     @classmethod
     def probe(cls, settings=None) -> Probe:
-        from importlib.util import find_spec
-        missing = [m for m in ("torch", "transformers", "accelerate", "bitsandbytes") if find_spec(m) is None]
-        if missing:
-            return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
-        return Probe(True)
+        return probe_modules("torch", "transformers", "accelerate", "bitsandbytes")
 
     @classmethod
     def plan(cls, model, settings, machine):

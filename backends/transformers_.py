@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.api import BackendError, Probe, ProgressCallback, Progress
+from backends.api import BackendError, Probe, Progress, ProgressCallback, probe_modules
 from backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
 from backends.hookspecs import hookimpl
 
@@ -32,11 +32,7 @@ class TransformersBackend(HFBackend):
 
     @classmethod
     def probe(cls, settings=None) -> Probe:
-        from importlib.util import find_spec
-        missing = [m for m in ("torch", "transformers", "accelerate") if find_spec(m) is None]
-        if missing:
-            return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
-        return Probe(True)
+        return probe_modules("torch", "transformers", "accelerate")
 
     @classmethod
     def plan(cls, model, settings, machine):

@@ -25,6 +25,7 @@ from backends.api import (
     Progress,
     ProgressCallback,
     StopCheck,
+    probe_modules,
 )
 from backends.hookspecs import hookimpl
 
@@ -71,11 +72,7 @@ class MoeOffloadBackend(Backend):
 
     @classmethod
     def probe(cls, settings=None) -> Probe:
-        from importlib.util import find_spec
-        missing = [m for m in ("torch", "transformers", "safetensors") if find_spec(m) is None]
-        if missing:
-            return Probe(False, f"{', '.join(missing)} not installed: run `make install`.")
-        return Probe(True)
+        return probe_modules("torch", "transformers", "safetensors")
 
     @classmethod
     def plan(cls, model: Any, settings: BackendSettings, machine: Any) -> MemoryPlan | None:
