@@ -255,6 +255,7 @@ class BackendManager:
         self.history: deque[dict[str, Any]] = deque(maxlen=50)
         self.memory_log: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
+        self._on_progress: Callable[[Progress], None] | None = None
 
     # ---- listing ------------------------------------------------------------------------
     def backends(self) -> dict[str, BackendEntry]:
@@ -388,7 +389,7 @@ class BackendManager:
 
     def _set_progress(self, progress: Progress) -> None:
         self.state.progress = progress
-        cb = getattr(self, "_on_progress", None)
+        cb = self._on_progress
         if cb is not None:
             try:
                 cb(progress)
