@@ -300,7 +300,7 @@ def test_history_rename_search_export_import_and_delete(page, tmp_path):
 
 
 def test_loading_shows_its_stage_and_progress_and_can_be_cancelled(page):
-    load(page, "Fake", delay_s="1.5")                       # three pretend steps of 1.5 s
+    load(page, "Fake", delay_s="5")   # three pretend steps of 5 s: Cancel lands mid-load even on a busy box
     wait_text(page, "#load-status", "Pretending to load")
     assert "of 3 steps" in page.inner_text("#load-status")
     shot(page, "06c-loading")
