@@ -11,6 +11,9 @@ from backends.testing import contract_model_dir  # noqa: F401  (session fixture)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The machines that run these tests have no GPU: Triton kernels run in its interpreter (numpy).
+# It is read when triton is imported, so it is set before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,6 +34,7 @@ class Counters:
     misses: int = 0        # lookups that were not in the cache
     copied: int = 0        # experts copied host -> device
     cpu_experts: int = 0   # experts computed on the CPU
+    zero_copy_experts: int = 0  # misses the GPU read straight from pinned host memory
     bytes_h2d: int = 0
     tokens: int = 0        # decode tokens
     prefill_tokens: int = 0
@@ -99,6 +100,16 @@ class OffloadedExperts(nn.Module):
             if victim is None:
                 return None
             slot = self.lru.pop(victim)
+        self._fill(expert, slot)
+        return slot
+
+    def replace(self, expert: int, victim: int) -> int:
+        """Put ``expert`` in ``victim``'s slot (the cache policy of the graphed decode step)."""
+        slot = self.lru.pop(victim)
+        self._fill(expert, slot)
+        return slot
+
+    def _fill(self, expert: int, slot: int) -> None:
         for name, p in self.src.items():
             c = self.cache[name]
             c.data[slot].copy_(p.data[expert], non_blocking=True)
@@ -107,7 +118,21 @@ class OffloadedExperts(nn.Module):
         self.lru[expert] = slot
         self.counters.copied += 1
         self.counters.bytes_h2d += self.expert_bytes if self.device.type == "cuda" else 0
-        return slot
+
+    def fill_first(self) -> None:
+        """Fill an empty cache with experts 0..slots-1, one copy per tensor: before any routing
+        is known every expert is as good a guess as another, and a full cache needs no free-slot
+        bookkeeping later."""
+        if self.lru or not self.slots:
+            return
+        n = self.slots
+        for name, p in self.src.items():
+            c = self.cache[name]
+            c.data.copy_(p.data[:n], non_blocking=True)
+            if p.scale is not None:
+                c.scale.copy_(p.scale[:n], non_blocking=True)
+        self.lru = OrderedDict((e, e) for e in range(n))
+        self.free = []
 
     def warm(self, experts: list[int]) -> None:
         """Fill free slots with ``experts`` (e.g. before timing)."""
@@ -252,6 +277,15 @@ class Engine:
         self.model, self.config, self.store, self.adapter = model, config, store, adapter
         self.options, self.counters, self.experts, self.info = options, counters, experts, info
         self.device = torch.device(options.device)
+        self._decode: DecodePath | None = None
+
+    @property
+    def decode_path(self) -> "DecodePath":
+        """The decode step, built on first use (a CUDA graph is captured then)."""
+        if self._decode is None:
+            self._decode = DecodePath(self)
+            self.info["decode_path"] = self._decode.kind
+        return self._decode
 
     # ---- building ------------------------------------------------------------------------------
     @staticmethod
@@ -312,6 +346,8 @@ class Engine:
             parent = model.model.layers[i].mlp
             parent.experts = mod
             experts.append(mod)
+            if dev.type == "cuda":
+                mod.fill_first()
         info = {
             "device": str(dev), "dtype": str(options.dtype).removeprefix("torch."),
             "expert_format": store.fmt, "cache_slots_per_layer": slots, "miss_policy": policy,
@@ -345,9 +381,12 @@ class Engine:
                      stop_ids: set[int], should_stop: Callable[[], bool] = lambda: False) -> Iterator[int]:
         """Yield generated token ids, ending on a stop id (yielded), the limit or should_stop."""
         c = self.counters
+        path = self.decode_path
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         t0 = time.perf_counter()
         logits, cache = self.forward(ids, None, logits_to_keep=1)
+        step = path.start(cache, len(prompt_ids))
+        del cache
         history = list(prompt_ids)
         tok = sampler(logits[0, -1], history)
         c.prefill_s += time.perf_counter() - t0
@@ -358,8 +397,7 @@ class Engine:
             if tok in stop_ids or n + 1 >= max_new_tokens or should_stop():
                 return
             t0 = time.perf_counter()
-            logits, cache = self.forward(torch.tensor([[tok]]), cache, logits_to_keep=1)
-            tok = sampler(logits[0, -1], history)
+            tok = sampler(step(tok), history)
             c.decode_s += time.perf_counter() - t0
             c.tokens += 1
 
@@ -387,15 +425,100 @@ class Engine:
         return out
 
 
+class DecodePath:
+    """How this engine decodes after prefill, chosen once:
+
+    * ``graph``: the static decode step (``decode.py``) captured as a CUDA graph, routed experts
+      read by the int4 kernel from the GPU cache or pinned host memory (CUDA, int4 experts,
+      ``miss_policy: auto``, triton importable);
+    * ``eager``: the same step run op by op, routed experts through ``OffloadedExperts`` (the
+      CPU, other formats or miss policies);
+    * ``transformers``: transformers' own modules with their cache (families without a step).
+    """
+
+    def __init__(self, engine: Engine, uniform_routing: bool = False):
+        self.engine = engine
+        self.decoder = None
+        self.graph = None
+        self.device_experts = None
+        self.kind = "transformers"
+        self.note = ""
+        cls = engine.adapter.decoder_class()
+        if cls is None:
+            return
+        routed = self._eager_routed
+        if self._wants_graph():
+            try:
+                from backends.moe_offload.cache import DeviceExperts
+                self.device_experts = DeviceExperts(engine.experts, engine.experts[0].act, engine.counters)
+                routed = self.device_experts
+            except ImportError as exc:            # no triton: the eager step still beats transformers
+                self.note = f"no CUDA graph: {exc}"
+        self.decoder = cls(engine.model, engine.config, engine.options.max_context, routed,
+                           engine.adapter.shapes(engine.config).moe_layers)
+        self.decoder.uniform_routing = uniform_routing     # benchmarks: a cache's worst case
+        self.kind = "eager"
+        if self.device_experts is not None:
+            from backends.moe_offload.decode import GraphedStep
+            try:
+                self.graph = GraphedStep(self.decoder)
+                self.kind = "graph"
+            except RuntimeError as exc:             # capture failed: same step, op by op
+                self.note = f"CUDA graph capture failed: {exc}"
+
+    def _wants_graph(self) -> bool:
+        e = self.engine
+        return (e.device.type == "cuda" and e.store.fmt == "int4" and e.options.miss_policy == "auto"
+                and e.experts and e.store.pin)
+
+    def _eager_routed(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.engine.experts[moe](x[None], ids[None], w[None])[0]
+
+    def start(self, cache: Any, length: int) -> Callable[[int], torch.Tensor]:
+        """After a prefill of ``length`` tokens left ``cache``: a function token -> next logits."""
+        engine = self.engine
+        if self.decoder is None:
+            state = {"cache": cache}
+
+            def hf_step(tok: int) -> torch.Tensor:
+                logits, state["cache"] = engine.forward(torch.tensor([[tok]]), state["cache"], logits_to_keep=1)
+                return logits[0, -1]
+            return hf_step
+        dec = self.decoder
+        dec.load_cache(cache, length)
+        if self.device_experts is not None:
+            self.device_experts.sync_table()
+        limit = dec.max_context
+        pos = [length]
+
+        def step(tok: int) -> torch.Tensor:
+            if pos[0] >= limit:
+                raise ValueError(f"the chat reached max_context ({limit} tokens)")
+            pos[0] += 1
+            dec.token.fill_(tok)
+            logits = self.graph.run() if self.graph is not None else dec.step()
+            if self.device_experts is not None:
+                self.device_experts.after_token(dec.routing)
+            return logits
+        return step
+
+
 class Sampler:
-    """Greedy when temperature is 0; else repetition penalty, temperature, top-k, top-p."""
+    """Greedy when temperature is 0; else repetition penalty, temperature, top-k, top-p. Runs
+    where the logits are (on a GPU: no 600 KB copy of the logits per token)."""
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, seed: int | None = None):
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.repetition_penalty = repetition_penalty
-        self.gen = torch.Generator()
-        self.gen.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
+        self.seed = seed if seed is not None else int(time.time_ns() % (2**63))
+        self.gens: dict[torch.device, torch.Generator] = {}
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if device not in self.gens:
+            self.gens[device] = torch.Generator(device=device)
+            self.gens[device].manual_seed(self.seed)
+        return self.gens[device]
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         logits = logits.float()
@@ -405,10 +528,10 @@ class Sampler:
             logits[idx] = torch.where(sel > 0, sel / self.repetition_penalty, sel * self.repetition_penalty)
         if self.temperature <= 0:
             return int(logits.argmax())
-        logits = (logits / self.temperature).cpu()
+        logits = logits / self.temperature
         if self.top_k and self.top_k < logits.numel():
             kth = torch.topk(logits, self.top_k).values[-1]
-            logits[logits < kth] = -math.inf
+            logits = logits.masked_fill(logits < kth, -math.inf)
         probs = torch.softmax(logits, -1)
         if self.top_p < 1.0:
             sp, si = torch.sort(probs, descending=True)
@@ -418,4 +541,4 @@ class Sampler:
             mask[si[keep]] = True
             probs = torch.where(mask, probs, torch.zeros_like(probs))
             probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+        return int(torch.multinomial(probs, 1, generator=self._gen(probs.device)))

@@ -75,6 +75,17 @@ class Adapter:
         with torch.device(device):
             model.model.rotary_emb = _transformers_class(self.rotary_embedding)(model.config)
 
+    decoder: str = ""   # "module:Class" under backends.moe_offload: the family's static decode step
+
+    def decoder_class(self) -> Any:
+        """The static decode step (``decode.py``), or None: decode through transformers' modules."""
+        if not self.decoder:
+            return None
+        import importlib
+
+        module, _, name = self.decoder.partition(":")
+        return getattr(importlib.import_module(f"backends.moe_offload.{module}"), name)
+
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         return 0
 

@@ -13,6 +13,7 @@ class Qwen3NextAdapter(Adapter):
     skip_re = re.compile(r"^mtp\.")   # the multi-token-prediction layer; transformers drops it too
     causal_lm = "qwen3_next.modeling_qwen3_next:Qwen3NextForCausalLM"
     rotary_embedding = "qwen3_next.modeling_qwen3_next:Qwen3NextRotaryEmbedding"
+    decoder = "decode:Qwen3NextDecoder"
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         attn_layers = sum(1 for t in config.layer_types if t == "full_attention")

@@ -1,0 +1,169 @@
+"""The GPU expert cache as the graphed decode step sees it, and the policy that fills it.
+
+``DeviceExperts`` keeps one device table [MoE layers, experts] of cache slots (-1: not cached)
+beside the per-layer ``OffloadedExperts`` modules, which stay the owners of the slots and their
+contents (prefill still uses them). Inside the CUDA graph it computes a token's routed experts with
+the int4 kernel, reading misses from pinned host memory. Between tokens it reads the step's
+routing (the one small device-to-host copy per token), counts hits and misses, and lets
+``CachePolicy`` swap a few experts in.
+
+Why not LRU: with misses read in place, admitting an expert costs its bytes over PCIe a second
+time, so a cache should only take an expert that will be used again soon. Qwen3 routing is close
+to uniform (FACTS.md), where LRU churns every miss in and gains nothing; where some experts are
+hot (a real model on a topic), decayed use counts find them and keep them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class CachePolicy:
+    """Decayed use counts per (layer, expert) with a half-life in tokens; per token, the layers
+    whose best missed expert is used clearly more than their least used cached one swap them,
+    at most ``max_swaps`` per token (a bound on the PCIe bytes it adds)."""
+
+    def __init__(self, layers: int, experts: int, half_life: float = 64.0, max_swaps: int = 8,
+                 margin: float = 1.0):
+        self.freq = torch.zeros(layers, experts)
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.max_swaps, self.margin = max_swaps, margin
+
+    def observe(self, ids: torch.Tensor) -> None:
+        """``ids`` [layers, top_k]: the experts one token used."""
+        self.freq.mul_(self.decay)
+        self.freq.scatter_add_(1, ids, torch.ones(ids.shape, dtype=self.freq.dtype))
+
+    def swaps(self, ids: torch.Tensor, table: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(layer, expert to admit, expert to evict) for this token, best first."""
+        missed = table.gather(1, ids) < 0
+        if not bool(missed.any()):
+            return []
+        cand_freq = self.freq.gather(1, ids).masked_fill(~missed, float("-inf"))
+        best, at = cand_freq.max(1)
+        cand = ids.gather(1, at[:, None])[:, 0]
+        victim_freq, victim = self.freq.masked_fill(table < 0, float("inf")).min(1)
+        gain = best - victim_freq
+        order = torch.argsort(gain, descending=True)[: self.max_swaps]
+        return [(int(layer), int(cand[layer]), int(victim[layer])) for layer in order
+                if bool(gain[layer] > self.margin)]
+
+
+class DeviceExperts:
+    """Routed experts of the graphed decode step (CUDA, int4 experts)."""
+
+    def __init__(self, experts: list[Any], act: Callable, counters: Any, policy: CachePolicy | None = None):
+        from backends.moe_offload import kernels  # imports triton: only on this path
+
+        self.kernels = kernels
+        self.experts, self.act, self.counters = experts, act, counters
+        first = experts[0]
+        self.device = first.device
+        self.num_experts = first.store.num_experts
+        self.expert_bytes = first.expert_bytes
+        self.table_host = torch.full((len(experts), self.num_experts), -1, dtype=torch.int32)
+        if self.device.type == "cuda":
+            self.table_host = self.table_host.pin_memory()
+        self.table = torch.full_like(self.table_host, -1, device=self.device)
+        self.policy = policy or CachePolicy(len(experts), self.num_experts)
+        self.empty = torch.empty(1, dtype=torch.uint8, device=self.device)     # stands in for no slots
+        self.empty_scale = torch.empty(1, dtype=torch.bfloat16, device=self.device)
+        self.sync_table()
+
+    def sync_table(self) -> None:
+        """Rebuild the device table from the modules' slot maps (after prefill moved experts)."""
+        self.table_host.fill_(-1)
+        for i, mod in enumerate(self.experts):
+            if mod.lru:
+                e = torch.tensor(list(mod.lru.keys()), dtype=torch.long)
+                s = torch.tensor(list(mod.lru.values()), dtype=torch.int32)
+                self.table_host[i, e] = s
+        self.table.copy_(self.table_host, non_blocking=True)
+
+    def _proj(self, mod: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = mod.src[name]
+        if mod.slots:
+            c = mod.cache[name]
+            return c.data, c.scale, src.data, src.scale
+        return self.empty, self.empty_scale, src.data, src.scale
+
+    def __call__(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        mod = self.experts[moe]
+        table = self.table[moe]
+        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"))   # [k, 2I] float32
+        g, u = h.chunk(2, dim=-1)
+        a = (self.act(g) * u).to(x.dtype)
+        y = self.kernels.int4_expert_gemv(a, ids, table, *self._proj(mod, "down"))      # [k, H] float32
+        return (y * w[:, None].float()).sum(0).to(x.dtype)
+
+    def after_token(self, routing: torch.Tensor) -> None:
+        """Count the token's hits and misses, then let the policy swap experts in (stream-ordered
+        before the next step, which reads the new table)."""
+        ids = routing.to("cpu")                                  # waits for the step
+        c = self.counters
+        misses = int((self.table_host.gather(1, ids) < 0).sum())
+        c.hits += ids.numel() - misses
+        c.misses += misses
+        c.bytes_h2d += misses * self.expert_bytes
+        c.zero_copy_experts += misses
+        self.policy.observe(ids)
+        swaps = self.policy.swaps(ids, self.table_host)
+        for layer, expert, victim in swaps:
+            mod = self.experts[layer]
+            slot = mod.replace(expert, victim)
+            self.table_host[layer, victim] = -1
+            self.table_host[layer, expert] = slot
+        if swaps:
+            self.table.copy_(self.table_host, non_blocking=True)
+
+
+def simulate(trace: torch.Tensor, experts: int, slots: int, policy: str = "lfu", **policy_args) -> dict:
+    """Replay a routing trace [tokens, layers, top_k] through a cache of ``slots`` per layer that
+    starts with experts 0..slots-1, as the engine's does. ``lru``: every miss is copied in over
+    the least recently used expert (the eager path). ``lfu``: misses are read in place and
+    ``CachePolicy`` swaps (the graphed path). Returns the hit rate and the experts that crossed
+    PCIe per token (misses, plus swaps for ``lfu``)."""
+    from collections import OrderedDict
+
+    tokens, layers, top_k = trace.shape
+    hits = moved = swapped = 0
+    if policy == "lru":
+        caches = [OrderedDict((e, None) for e in range(slots)) for _ in range(layers)]
+        for t in range(tokens):
+            for layer in range(layers):
+                cache, now = caches[layer], trace[t, layer].tolist()
+                for e in now:
+                    if e in cache:
+                        hits += 1
+                        cache.move_to_end(e)
+                for e in now:
+                    if e not in cache:
+                        moved += 1
+                        if len(cache) >= slots:
+                            victim = next((v for v in cache if v not in now), None)
+                            if victim is None:
+                                continue
+                            del cache[victim]
+                        cache[e] = None
+    elif policy == "lfu":
+        pol = CachePolicy(layers, experts, **policy_args)
+        table = torch.full((layers, experts), -1, dtype=torch.int32)
+        table[:, :slots] = torch.arange(slots, dtype=torch.int32)
+        for t in range(tokens):
+            ids = trace[t]
+            missed = int((table.gather(1, ids) < 0).sum())
+            hits += ids.numel() - missed
+            moved += missed
+            pol.observe(ids)
+            for layer, expert, victim in pol.swaps(ids, table):
+                table[layer, expert], table[layer, victim] = table[layer, victim], -1
+                swapped += 1
+        moved += swapped
+    else:
+        raise ValueError(f"unknown policy {policy!r}")
+    lookups = tokens * layers * top_k
+    return {"policy": policy, "slots": slots, "hit_rate": round(hits / lookups, 4),
+            "experts_moved_per_token": round(moved / tokens, 3), "swaps_per_token": round(swapped / tokens, 3)}

@@ -1,0 +1,341 @@
+"""moe-offload's decode and prefill speed at the full Qwen3-Next-80B shapes, with the bound.
+
+Random weights, no checkpoint: the resident part in bf16 on the GPU, 48 x 512 routed experts as
+random int4 bytes in pinned host memory (37 GiB). One JSON object with:
+
+* ``machine``: the bandwidths that bound a token: pinned host-to-device copies, the int4 kernel
+  reading experts in place over PCIe (all misses) and from GPU memory (all hits);
+* ``parts``: the time of each part of a decode token, measured alone (the resident step with no
+  routed experts, one layer's routed experts all hits and all misses), replayed from CUDA graphs;
+* ``check``: the graphed step against transformers' modules on the same weights (teacher-forced
+  logits), at reduced depth;
+* ``runs``: per VRAM budget (enforced) and routing (the random model's router, and uniform random
+  routing: a cache's worst case), prefill of a long prompt and timed decode tokens, the hit rate,
+  PCIe bytes per token, GPU and host peaks, and the bound the parts predict;
+* ``policy``: the decode routing traces replayed through LRU and through the engine's policy.
+
+    python bench/moe_offload_speed.py --out bench/results/moe_offload_speed_CARD_DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+GiB = 1024**3
+
+
+def peak_host_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / GiB, 2)
+    return 0.0
+
+
+def rss_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) * 1024 / GiB, 2)
+    return 0.0
+
+
+def timed_graph(fn, iters: int = 50) -> float:
+    """Seconds per call of ``fn`` replayed from a CUDA graph (launch overhead excluded)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    p = torch.cuda.get_device_properties(0)
+    env = {"gpu": p.name, "gpu_total_gb": round(p.total_memory / GiB, 1), "torch": torch.__version__,
+           "transformers": transformers.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "commit": os.environ.get("MOECHAT_GIT_COMMIT", ""), "cpu_count": os.cpu_count()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    with open("/proc/meminfo") as f:
+        env["host_ram_gb"] = round(int(f.readline().split()[1]) * 1024 / GiB, 1)
+    return env
+
+
+def machine(store) -> dict:
+    """Bandwidths: pinned copies (hwprobe) and the int4 kernel reading in place / from HBM."""
+    import torch
+
+    import hwprobe
+    from backends.moe_offload import kernels
+
+    out = hwprobe.measure(256, 5)
+    layer = store.layers[store_layers(store)[0]]
+    gu, dn = layer["gate_up"], layer["down"]
+    e = store.num_experts
+    dev = "cuda"
+    x = torch.randn(store.hidden, device=dev, dtype=torch.bfloat16)
+    slots = 64
+    cache = {n: (p.data[:slots].to(dev), p.scale[:slots].to(dev)) for n, p in layer.items()}
+    miss = torch.full((e,), -1, dtype=torch.int32, device=dev)
+    hit = miss.clone()
+    hit[:slots] = torch.arange(slots, dtype=torch.int32, device=dev)
+    k = 10
+    ids_hit = torch.arange(k, device=dev)
+    # misses: different experts each call (no L2 reuse)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids_all = torch.randperm(e, device=dev, generator=gen)
+    expert_bytes = sum(p.expert_bytes for p in layer.values())
+
+    def gemv(ids, table):
+        kernels.int4_expert_gemv(x, ids, table, cache["gate_up"][0], cache["gate_up"][1], gu.data, gu.scale)
+
+    t_hit = timed_graph(lambda: gemv(ids_hit, hit), 100)
+    per_call = []
+    for block in range(0, 480, k):
+        per_call.append(ids_all[block % (e - k):block % (e - k) + k])
+
+    def misses():
+        for ids in per_call:
+            gemv(ids, miss)
+    t_miss = timed_graph(misses, 3) / len(per_call)
+    gu_bytes = gu.expert_bytes * k
+    out.update({
+        "int4_kernel_hbm_gb_s": round(gu_bytes / t_hit / 1e9, 1),
+        "int4_kernel_zero_copy_gb_s": round(gu_bytes / t_miss / 1e9, 1),
+        "gate_up_10_experts_hit_us": round(t_hit * 1e6, 1), "gate_up_10_experts_miss_us": round(t_miss * 1e6, 1),
+        "expert_bytes": expert_bytes,
+    })
+    del cache
+    return out
+
+
+def store_layers(store):
+    return sorted(store.layers)
+
+
+def build(layers: int, budget: float, store=None, policy: str = "auto", context: int = 4096):
+    import torch
+
+    import moe_offload_gpu as old
+    from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+    from backends.moe_offload.build import random_resident
+    from backends.moe_offload.engine import Engine, Options
+    from backends.moe_offload.store import ExpertStore
+
+    cfg = old.load_config(layers)
+    adapter = Qwen3NextAdapter()
+    sh = adapter.shapes(cfg)
+    if store is None:
+        store = ExpertStore.random("int4", sh.moe_layers, sh.num_experts, sh.hidden, sh.intermediate,
+                                   torch.bfloat16, 128, pin=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
+    opts = Options(expert_format="int4", device="cuda", dtype=torch.bfloat16, vram_budget_gb=budget,
+                   max_context=context, miss_policy=policy)
+    return Engine.assemble(cfg, adapter, store, opts, random_resident), store, cfg
+
+
+def parts(eng) -> dict:
+    """The resident step alone (no routed experts) and one layer's routed experts, from graphs."""
+    import torch
+
+    from backends.moe_offload.decode import Qwen3NextDecoder
+
+    shapes = eng.adapter.shapes(eng.config)
+    dec = Qwen3NextDecoder(eng.model, eng.config, 1024, lambda m, x, ids, w: torch.zeros_like(x), shapes.moe_layers)
+    dec.pos.fill_(512)
+    t_res = timed_graph(dec.step, 20)
+    del dec
+    de = eng.decode_path.device_experts
+    x = torch.randn(shapes.hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.full((shapes.top_k,), 0.1, device="cuda", dtype=torch.bfloat16)
+    mod = eng.experts[0]
+    cached = torch.tensor(list(mod.lru.keys())[:shapes.top_k], device="cuda")
+    uncached = torch.tensor([e for e in range(shapes.num_experts) if e not in mod.lru][:shapes.top_k], device="cuda")
+    t_hit = timed_graph(lambda: de(0, x, cached, w), 100)
+    t_miss = timed_graph(lambda: de(0, x, uncached, w), 30) if len(uncached) == shapes.top_k else None
+    return {"resident_step_ms": round(t_res * 1e3, 2),
+            "resident_ms_per_layer": round(t_res * 1e3 / len(eng.model.model.layers), 3),
+            "routed_layer_all_hits_us": round(t_hit * 1e6, 1),
+            "routed_layer_all_misses_us": round(t_miss * 1e6, 1) if t_miss else None}
+
+
+def check(layers: int = 4, tokens: int = 8) -> dict:
+    """Teacher-forced logits of the graphed step against transformers' modules, same weights."""
+    import torch
+
+    eng, store, cfg = build(layers, 12.0)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
+    follow = torch.randint(0, cfg.vocab_size, (tokens,), generator=g).tolist()
+    with torch.inference_mode():
+        _, cache = eng.forward(prompt, None, logits_to_keep=1)
+        step = eng.decode_path.start(cache, prompt.shape[1])
+        got = [step(t).float() for t in follow]
+        worst, agree = 0.0, 0
+        seq = prompt
+        for i, t in enumerate(follow):
+            seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
+            want = eng.forward(seq, None, logits_to_keep=1)[0][0, -1].float()
+            worst = max(worst, ((got[i] - want).abs().max() / want.abs().max()).item())
+            agree += int(got[i].argmax() == want.argmax())
+    out = {"layers": layers, "decode_path": eng.info.get("decode_path"), "tokens": tokens,
+           "max_rel_logit_diff": round(worst, 4), "argmax_agree": agree}
+    del eng, store
+    return out
+
+
+def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
+    import torch
+
+    from backends.moe_offload.engine import Sampler
+
+    path = eng.decode_path
+    c = eng.counters
+    trace = []
+    if path.device_experts is not None:
+        original = path.device_experts.after_token
+
+        def recording(routing):
+            trace.append(routing.to("cpu"))
+            original(routing)
+        path.device_experts.after_token = recording
+    g = torch.Generator().manual_seed(1)
+    warm = torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist()
+    list(eng.generate_ids(warm, Sampler(1.0, seed=0), 4, set()))        # compiles, fills the cache
+    ids = torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist()
+    c.reset()
+    trace.clear()
+    gen = eng.generate_ids(ids, Sampler(1.0, seed=1), warmup + decode + 1, set())
+    next(gen)                                     # prefill and the first token
+    prefill_s = c.prefill_s
+    prefill_stats = (c.hits, c.misses, c.bytes_h2d)
+    for _ in range(warmup):
+        next(gen)
+    c.reset()
+    trace_start = len(trace)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(decode):
+        next(gen)
+    torch.cuda.synchronize()
+    dec_s = time.perf_counter() - t0
+    lookups = max(c.hits + c.misses, 1)
+    out = {
+        "prompt_tokens": prompt, "prefill_s": round(prefill_s, 3), "prefill_tok_s": round(prompt / prefill_s, 1),
+        "prefill_hit_rate": round(prefill_stats[0] / max(prefill_stats[0] + prefill_stats[1], 1), 4),
+        "prefill_h2d_gb": round(prefill_stats[2] / 1e9, 2),
+        "decode_tokens": decode, "decode_tok_s": round(decode / dec_s, 2),
+        "decode_ms_per_token": round(1000 * dec_s / decode, 2),
+        "decode_hit_rate": round(c.hits / lookups, 4),
+        "pcie_mb_per_token": round(c.bytes_h2d / decode / 1e6, 1),
+        "zero_copy_experts_per_token": round(c.zero_copy_experts / decode, 2),
+        "experts_swapped_per_token": round(c.copied / decode, 2),
+        "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / GiB, 2),
+        "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GiB, 2),
+        "host_rss_gb": rss_gb(),
+    }
+    out["_trace"] = torch.stack(trace[trace_start:]) if len(trace) > trace_start else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[24.0, 16.0])
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torch
+
+    from backends.moe_offload.cache import simulate
+
+    result: dict = {"benchmark": "bench/moe_offload_speed.py", "environment": environment(), "args": vars(args)}
+    out_path = Path(args.out) if args.out else None
+
+    def save():
+        if out_path:
+            out_path.write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+
+    if "check" not in args.skip:
+        try:
+            result["check"] = check()
+        except Exception as exc:  # keep the rest of the run
+            result["check"] = {"error": repr(exc)[:2000]}
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+    store = None
+    result["runs"] = []
+    for uniform in ([False, True] if "uniform" not in args.skip else [False]):
+        for budget in args.budgets:
+            t0 = time.perf_counter()
+            eng, store, cfg = build(args.layers, budget, store)
+            rec = {"vram_budget_gb": budget, "layers": args.layers,
+                   "routing": "uniform random (forced)" if uniform else "the random model's router",
+                   "cache_slots_per_layer": eng.info["cache_slots_per_layer"],
+                   "cache_share": round(eng.info["cache_slots_per_layer"] / 512, 3),
+                   "build_s": round(time.perf_counter() - t0, 1)}
+            try:
+                if uniform:   # the step is captured with the switch on
+                    from backends.moe_offload.engine import DecodePath
+                    eng._decode = DecodePath(eng, uniform_routing=True)
+                rec["decode_path"] = eng.decode_path.kind + (f" ({eng.decode_path.note})" if eng.decode_path.note else "")
+                if not uniform and budget == args.budgets[0] and "machine" not in args.skip and "machine" not in result:
+                    result["machine"] = machine(store)
+                r = run(eng, cfg, args.prompt, args.decode, args.warmup)
+                trace = r.pop("_trace")
+                rec.update(r)
+                if not uniform and "parts" not in args.skip:
+                    rec["parts"] = parts(eng)
+                if trace is not None:
+                    slots = eng.info["cache_slots_per_layer"]
+                    rec["policy"] = [simulate(trace, 512, slots, p) for p in ("lru", "lfu")]
+            except Exception as exc:
+                import traceback
+                rec["error"] = traceback.format_exc()[-3000:]
+            rec["host_peak_gb"] = peak_host_gb()
+            result["runs"].append(rec)
+            print(json.dumps(rec), flush=True)
+            del eng
+            save()
+    result["experts_host_gb"] = round(store.total_bytes() / 1e9, 2) if store else None
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The static decode step and the GPU path's parts, on the CPU.
+
+What must hold: the static step gives transformers' logits token after token; the int4 kernel
+(run by Triton's interpreter here) reads cached and host experts to the reference dequantized
+product; the whole device-experts path (slot table, kernel, cache policy swapping experts
+between tokens) generates the tokens of the eager path; and the cache policy keeps hot experts
+where LRU churns.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from backends.demo import build_tiny_model  # noqa: E402
+from backends.moe_offload import quant  # noqa: E402
+from backends.moe_offload.build import load_engine  # noqa: E402
+from backends.moe_offload.cache import CachePolicy, simulate  # noqa: E402
+from backends.moe_offload.engine import Options, Sampler  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("decode") / "wide", "qwen3_next", seed=5,
+                            num_experts=16, num_experts_per_tok=4)
+
+
+@pytest.fixture
+def kernels():
+    pytest.importorskip("triton")
+    assert os.environ.get("TRITON_INTERPRET") == "1"   # conftest: the kernels run on the CPU
+    from backends.moe_offload import kernels as k
+    return k
+
+
+def engine(folder, tmp_path, **kw):
+    opts = dict(expert_format="none", device="cpu", dtype=torch.float32, cache_dir=tmp_path / "cache")
+    opts.update(kw)
+    return load_engine(folder, Options(**opts))
+
+
+def test_static_step_gives_transformers_logits_token_after_token(wide, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(ids).logits[0]
+    eng = engine(wide, tmp_path)
+    assert eng.decode_path.kind == "eager" and eng.info["decode_path"] == "eager"
+    _, cache = eng.forward(ids[:, :8], None, logits_to_keep=1)
+    step = eng.decode_path.start(cache, 8)
+    got = [step(int(t)) for t in ids[0, 8:]]
+    assert (torch.stack(got[:-1]) - want[8:-1]).abs().max().item() <= TOL
+
+
+def test_int4_kernel_reads_cached_and_host_experts_to_the_reference_product(kernels):
+    g = torch.Generator().manual_seed(0)
+    experts, rows, cols, group = 12, 48, 256, 64
+    q, s = quant.int4_quantize(torch.randn(experts, rows, cols, generator=g) * 0.02, group)
+    cache_q = torch.zeros(4, rows, cols // 2, dtype=torch.uint8)
+    cache_s = torch.zeros(4, rows, cols // group, dtype=torch.bfloat16)
+    table = torch.full((experts,), -1, dtype=torch.int32)
+    for slot, e in enumerate((3, 7, 1)):
+        cache_q[slot], cache_s[slot], table[e] = q[e], s[e], slot
+    ids = torch.tensor([7, 2, 3, 11])                       # two cached, two on the host
+    dense = quant.dequantize("int4", q[ids], s[ids], torch.float32)
+    x = torch.randn(4, cols, generator=g).to(torch.bfloat16)
+    y = kernels.int4_expert_gemv(x, ids, table, cache_q, cache_s, q, s)
+    assert (y - torch.einsum("krc,kc->kr", dense, x.float())).abs().max().item() < 1e-4
+    shared = kernels.int4_expert_gemv(x[0], ids, table, cache_q, cache_s, q, s, block_rows=32)
+    assert (shared - dense @ x[0].float()).abs().max().item() < 1e-4
+    # a stale cache slot would give other numbers: the table is what decides
+    cache_q[1] = q[0]
+    assert (kernels.int4_expert_gemv(x, ids, table, cache_q, cache_s, q, s) - y).abs().max().item() > 1e-3
+
+
+def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, kernels):
+    from backends.moe_offload.cache import DeviceExperts
+    from backends.moe_offload.decode import Qwen3NextDecoder
+
+    ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(9))
+    eng = engine(wide, tmp_path, expert_format="int4", int4_group_size=16, cache_experts=6, miss_policy="copy")
+    want = list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 12, set()))
+    dev = DeviceExperts(eng.experts, eng.experts[0].act, eng.counters, CachePolicy(len(eng.experts), 16, max_swaps=2))
+    dec = Qwen3NextDecoder(eng.model, eng.config, 64, dev, eng.adapter.shapes(eng.config).moe_layers)
+    logits, cache = eng.forward(ids, None, logits_to_keep=1)
+    dec.load_cache(cache, ids.shape[1])
+    dev.sync_table()
+    eng.counters.reset()
+    tok, got = int(logits[0, -1].argmax()), []
+    for _ in range(12):
+        got.append(tok)
+        dec.token.fill_(tok)
+        out = dec.step()
+        dev.after_token(dec.routing)
+        tok = int(out.argmax())
+    assert got == want
+    c = eng.counters
+    assert c.hits + c.misses == 12 * len(eng.experts) * 4 and c.misses == c.zero_copy_experts > 0
+    # the table the kernel reads and the slots the modules own agree after the swaps
+    for layer, mod in enumerate(eng.experts):
+        cached = {e: int(s) for e, s in enumerate(dev.table_host[layer].tolist()) if s >= 0}
+        assert cached == dict(mod.lru)
+
+
+def test_cache_policy_keeps_hot_experts_where_lru_churns():
+    g = torch.Generator().manual_seed(1)
+    layers, experts, top_k, slots, tokens = 4, 64, 4, 16, 600
+    # a skewed routing: a few hot experts per layer, the rest picked uniformly
+    weights = torch.ones(experts)
+    weights[:8] = 12.0
+    trace = torch.stack([torch.stack([torch.multinomial(weights, top_k, generator=g) for _ in range(layers)])
+                         for _ in range(tokens)])
+    lru = simulate(trace, experts, slots, "lru")
+    lfu = simulate(trace, experts, slots, "lfu")
+    assert lfu["hit_rate"] > lru["hit_rate"] + 0.05
+    # and moves fewer experts over PCIe: LRU copies every miss, the policy reads misses in place
+    # and swaps a few
+    assert lfu["experts_moved_per_token"] < lru["experts_moved_per_token"]
+    # uniform routing: nothing to learn, and the swaps stay within their bound per token
+    uniform = torch.stack([torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(layers)])
+                           for _ in range(tokens)])
+    res = simulate(uniform, experts, slots, "lfu", max_swaps=2)
+    assert res["swaps_per_token"] <= 2
+    assert abs(res["hit_rate"] - slots / experts) < 0.06
