@@ -140,7 +140,7 @@ def store_layers(store):
     return sorted(store.layers)
 
 
-def build(layers: int, budget: float, store=None, policy: str = "auto", context: int = 4096):
+def build(layers: int, budget: float, store=None, policy: str = "auto", context: int = 4096, dtype=None):
     import torch
 
     import moe_offload_gpu as old
@@ -160,7 +160,7 @@ def build(layers: int, budget: float, store=None, policy: str = "auto", context:
     torch.cuda.reset_peak_memory_stats()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
-    opts = Options(expert_format="int4", device="cuda", dtype=torch.bfloat16, vram_budget_gb=budget,
+    opts = Options(expert_format="int4", device="cuda", dtype=dtype or torch.bfloat16, vram_budget_gb=budget,
                    max_context=context, miss_policy=policy)
     return Engine.assemble(cfg, adapter, store, opts, random_resident), store, cfg
 
@@ -190,11 +190,11 @@ def parts(eng) -> dict:
             "routed_layer_all_misses_us": round(t_miss * 1e6, 1) if t_miss else None}
 
 
-def check(layers: int = 4, tokens: int = 8) -> dict:
+def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16") -> dict:
     """Teacher-forced logits of the graphed step against transformers' modules, same weights."""
     import torch
 
-    eng, store, cfg = build(layers, 12.0)
+    eng, store, cfg = build(layers, 12.0, dtype=getattr(torch, dtype))
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
     follow = torch.randint(0, cfg.vocab_size, (tokens,), generator=g).tolist()
@@ -209,7 +209,7 @@ def check(layers: int = 4, tokens: int = 8) -> dict:
             want = eng.forward(seq, None, logits_to_keep=1)[0][0, -1].float()
             worst = max(worst, ((got[i] - want).abs().max() / want.abs().max()).item())
             agree += int(got[i].argmax() == want.argmax())
-    out = {"layers": layers, "decode_path": eng.info.get("decode_path"), "tokens": tokens,
+    out = {"layers": layers, "dtype": dtype, "decode_path": eng.info.get("decode_path"), "tokens": tokens,
            "max_rel_logit_diff": round(worst, 4), "argmax_agree": agree}
     del eng, store
     return out
@@ -269,72 +269,129 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
     return out
 
 
+def one_run(args) -> dict:
+    """One budget and routing in this process (each run gets a fresh process: clean peaks)."""
+    import torch
+
+    from backends.moe_offload.cache import simulate
+    from backends.moe_offload.engine import DecodePath
+
+    t0 = time.perf_counter()
+    eng, store, cfg = build(args.layers, args.budget)
+    rec = {"vram_budget_gb": args.budget, "layers": args.layers,
+           "routing": "uniform random (forced)" if args.uniform else "the random model's router",
+           "cache_slots_per_layer": eng.info["cache_slots_per_layer"],
+           "cache_share": round(eng.info["cache_slots_per_layer"] / 512, 3),
+           "resident_gb": eng.info["resident_gb"], "experts_host_gb": round(store.total_bytes() / 1e9, 2),
+           "build_s": round(time.perf_counter() - t0, 1)}
+    if args.uniform:    # the step is captured with the switch on
+        eng._decode = DecodePath(eng, uniform_routing=True)
+    path = eng.decode_path
+    rec["decode_path"] = path.kind + (f" ({path.note})" if path.note else "")
+    if args.machine:
+        rec["machine"] = machine(store)
+    r = run(eng, cfg, args.prompt, args.decode, args.warmup)
+    trace = r.pop("_trace")
+    rec.update(r)
+    if args.parts:
+        rec["parts"] = parts(eng)
+    if trace is not None:
+        rec["policy"] = [simulate(trace, 512, eng.info["cache_slots_per_layer"], p) for p in ("lru", "lfu")]
+    rec["host_peak_gb"] = peak_host_gb()
+    return rec
+
+
+def phase(argv: list[str], timeout: int) -> dict:
+    try:
+        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s", "argv": argv}
+    sys.stderr.write(p.stderr[-3000:])
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": f"exit {p.returncode}", "argv": argv, "stderr_tail": p.stderr[-2000:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=["all", "check", "run"], default="all")
     ap.add_argument("--budgets", type=float, nargs="+", default=[24.0, 16.0])
+    ap.add_argument("--budget", type=float, default=24.0)
+    ap.add_argument("--uniform", action="store_true")
+    ap.add_argument("--machine", action="store_true")
+    ap.add_argument("--parts", action="store_true")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--base-layers", type=int, default=2, help="depth of the transformers-bnb4 comparison")
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import torch
-
-    from backends.moe_offload.cache import simulate
-
-    result: dict = {"benchmark": "bench/moe_offload_speed.py", "environment": environment(), "args": vars(args)}
+    if args.phase == "check":
+        print(json.dumps({"bf16": check(), "float32": check(dtype="float32")}))
+        return
+    if args.phase == "run":
+        print(json.dumps(one_run(args)))
+        return
+    result: dict = {"benchmark": "bench/moe_offload_speed.py", "environment": environment(),
+                    "args": {k: v for k, v in vars(args).items() if k not in ("phase", "out")}}
     out_path = Path(args.out) if args.out else None
 
-    def save():
+    def save(last=None):
         if out_path:
             out_path.write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+        if last is not None:
+            print(json.dumps(last), flush=True)
 
     if "check" not in args.skip:
-        try:
-            result["check"] = check()
-        except Exception as exc:  # keep the rest of the run
-            result["check"] = {"error": repr(exc)[:2000]}
-        gc.collect()
-        torch.cuda.empty_cache()
-        save()
-    store = None
+        result["check"] = phase(["--phase", "check"], 150)
+        save(result["check"])
     result["runs"] = []
-    for uniform in ([False, True] if "uniform" not in args.skip else [False]):
-        for budget in args.budgets:
-            t0 = time.perf_counter()
-            eng, store, cfg = build(args.layers, budget, store)
-            rec = {"vram_budget_gb": budget, "layers": args.layers,
-                   "routing": "uniform random (forced)" if uniform else "the random model's router",
-                   "cache_slots_per_layer": eng.info["cache_slots_per_layer"],
-                   "cache_share": round(eng.info["cache_slots_per_layer"] / 512, 3),
-                   "build_s": round(time.perf_counter() - t0, 1)}
-            try:
-                if uniform:   # the step is captured with the switch on
-                    from backends.moe_offload.engine import DecodePath
-                    eng._decode = DecodePath(eng, uniform_routing=True)
-                rec["decode_path"] = eng.decode_path.kind + (f" ({eng.decode_path.note})" if eng.decode_path.note else "")
-                if not uniform and budget == args.budgets[0] and "machine" not in args.skip and "machine" not in result:
-                    result["machine"] = machine(store)
-                r = run(eng, cfg, args.prompt, args.decode, args.warmup)
-                trace = r.pop("_trace")
-                rec.update(r)
-                if not uniform and "parts" not in args.skip:
-                    rec["parts"] = parts(eng)
-                if trace is not None:
-                    slots = eng.info["cache_slots_per_layer"]
-                    rec["policy"] = [simulate(trace, 512, slots, p) for p in ("lru", "lfu")]
-            except Exception as exc:
-                import traceback
-                rec["error"] = traceback.format_exc()[-3000:]
-            rec["host_peak_gb"] = peak_host_gb()
+    common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--decode", str(args.decode),
+              "--warmup", str(args.warmup)]
+    for uniform in (False, True):
+        if uniform and "uniform" in args.skip:
+            continue
+        for i, budget in enumerate(args.budgets):
+            extra = ["--machine", "--parts"] if (i == 0 and not uniform and "machine" not in args.skip) else []
+            argv = ["--phase", "run", "--budget", str(budget), *common, *extra] + (["--uniform"] if uniform else [])
+            rec = phase(argv, 200)
+            rec.setdefault("vram_budget_gb", budget)
+            rec.setdefault("routing", "uniform random (forced)" if uniform else "the random model's router")
+            if "machine" in rec:
+                result["machine"] = rec.pop("machine")
             result["runs"].append(rec)
-            print(json.dumps(rec), flush=True)
-            del eng
-            save()
-    result["experts_host_gb"] = round(store.total_bytes() / 1e9, 2) if store else None
+            save(rec)
+    if "bnb" not in args.skip:
+        # the same depth and scaled budget for both (as bench/moe_offload_gpu.py does)
+        emb = 2 * 151936 * 2048 * 2 / GiB
+        scaled = round(emb + (24.0 - emb) * args.base_layers / 48, 2)
+        base = {"layers": args.base_layers, "vram_budget_gb": scaled}
+        base["moe_offload"] = phase(["--phase", "run", "--budget", str(scaled), "--layers", str(args.base_layers),
+                                     "--prompt", "64", "--decode", "32", "--warmup", "4"], 150)
+        base["transformers_bnb4"] = phase_bnb(args.base_layers, scaled)
+        b = base["transformers_bnb4"].get("decode_tok_s")
+        m = base["moe_offload"].get("decode_tok_s")
+        base["moe_offload_over_bnb4"] = round(m / b, 1) if b and m else None
+        result["same_depth_comparison"] = base
+        save(base)
     save()
+
+
+def phase_bnb(layers: int, budget: float) -> dict:
+    """transformers-bnb4 through bench/moe_offload_gpu.py's phase (writes a random checkpoint)."""
+    script = ROOT / "bench" / "moe_offload_gpu.py"
+    try:
+        p = subprocess.run([sys.executable, str(script), "bnb", "--layers", str(layers), "--budget", str(budget),
+                            "--prompt", "16", "--decode", "2"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 300 s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]}
 
 
 if __name__ == "__main__":

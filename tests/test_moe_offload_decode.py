@@ -81,7 +81,8 @@ def test_int4_kernel_reads_cached_and_host_experts_to_the_reference_product(kern
     assert (kernels.int4_expert_gemv(x, ids, table, cache_q, cache_s, q, s) - y).abs().max().item() > 1e-3
 
 
-def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, kernels):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-kernels"])
+def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, kernels, fused):
     from backends.moe_offload.cache import DeviceExperts
     from backends.moe_offload.decode import Qwen3NextDecoder
 
@@ -89,7 +90,7 @@ def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, ke
     eng = engine(wide, tmp_path, expert_format="int4", int4_group_size=16, cache_experts=6, miss_policy="copy")
     want = list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 12, set()))
     dev = DeviceExperts(eng.experts, eng.experts[0].act, eng.counters, CachePolicy(len(eng.experts), 16, max_swaps=2))
-    dec = Qwen3NextDecoder(eng.model, eng.config, 64, dev, eng.adapter.shapes(eng.config).moe_layers)
+    dec = Qwen3NextDecoder(eng.model, eng.config, 64, dev, eng.adapter.shapes(eng.config).moe_layers, fused=fused)
     logits, cache = eng.forward(ids, None, logits_to_keep=1)
     dec.load_cache(cache, ids.shape[1])
     dev.sync_table()
@@ -108,6 +109,15 @@ def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, ke
     for layer, mod in enumerate(eng.experts):
         cached = {e: int(s) for e, s in enumerate(dev.table_host[layer].tolist()) if s >= 0}
         assert cached == dict(mod.lru)
+    if fused:   # and the fused kernels give the plain ops' logits, step after step
+        plain = Qwen3NextDecoder(eng.model, eng.config, 64, dev, eng.adapter.shapes(eng.config).moe_layers)
+        for d in (dec, plain):
+            d.load_cache(eng.forward(ids, None, logits_to_keep=1)[1], ids.shape[1])
+        dev.sync_table()
+        for t in got[:4]:
+            dec.token.fill_(t)
+            plain.token.fill_(t)
+            assert (dec.step() - plain.step()).abs().max().item() <= TOL
 
 
 def test_cache_policy_keeps_hot_experts_where_lru_churns():
@@ -115,18 +125,18 @@ def test_cache_policy_keeps_hot_experts_where_lru_churns():
     layers, experts, top_k, slots, tokens = 4, 64, 4, 16, 600
     # a skewed routing: a few hot experts per layer, the rest picked uniformly
     weights = torch.ones(experts)
-    weights[:8] = 12.0
+    weights[-8:] = 12.0          # hot experts the cache does not start with
     trace = torch.stack([torch.stack([torch.multinomial(weights, top_k, generator=g) for _ in range(layers)])
                          for _ in range(tokens)])
     lru = simulate(trace, experts, slots, "lru")
     lfu = simulate(trace, experts, slots, "lfu")
     assert lfu["hit_rate"] > lru["hit_rate"] + 0.05
-    # and moves fewer experts over PCIe: LRU copies every miss, the policy reads misses in place
-    # and swaps a few
-    assert lfu["experts_moved_per_token"] < lru["experts_moved_per_token"]
-    # uniform routing: nothing to learn, and the swaps stay within their bound per token
+    # LRU copies every miss into the cache; the policy reads misses in place and copies in far
+    # fewer experts (the ones it keeps)
+    assert lfu["swaps_per_token"] < 0.5 * lru["experts_moved_per_token"]
+    # uniform routing: nothing to learn, and (almost) no copies spent trying
     uniform = torch.stack([torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(layers)])
                            for _ in range(tokens)])
-    res = simulate(uniform, experts, slots, "lfu", max_swaps=2)
-    assert res["swaps_per_token"] <= 2
+    res = simulate(uniform, experts, slots, "lfu")
+    assert res["swaps_per_token"] < 0.1
     assert abs(res["hit_rate"] - slots / experts) < 0.06

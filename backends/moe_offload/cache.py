@@ -22,34 +22,50 @@ import torch
 
 
 class CachePolicy:
-    """Decayed use counts per (layer, expert) with a half-life in tokens; per token, the layers
-    whose best missed expert is used clearly more than their least used cached one swap them,
-    at most ``max_swaps`` per token (a bound on the PCIe bytes it adds)."""
+    """Decayed use counts per (layer, expert) with a half-life in tokens. Per token, missed
+    experts used clearly more than the least used cached ones of their layer replace them, the
+    best pairs first, up to a number of swaps that follows the measured locality of the routing:
+    the share of a token's experts its predecessor used too. Where that share is near chance
+    (uniform routing) a swap never pays for its copy and none are made; where routing repeats,
+    up to ``max_swaps`` per token (a bound on the PCIe bytes swaps add)."""
 
-    def __init__(self, layers: int, experts: int, half_life: float = 64.0, max_swaps: int = 8,
-                 margin: float = 1.0):
+    def __init__(self, layers: int, experts: int, half_life: float = 16.0, max_swaps: int = 32,
+                 margin: float = 0.5):
         self.freq = torch.zeros(layers, experts)
         self.decay = 0.5 ** (1.0 / half_life)
         self.max_swaps, self.margin = max_swaps, margin
+        self.prev: torch.Tensor | None = None
+        self.locality = 0.0
 
     def observe(self, ids: torch.Tensor) -> None:
         """``ids`` [layers, top_k]: the experts one token used."""
         self.freq.mul_(self.decay)
         self.freq.scatter_add_(1, ids, torch.ones(ids.shape, dtype=self.freq.dtype))
+        if self.prev is not None:
+            overlap = (ids[:, :, None] == self.prev[:, None, :]).any(-1).float().mean().item()
+            self.locality = 0.9 * self.locality + 0.1 * overlap
+        self.prev = ids.clone()
+
+    def budget(self) -> int:
+        """Swaps allowed this token: none at chance-level locality, all at 30 % and above."""
+        chance = self.prev.shape[1] / self.freq.shape[1] if self.prev is not None else 0.0
+        share = (self.locality - chance - 0.05) / 0.25
+        return int(self.max_swaps * min(1.0, max(0.0, share)))
 
     def swaps(self, ids: torch.Tensor, table: torch.Tensor) -> list[tuple[int, int, int]]:
         """(layer, expert to admit, expert to evict) for this token, best first."""
+        n = self.budget()
         missed = table.gather(1, ids) < 0
-        if not bool(missed.any()):
+        if n == 0 or not bool(missed.any()):
             return []
-        cand_freq = self.freq.gather(1, ids).masked_fill(~missed, float("-inf"))
-        best, at = cand_freq.max(1)
-        cand = ids.gather(1, at[:, None])[:, 0]
-        victim_freq, victim = self.freq.masked_fill(table < 0, float("inf")).min(1)
-        gain = best - victim_freq
-        order = torch.argsort(gain, descending=True)[: self.max_swaps]
-        return [(int(layer), int(cand[layer]), int(victim[layer])) for layer in order
-                if bool(gain[layer] > self.margin)]
+        k = ids.shape[1]
+        cand_freq, order = self.freq.gather(1, ids).masked_fill(~missed, float("-inf")).sort(1, descending=True)
+        cand = ids.gather(1, order)
+        victim_freq, victim = self.freq.masked_fill(table < 0, float("inf")).topk(k, dim=1, largest=False)
+        gain = (cand_freq - victim_freq).flatten()
+        best = torch.argsort(gain, descending=True)[:n]
+        return [(int(i) // k, int(cand.flatten()[i]), int(victim.flatten()[i])) for i in best
+                if bool(gain[i] > self.margin)]
 
 
 class DeviceExperts:
@@ -90,14 +106,16 @@ class DeviceExperts:
             return c.data, c.scale, src.data, src.scale
         return self.empty, self.empty_scale, src.data, src.scale
 
-    def __call__(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def experts_out(self, moe: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each selected expert's output [top_k, hidden] in float32, unweighted."""
         mod = self.experts[moe]
         table = self.table[moe]
-        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"))   # [k, 2I] float32
-        g, u = h.chunk(2, dim=-1)
-        a = (self.act(g) * u).to(x.dtype)
-        y = self.kernels.int4_expert_gemv(a, ids, table, *self._proj(mod, "down"))      # [k, H] float32
-        return (y * w[:, None].float()).sum(0).to(x.dtype)
+        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"))   # [k, 2I]
+        return self.kernels.int4_expert_gemv(h, ids, table, *self._proj(mod, "down"), act=True)
+
+    def __call__(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum, as ``OffloadedExperts`` gives it."""
+        return (self.experts_out(moe, x, ids) * w[:, None].float()).sum(0).to(x.dtype)
 
     def after_token(self, routing: torch.Tensor) -> None:
         """Count the token's hits and misses, then let the policy swap experts in (stream-ordered

@@ -55,7 +55,7 @@ class Qwen3NextDecoder:
 
     def __init__(self, model: Any, config: Any, max_context: int,
                  routed: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 moe_layers: tuple[int, ...]):
+                 moe_layers: tuple[int, ...], fused: bool = False):
         self.model, self.config, self.routed = model, config, routed
         self.max_context = max_context
         emb = model.model.embed_tokens.weight
@@ -89,6 +89,18 @@ class Qwen3NextDecoder:
         # Benchmarks only: route every token to top_k experts drawn uniformly at random (with the
         # model's weights for them), a cache's worst case. Set before the step is captured.
         self.uniform_routing = False
+        # fused: the Triton kernels of kernels.py for norms, Gated DeltaNet, routing and the MoE
+        # output (``routed`` must then be a DeviceExperts); else plain torch ops throughout
+        self.kernels = None
+        if fused:
+            from backends.moe_offload import kernels
+            self.kernels = kernels
+            self.hidden = torch.zeros(c.hidden_size, device=dev, dtype=dt)     # the residual stream
+            self.normed = torch.zeros_like(self.hidden)
+            self.conv_out = torch.zeros(conv_dim, device=dev, dtype=dt)
+            self.gdn_out = torch.zeros(self.nv * self.dv, device=dev, dtype=dt)
+            self.ids = torch.zeros(self.top_k, dtype=torch.long, device=dev)
+            self.weights = torch.zeros(self.top_k, device=dev, dtype=dt)
 
     # ---- state ---------------------------------------------------------------------------------
     def load_cache(self, cache: Any, length: int) -> None:
@@ -109,6 +121,8 @@ class Qwen3NextDecoder:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> torch.Tensor:
+        if self.kernels is not None:
+            return self._fused_step()
         m = self.model.model
         h = F.embedding(self.token, m.embed_tokens.weight)[0]
         for i, layer in enumerate(self.layers):
@@ -123,6 +137,41 @@ class Qwen3NextDecoder:
             h = h + (self._moe(mod.mlp, layer.moe, x) if layer.moe is not None else _mlp(mod.mlp, x))
         h = rms_norm(h, m.norm.weight, self.eps)
         logits = F.linear(h, self.model.lm_head.weight)
+        self.pos.add_(1)
+        return logits
+
+    def _fused_step(self) -> torch.Tensor:
+        """``step`` with the fused kernels: the residual stream and the normed input are static
+        buffers updated in place, about 18 launches per Gated DeltaNet layer instead of ~100."""
+        k, m, eps = self.kernels, self.model.model, self.eps
+        h, x = self.hidden, self.normed
+        h.copy_(F.embedding(self.token, m.embed_tokens.weight)[0])
+        for layer in self.layers:
+            mod = layer.module
+            k.add_rms_norm(h, None, mod.input_layernorm.weight, eps, x)
+            if layer.kind == "linear_attention":
+                attn = mod.linear_attn
+                qkvz = F.linear(x, attn.in_proj_qkvz.weight)
+                ba = F.linear(x, attn.in_proj_ba.weight)
+                k.gated_delta_step(qkvz, ba, self.conv[layer.state], attn.conv1d.weight, attn.A_log, attn.dt_bias,
+                                   self.recurrent[layer.state], attn.norm.weight, attn.norm.variance_epsilon,
+                                   self.nk, self.dk, self.dv, self.conv_out, self.gdn_out)
+                mixed = F.linear(self.gdn_out, attn.out_proj.weight)
+            else:
+                mixed = self._attention(mod.self_attn, layer.state, x)
+            k.add_rms_norm(h, mixed, mod.post_attention_layernorm.weight, eps, x)
+            if layer.moe is None:
+                h.add_(_mlp(mod.mlp, x))
+                continue
+            mlp = mod.mlp
+            shared = _mlp(mlp.shared_expert, x)
+            shared_gate = F.linear(x, mlp.shared_expert_gate.weight)
+            noise = torch.rand(mlp.gate.weight.shape[0], device=x.device) if self.uniform_routing else None
+            k.route(F.linear(x, mlp.gate.weight), self.top_k, self.norm_topk, self.ids, self.weights,
+                    self.routing[layer.moe], noise)
+            k.combine(h, self.routed.experts_out(layer.moe, x, self.ids), self.weights, shared, shared_gate)
+        k.add_rms_norm(h, None, m.norm.weight, eps, x)
+        logits = F.linear(x, self.model.lm_head.weight)
         self.pos.add_(1)
         return logits
 

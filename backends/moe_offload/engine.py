@@ -455,7 +455,7 @@ class DecodePath:
             except ImportError as exc:            # no triton: the eager step still beats transformers
                 self.note = f"no CUDA graph: {exc}"
         self.decoder = cls(engine.model, engine.config, engine.options.max_context, routed,
-                           engine.adapter.shapes(engine.config).moe_layers)
+                           engine.adapter.shapes(engine.config).moe_layers, fused=self.device_experts is not None)
         self.decoder.uniform_routing = uniform_routing     # benchmarks: a cache's worst case
         self.kind = "eager"
         if self.device_experts is not None:

@@ -21,7 +21,7 @@ import triton.language as tl
 @triton.jit
 def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
                cache_q, cache_s, host_q, host_s, y_ptr,
-               OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr):
+               OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
     j = tl.program_id(0)                 # which of the token's experts
     nb = tl.program_id(1)                # which block of output rows
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -48,6 +48,11 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
         hi = (p >> 4).to(tl.float32) - 8.0
         xe = tl.load(xrow + gi * G + 2 * cols).to(tl.float32)
         xo = tl.load(xrow + gi * G + 2 * cols + 1).to(tl.float32)
+        if ACT:   # x is [gate | up] of the layer before: silu(gate) * up, on the fly
+            ue = tl.load(xrow + IN + gi * G + 2 * cols).to(tl.float32)
+            uo = tl.load(xrow + IN + gi * G + 2 * cols + 1).to(tl.float32)
+            xe = xe * tl.sigmoid(xe) * ue
+            xo = xo * tl.sigmoid(xo) * uo
         part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
         soff = rows * NG + gi
         s = (tl.load(sc + soff, mask=in_rows & hit, other=0.0).to(tl.float32)
@@ -58,10 +63,11 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
 
 def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                      cache_q: torch.Tensor, cache_s: torch.Tensor, host_q: torch.Tensor, host_s: torch.Tensor,
-                     out: torch.Tensor | None = None, block_rows: int = 16) -> torch.Tensor:
+                     out: torch.Tensor | None = None, block_rows: int = 16, act: bool = False) -> torch.Tensor:
     """``y [top_k, R]`` (float32) = expert ``ids[j]``'s int4 matrix [R, C] times ``x[j]`` (or ``x``
     for all when it is 1-D). ``table[e]`` is e's row in ``cache_q/cache_s`` or -1 for the host
-    store ``host_q/host_s`` ([E, R, C/2] uint8 and [E, R, C/group] bf16)."""
+    store ``host_q/host_s`` ([E, R, C/2] uint8 and [E, R, C/group] bf16). With ``act``, ``x[j]``
+    is [2C] (gate, up) and the input is ``silu(gate) * up``."""
     k = ids.shape[0]
     r, half = host_q.shape[1:]
     c = 2 * half
@@ -70,5 +76,181 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     x_stride = 0 if x.dim() == 1 else x.stride(0)
     grid = (k, triton.cdiv(r, block_rows))
     _int4_gemv[grid](x, x_stride, ids, table, cache_q, cache_s, host_q, host_s, y,
-                     OUT=r, IN=c, G=group, BN=block_rows)
+                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act)
     return y
+
+
+# ---- the resident part of a decode step, fused ------------------------------------------------
+# At batch 1 every op of the decode step is a kernel launch of a few microseconds, and transformers'
+# formulation of a Qwen3-Next layer is about a hundred of them. These kernels do the same arithmetic
+# (float32 inside, one rounding at the end) in a few launches per layer. Each has the plain-torch
+# formulation beside it in decode.py, which the tests compare it with.
+
+@triton.jit
+def _add_rms_norm(h_ptr, x_ptr, w_ptr, out_ptr, stride, N: tl.constexpr, eps,
+                  HAS_X: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    m = c < N
+    h = tl.load(h_ptr + row * stride + c, mask=m, other=0.0)
+    if HAS_X:   # the residual stream takes the sublayer's output first, in place
+        h = (h.to(tl.float32) + tl.load(x_ptr + row * stride + c, mask=m, other=0.0).to(tl.float32))
+        h = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride + c, h, mask=m)
+    hf = h.to(tl.float32)
+    var = tl.sum(hf * hf, axis=0) / N
+    y = hf * tl.rsqrt(var + eps) * (1.0 + tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32))
+    tl.store(out_ptr + row * N + c, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Zero-centred RMSNorm of ``h`` (rows of ``weight.numel()``, rows ``h.stride(0)`` apart) into
+    ``out``; with ``x``, first ``h += x`` in place (the residual add)."""
+    n = weight.numel()
+    rows = h.numel() // n if h.dim() == 1 else h.shape[0]
+    stride = n if h.dim() == 1 else h.stride(0)
+    _add_rms_norm[(rows,)](h, x if x is not None else h, weight, out, stride, N=n, eps=eps,
+                           HAS_X=x is not None, BLOCK=triton.next_power_of_2(n))
+    return out
+
+
+@triton.jit
+def _conv_step(qkvz_ptr, state_ptr, w_ptr, out_ptr, C, NK: tl.constexpr, DK: tl.constexpr,
+               VR: tl.constexpr, KS: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < C
+    GROUP: tl.constexpr = 2 * DK + 2 * VR
+    KEY: tl.constexpr = NK * DK
+    ck = c - KEY
+    cv = c - 2 * KEY
+    # channel c of cat(q, k, v) as it lies in in_proj_qkvz's output, grouped per key head
+    src = tl.where(c < KEY, (c // DK) * GROUP + c % DK,
+                   tl.where(c < 2 * KEY, (ck // DK) * GROUP + DK + ck % DK, (cv // VR) * GROUP + 2 * DK + cv % VR))
+    x = tl.load(qkvz_ptr + src, mask=m, other=0.0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(KS):
+        if j < KS - 1:
+            s = tl.load(state_ptr + c * KS + j + 1, mask=m, other=0.0)
+        else:
+            s = x.to(state_ptr.dtype.element_ty)
+        tl.store(state_ptr + c * KS + j, s, mask=m)
+        acc += s.to(tl.float32) * tl.load(w_ptr + c * KS + j, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + c, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gdn_step(conv_ptr, qkvz_ptr, ba_ptr, alog_ptr, dtb_ptr, state_ptr, normw_ptr, out_ptr, eps,
+              NK: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    h = tl.program_id(0)          # value head
+    kh = h // R                   # its key head
+    j = h % R
+    kd = tl.arange(0, DK)
+    vd = tl.arange(0, DV)
+    KEY: tl.constexpr = NK * DK
+    GROUP: tl.constexpr = 2 * DK + 2 * R * DV
+    q = tl.load(conv_ptr + kh * DK + kd).to(tl.float32)
+    k = tl.load(conv_ptr + KEY + kh * DK + kd).to(tl.float32)
+    v = tl.load(conv_ptr + 2 * KEY + h * DV + vd).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6) * (1.0 / tl.sqrt(DK * 1.0))
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    b = tl.load(ba_ptr + kh * 2 * R + j).to(tl.float32)
+    a = tl.load(ba_ptr + kh * 2 * R + R + j).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+    beta = tl.sigmoid(b)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+    g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+    sp = state_ptr + h * DK * DV + kd[:, None] * DV + vd[None, :]
+    S = tl.load(sp) * tl.exp(g)
+    kv = tl.sum(S * k[:, None], axis=0)
+    delta = (v - kv) * beta
+    S = S + k[:, None] * delta[None, :]
+    tl.store(sp, S)
+    o = tl.sum(S * q[:, None], axis=0)
+    # gated RMSNorm: norm(o) * w * silu(z)
+    o = o * tl.rsqrt(tl.sum(o * o, axis=0) / DV + eps) * tl.load(normw_ptr + vd).to(tl.float32)
+    z = tl.load(qkvz_ptr + kh * GROUP + 2 * DK + R * DV + j * DV + vd).to(tl.float32)
+    tl.store(out_ptr + h * DV + vd, (o * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty))
+
+
+def gated_delta_step(qkvz: torch.Tensor, ba: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor,
+                     a_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, norm_w: torch.Tensor,
+                     eps: float, nk: int, dk: int, dv: int, conv_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One Gated DeltaNet token after the input projections: causal conv (state shifted in place),
+    then per value head the gated delta rule on ``state`` [nv, dk, dv] and the gated RMSNorm.
+    Writes ``out`` [nv * dv], the input of out_proj."""
+    nv = state.shape[0]
+    c = conv_state.shape[0]
+    block = 256
+    _conv_step[(triton.cdiv(c, block),)](qkvz, conv_state, conv_w, conv_out, c, NK=nk, DK=dk, VR=(nv // nk) * dv,
+                                         KS=conv_state.shape[1], BLOCK=block)
+    _gdn_step[(nv,)](conv_out, qkvz, ba, a_log, dt_bias, state, norm_w, out, eps, NK=nk, R=nv // nk, DK=dk, DV=dv,
+                     num_warps=8)
+    return out
+
+
+@triton.jit
+def _router(logits_ptr, noise_ptr, ids_ptr, w_ptr, rec_ptr, E: tl.constexpr, K: tl.constexpr,
+            NORM: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr):
+    e = tl.arange(0, BLOCK)
+    m = e < E
+    lg = tl.load(logits_ptr + e, mask=m, other=float("-inf")).to(tl.float32)
+    p = tl.exp(lg - tl.max(lg, axis=0))
+    p = p / tl.sum(p, axis=0)
+    if NOISE:   # benchmarks: pick experts by the noise instead of the router
+        sel = tl.load(noise_ptr + e, mask=m, other=-1.0).to(tl.float32)
+    else:
+        sel = p
+    sel = tl.where(m, sel, -1.0)
+    slot = tl.arange(0, KB)
+    ids = tl.zeros([KB], dtype=tl.int64)
+    ws = tl.zeros([KB], dtype=tl.float32)
+    for i in tl.static_range(K):
+        best = tl.max(sel, axis=0)
+        idx = tl.min(tl.where(sel == best, e, BLOCK), axis=0)
+        wi = tl.sum(tl.where(e == idx, p, 0.0), axis=0)
+        ids = tl.where(slot == i, idx.to(tl.int64), ids)
+        ws = tl.where(slot == i, wi, ws)
+        sel = tl.where(e == idx, -2.0, sel)
+    if NORM:
+        ws = ws / tl.sum(ws, axis=0)
+    km = slot < K
+    tl.store(ids_ptr + slot, ids, mask=km)
+    tl.store(rec_ptr + slot, ids, mask=km)
+    tl.store(w_ptr + slot, ws.to(w_ptr.dtype.element_ty), mask=km)
+
+
+def route(logits: torch.Tensor, top_k: int, norm: bool, ids: torch.Tensor, weights: torch.Tensor,
+          record: torch.Tensor, noise: torch.Tensor | None = None) -> None:
+    """Softmax over the router logits, the top_k experts (by ``noise`` instead, when given) and
+    their weights, renormalised when ``norm``; the ids go to ``ids`` and ``record``."""
+    e = logits.numel()
+    _router[(1,)](logits, noise if noise is not None else logits, ids, weights, record, E=e, K=top_k,
+                  NORM=norm, NOISE=noise is not None, BLOCK=triton.next_power_of_2(e),
+                  KB=triton.next_power_of_2(top_k))
+
+
+@triton.jit
+def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, N: tl.constexpr, K: tl.constexpr,
+             BLOCK: tl.constexpr, KB: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    kk = tl.arange(0, KB)
+    km = kk < K
+    y = tl.load(y_ptr + kk[:, None] * N + c[None, :], mask=km[:, None] & m[None, :], other=0.0)
+    w = tl.load(w_ptr + kk, mask=km, other=0.0).to(tl.float32)
+    routed = tl.sum(y * w[:, None], axis=0).to(h_ptr.dtype.element_ty).to(tl.float32)
+    gate = tl.sigmoid(tl.load(sg_ptr).to(tl.float32))
+    shared = tl.load(shared_ptr + c, mask=m, other=0.0).to(tl.float32)
+    shared = (gate.to(h_ptr.dtype.element_ty).to(tl.float32) * shared).to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = tl.load(h_ptr + c, mask=m, other=0.0).to(tl.float32)
+    moe = (routed + shared).to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(h_ptr + c, (h + moe).to(h_ptr.dtype.element_ty), mask=m)
+
+
+def combine(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, shared: torch.Tensor, shared_gate: torch.Tensor) -> None:
+    """``h += sum_j w[j] y[j] + sigmoid(shared_gate) * shared`` in place (the MoE block's output
+    added to the residual stream, rounded where transformers rounds)."""
+    n = h.numel()
+    block = 512
+    _combine[(triton.cdiv(n, block),)](h, y, w, shared, shared_gate, N=n, K=y.shape[0], BLOCK=block,
+                                       KB=triton.next_power_of_2(y.shape[0]))
