@@ -21,7 +21,8 @@ import triton.language as tl
 @triton.jit
 def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
                cache_q, cache_s, host_q, host_s, y_ptr,
-               OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr):
+               OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+               GPI: tl.constexpr):
     j = tl.program_id(0)                 # which of the token's experts
     nb = tl.program_id(1)                # which block of output rows
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -30,8 +31,9 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
     miss = slot < 0
     HALF: tl.constexpr = G // 2          # packed bytes per group and row
     NG: tl.constexpr = IN // G
-    rows = nb * BN + tl.arange(0, BN)
-    cols = tl.arange(0, HALF)
+    W: tl.constexpr = GPI * HALF         # packed bytes per row and step: GPI groups, at least 128 B
+    rows = nb * BN + tl.arange(0, BN)    # so that a miss reads whole 128-byte lines over PCIe
+    cols = tl.arange(0, W)
     in_rows = rows < OUT
     # both bases are computed; the masks make sure only one is ever read
     qc = cache_q + slot * (OUT * (IN // 2))
@@ -39,25 +41,26 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
     sc = cache_s + slot * (OUT * NG)
     sh = host_s + e * (OUT * NG)
     xrow = x_ptr + j * x_stride
+    gsel = tl.arange(0, GPI)
     acc = tl.zeros([BN], dtype=tl.float32)
-    for gi in range(NG):
-        off = rows[:, None] * (IN // 2) + gi * HALF + cols[None, :]
+    for step in range(NG // GPI):
+        off = rows[:, None] * (IN // 2) + step * W + cols[None, :]
         m = in_rows[:, None]
         p = tl.load(qc + off, mask=m & hit, other=0) | tl.load(qh + off, mask=m & miss, other=0)
         lo = (p & 15).to(tl.float32) - 8.0
         hi = (p >> 4).to(tl.float32) - 8.0
-        xe = tl.load(xrow + gi * G + 2 * cols).to(tl.float32)
-        xo = tl.load(xrow + gi * G + 2 * cols + 1).to(tl.float32)
+        xe = tl.load(xrow + step * 2 * W + 2 * cols).to(tl.float32)
+        xo = tl.load(xrow + step * 2 * W + 2 * cols + 1).to(tl.float32)
         if ACT:   # x is [gate | up] of the layer before: silu(gate) * up, on the fly
-            ue = tl.load(xrow + IN + gi * G + 2 * cols).to(tl.float32)
-            uo = tl.load(xrow + IN + gi * G + 2 * cols + 1).to(tl.float32)
+            ue = tl.load(xrow + IN + step * 2 * W + 2 * cols).to(tl.float32)
+            uo = tl.load(xrow + IN + step * 2 * W + 2 * cols + 1).to(tl.float32)
             xe = xe * tl.sigmoid(xe) * ue
             xo = xo * tl.sigmoid(xo) * uo
-        part = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
-        soff = rows * NG + gi
-        s = (tl.load(sc + soff, mask=in_rows & hit, other=0.0).to(tl.float32)
-             + tl.load(sh + soff, mask=in_rows & miss, other=0.0).to(tl.float32))
-        acc += part * s
+        part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BN, GPI, HALF)), axis=2)   # [BN, GPI]
+        soff = rows[:, None] * NG + step * GPI + gsel[None, :]
+        s = (tl.load(sc + soff, mask=m & hit, other=0.0).to(tl.float32)
+             + tl.load(sh + soff, mask=m & miss, other=0.0).to(tl.float32))
+        acc += tl.sum(part * s, axis=1)
     tl.store(y_ptr + j * OUT + rows, acc, mask=in_rows)
 
 
@@ -74,9 +77,13 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     group = c // host_s.shape[2]
     y = out if out is not None else torch.empty(k, r, dtype=torch.float32, device=x.device)
     x_stride = 0 if x.dim() == 1 else x.stride(0)
+    groups = c // group
+    gpi = 1
+    while gpi * group // 2 < 128 and groups % (2 * gpi) == 0:
+        gpi *= 2
     grid = (k, triton.cdiv(r, block_rows))
     _int4_gemv[grid](x, x_stride, ids, table, cache_q, cache_s, host_q, host_s, y,
-                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act)
+                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi)
     return y
 
 
