@@ -31,8 +31,9 @@ GiB = 1024**3
 MiB = 1024**2
 
 # Host memory of a worker process before any weights: Python, torch, transformers (measured on
-# CPU at about 0.38 GB with the demo model; CUDA's libraries and context add about 1.5 GB).
-WORKER_HOST_CPU = int(0.5 * GB)
+# CPU at about 0.38 GB with the demo model, about 0.1 GB more where bitsandbytes finds triton
+# installed and imports its kernels; CUDA's libraries and context add about 1.5 GB).
+WORKER_HOST_CPU = int(0.6 * GB)
 WORKER_HOST_GPU = int(2.0 * GB)
 # GPU memory the CUDA context and the allocator's slack take before any tensor.
 CUDA_CONTEXT = int(0.5 * GiB)

@@ -247,7 +247,9 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
+def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path,
+           speed: list[dict[str, Any]] | None = None) -> str:
+    speed = speed or []
     failed: dict[str, list[dict[str, Any]]] = defaultdict(list)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
@@ -263,6 +265,8 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
         "Budgets are GiB of GPU memory, enforced in the process (see docs/benchmarks.md).",
         "",
     ]
+    for data in speed:
+        lines += render_speed(data)
     if not runs:
         lines += ["No runs yet: run `bench/gpu_compare.sh` on a GPU machine, commit its JSON files to",
                   "`bench/results/`, then run `python bench/report.py`.", ""]
@@ -298,6 +302,116 @@ def render(runs: list[dict[str, Any]], chart_path: Path, out_path: Path) -> str:
     return "\n".join(lines)
 
 
+# ---- bench/moe_offload_speed.py: the decode and prefill speed of moe-offload, with its bound ----
+
+TOKEN_EXPERTS = 48 * 10          # routed expert uses per decode token of Qwen3-Next-80B
+EMBEDDING_BYTES = 151936 * 2048 * 2   # the embedding table: resident, but one row is read per token
+
+
+def speed_bound(run: dict[str, Any], machine: dict[str, Any]) -> dict[str, float] | None:
+    """The physical bound of one decode token of ``run``: every byte that crossed PCIe at the
+    pinned host-to-device rate, plus every byte read from GPU memory (resident weights but the
+    embedding table, cached experts) at the device copy rate, one after the other (a layer's
+    experts wait for its router, so the two overlap little)."""
+    if not machine.get("h2d_pinned_gb_s") or not run.get("decode_ms_per_token"):
+        return None
+    expert = machine.get("expert_bytes", 1622016)
+    pcie = run["pcie_mb_per_token"] * 1e6 / (machine["h2d_pinned_gb_s"] * 1e9)
+    hbm_bytes = run["resident_gb"] * GiB - EMBEDDING_BYTES + run["decode_hit_rate"] * TOKEN_EXPERTS * expert
+    hbm = hbm_bytes / (machine["gpu_copy_gb_s"] * 1e9)
+    ms = 1000 * (pcie + hbm)
+    return {"bound_ms": ms, "bound_tok_s": 1000 / ms, "share": ms / run["decode_ms_per_token"]}
+
+
+def speed_parts(run: dict[str, Any], parts: dict[str, Any], machine: dict[str, Any]) -> dict[str, float] | None:
+    """Where a token's time goes, from the parts measured alone: the resident step, the cached
+    and the missed experts at their per-expert cost, the swaps at the pinned copy rate; what is
+    left of the measured time is the host's share (sampling, the cache policy, the graph launch)."""
+    if not parts or not parts.get("routed_layer_all_misses_us"):
+        return None
+    hits = run["decode_hit_rate"] * TOKEN_EXPERTS
+    misses = run["zero_copy_experts_per_token"]
+    out = {"resident_ms": parts["resident_step_ms"],
+           "cached_experts_ms": hits * parts["routed_layer_all_hits_us"] / 10 / 1000,
+           "missed_experts_ms": misses * parts["routed_layer_all_misses_us"] / 10 / 1000,
+           "swaps_ms": run["experts_swapped_per_token"] * machine.get("expert_bytes", 1622016)
+           / (machine["h2d_pinned_gb_s"] * 1e9) * 1000}
+    out["host_and_rest_ms"] = run["decode_ms_per_token"] - sum(out.values())
+    return out
+
+
+def load_speed(folder: Path) -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(folder.glob("moe_offload_speed_*.json")):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") == "bench/moe_offload_speed.py":
+            data["_file"] = path.name
+            found.append(data)
+    return found
+
+
+def render_speed(data: dict[str, Any]) -> list[str]:
+    env, machine = data.get("environment", {}), data.get("machine", {})
+    runs = [r for r in data.get("runs", []) if not r.get("error")]
+    lines = [f"## moe-offload speed: {env.get('gpu', '?')}, {env.get('date_utc', '?')} UTC, commit "
+             f"{env.get('commit', '?')}", "",
+             f"`bench/moe_offload_speed.py` ({data['_file']}): Qwen3-Next-80B-A3B at full shapes (48 layers), random "
+             "weights, int4 routed experts in pinned host memory, bf16 resident part, batch 1, the VRAM budget "
+             "enforced. Decode: the CUDA-graph step, sampled at temperature 1, after warm-up tokens. Prefill: "
+             f"a {runs[0]['prompt_tokens'] if runs else '?'}-token prompt through transformers' modules.", ""]
+    if machine:
+        lines += [f"Machine, measured in the run: pinned host-to-device {machine['h2d_pinned_gb_s']:.1f} GB/s; the int4 "
+                  f"kernel reading experts in place over PCIe {machine['int4_kernel_zero_copy_gb_s']:.1f} GB/s and from "
+                  f"GPU memory {machine['int4_kernel_hbm_gb_s']:.0f} GB/s; device copy {machine['gpu_copy_gb_s']:.0f} GB/s; "
+                  f"host copy {machine['cpu_copy_gb_s']:.1f} GB/s.", ""]
+    head = ("| budget | routing | cache share | decode tok/s | ms/token | hit rate | PCIe MB/token | bound tok/s | "
+            "share of bound | prefill tok/s | GPU peak GiB | host peak GiB |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        b = speed_bound(r, machine) or {}
+        lines.append(
+            f"| {r['vram_budget_gb']:g} GB | {r['routing']} | {r['cache_share']:.0%} | **{r['decode_tok_s']:.1f}** | "
+            f"{r['decode_ms_per_token']:.1f} | {r['decode_hit_rate']:.1%} | {r['pcie_mb_per_token']:.0f} | "
+            f"{fmt(b.get('bound_tok_s'), '{:.0f}')} | {fmt(b.get('share'), '{:.0%}')} | {r['prefill_tok_s']:.0f} | "
+            f"{r['gpu_peak_allocated_gb']:.1f} | {r['host_peak_gb']:.1f} |")
+    lines.append("")
+    failed = [r for r in data.get("runs", []) if r.get("error")]
+    for r in failed:
+        lines.append(f"- did not finish: {r.get('vram_budget_gb')} GB, {r.get('routing')}: {r['error'][:200]}")
+    parts_src = next((r for r in runs if r.get("parts")), None)
+    if parts_src:
+        pt = parts_src["parts"]
+        lines += [f"Parts, each replayed alone from a CUDA graph: the resident step with no routed experts "
+                  f"{pt['resident_step_ms']:.2f} ms ({pt['resident_ms_per_layer'] * 1000:.0f} us per layer); one layer's "
+                  f"10 routed experts {pt['routed_layer_all_hits_us']:.0f} us when all are cached and "
+                  f"{pt['routed_layer_all_misses_us']:.0f} us when all are read over PCIe. Where each run's time per "
+                  "token goes, from those parts:", "",
+                  "| budget | routing | resident | cached experts | missed experts | swaps | host and rest | measured |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            sp = speed_parts(r, pt, machine)
+            if sp:
+                lines.append(f"| {r['vram_budget_gb']:g} GB | {r['routing']} | {sp['resident_ms']:.2f} ms | "
+                             f"{sp['cached_experts_ms']:.2f} ms | {sp['missed_experts_ms']:.2f} ms | {sp['swaps_ms']:.2f} ms | "
+                             f"{sp['host_and_rest_ms']:.2f} ms | {r['decode_ms_per_token']:.2f} ms |")
+        lines.append("")
+    base = data.get("same_depth_comparison")
+    if base and base.get("moe_offload_over_bnb4"):
+        m, t = base["moe_offload"], base["transformers_bnb4"]
+        lines += [f"Same run, same depth ({base['layers']} layers at full width) and budget ({base['vram_budget_gb']:g} GB, "
+                  f"24 GB scaled to the depth): moe-offload {m['decode_tok_s']:.1f} tok/s, transformers-bnb4 "
+                  f"{t['decode_tok_s']:.4f} tok/s: **{base['moe_offload_over_bnb4']:.0f}x**.", ""]
+    check = data.get("check", {})
+    if check.get("float32"):
+        c32, c16 = check["float32"], check.get("bf16", {})
+        lines += [f"Check ({c32['layers']} layers, teacher-forced, against transformers' modules on the same weights): "
+                  f"float32 logits within {max(c32['max_rel_logit_diff'], 1e-4):.0e} of the largest logit "
+                  "(the run rounds to 4 decimals), argmax "
+                  f"{c32['argmax_agree']}/{c32['tokens']}; bf16 within {c16.get('max_rel_logit_diff', float('nan')):.2f}, "
+                  f"argmax {c16.get('argmax_agree')}/{c16.get('tokens')} (bf16 rounding on random weights).", ""]
+    return lines
+
+
 def _failures(runs: list[dict[str, Any]]) -> list[str]:
     if not runs:
         return []
@@ -322,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             groups[card_of(r)].append(r)
     if groups:
         chart(groups, chart_path)
-    out.write_text(render(runs, chart_path, out))
+    out.write_text(render(runs, chart_path, out, load_speed(Path(args.results))))
     print(f"wrote {out}" + (f" and {chart_path}" if groups else "") + f" from {len(runs)} run(s)")
     return 0
 

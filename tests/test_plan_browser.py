@@ -19,7 +19,7 @@ from browser_helpers import Server, chromium, shot  # noqa: E402
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 TIMEOUT_MS = int(os.environ.get("MOECHAT_BROWSER_TIMEOUT_MS", "90000"))
-SENTENCE = "This does not fit. host RAM: needs 0.5 GB of 0.1 GB available."
+SENTENCE = "This does not fit. host RAM: needs 0.6 GB of 0.1 GB available."
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_load_that_cannot_fit_shows_the_plan_sentence(small_ram_server):
         shot(page, "plan-refused")
         status = page.inner_text("#load-status")
         assert SENTENCE in status
-        assert "Free some host RAM: the worker process alone needs about 0.5 GB" in status
+        assert "Free some host RAM: the worker process alone needs about 0.6 GB" in status
         assert "load anyway with force" in status
         # nothing was loaded: the chat still asks for a model
         assert "synthetic:tiny" not in page.inner_text("#model-status")

@@ -328,6 +328,6 @@ def test_cli_plan_refuses_with_the_sentence_and_bad_input_gets_one_too(tmp_path)
     out = run_cli("plan", "synthetic:tiny", "--backend", "transformers", "--gpu-gb", "0",
                   MOECHAT_HOME=str(tmp_path), MOECHAT_HOST_RAM_GB="0.1")
     assert out.returncode == 3
-    assert "This does not fit. host RAM: needs 0.5 GB of 0.1 GB available." in out.stdout
+    assert "This does not fit. host RAM: needs 0.6 GB of 0.1 GB available." in out.stdout
     bad = run_cli("plan", "synthetic:nonesuch", "--backend", "transformers", MOECHAT_HOME=str(tmp_path))
     assert bad.returncode == 1 and "There is no synthetic model 'nonesuch'." in bad.stderr

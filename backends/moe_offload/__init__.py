@@ -46,7 +46,8 @@ class MoeOffloadSettings(BackendSettings):
         None, ge=0, description="GPU cache slots per layer, overriding the budget (0: none).")
     miss_policy: Literal["auto", "copy", "cpu"] = Field(
         "auto", description="An expert not in the GPU cache: copy it to the GPU (copy), compute it on the "
-                            "CPU (cpu), or let the backend choose (auto: copy with a GPU, cpu without).")
+                            "CPU (cpu), or let the backend choose (auto: with a GPU, the CUDA-graph decode "
+                            "step reads it in place over PCIe; without one, the CPU computes it).")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where the resident model runs: auto "
                                                                       "uses the GPU when there is one.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
