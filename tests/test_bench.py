@@ -104,7 +104,7 @@ def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home, tmp_path):
     proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--bandwidth-mb", "0",
                  "--json", str(path), MOECHAT_HOST_RAM_GB="0.1")
     assert proc.returncode == 1
-    sentence = "This does not fit. host RAM: needs 0.5 GB of 0.1 GB available."
+    sentence = "This does not fit. host RAM: needs 0.6 GB of 0.1 GB available."
     assert f"moechat: {sentence}" in proc.stderr
     # the failed run is recorded, and the report lists it
     assert json.loads(path.read_text())["error"].startswith(sentence)
