@@ -275,15 +275,16 @@ def run_bnb(args) -> dict:
     return out
 
 
-def phase(cmd: list[str], timeout: int, without_fla: bool = False) -> dict:
-    """Run one part in its own process (clean peak-memory numbers, and a crash stays contained).
+def phase(cmd: list[str], timeout: int, without_fla: bool = False, script: str = __file__) -> dict:
+    """Run one part (``script`` with ``cmd``) in its own process (clean peak-memory numbers, and a
+    crash stays contained); its last JSON line is the result.
     ``without_fla``: drop PYTHONPATH entries holding fla, so transformers uses its torch fallback."""
     t0 = time.perf_counter()
     env = dict(os.environ)
     if without_fla:
         env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "fla" not in p)
     try:
-        p = subprocess.run([sys.executable, __file__, *cmd], capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run([sys.executable, script, *cmd], capture_output=True, text=True, timeout=timeout, env=env)
         sys.stderr.write(p.stderr[-4000:])
         lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
         if p.returncode == 0 and lines:

@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,8 @@ GiB = 1024**3
 
 
 def peak_host_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) * 1024 / GiB, 2)
-    return 0.0
+    import moe_offload_gpu
+    return round((moe_offload_gpu.peak_host_bytes() or 0) / GiB, 2)
 
 
 def rss_gb() -> float:
@@ -96,8 +93,8 @@ def machine(store) -> dict:
     from backends.moe_offload import kernels
 
     out = hwprobe.measure(256, 5)
-    layer = store.layers[store_layers(store)[0]]
-    gu, dn = layer["gate_up"], layer["down"]
+    layer = store.layers[min(store.layers)]
+    gu = layer["gate_up"]
     e = store.num_experts
     dev = "cuda"
     x = torch.randn(store.hidden, device=dev, dtype=torch.bfloat16)
@@ -132,12 +129,7 @@ def machine(store) -> dict:
         "gate_up_10_experts_hit_us": round(t_hit * 1e6, 1), "gate_up_10_experts_miss_us": round(t_miss * 1e6, 1),
         "expert_bytes": expert_bytes,
     })
-    del cache
     return out
-
-
-def store_layers(store):
-    return sorted(store.layers)
 
 
 def build(layers: int, budget: float, store=None, policy: str = "auto", context: int = 4096, dtype=None):
@@ -276,8 +268,6 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
 
 def one_run(args) -> dict:
     """One budget and routing in this process (each run gets a fresh process: clean peaks)."""
-    import torch
-
     from backends.moe_offload.cache import simulate
     from backends.moe_offload.engine import DecodePath
 
@@ -307,15 +297,9 @@ def one_run(args) -> dict:
 
 
 def phase(argv: list[str], timeout: int) -> dict:
-    try:
-        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s", "argv": argv}
-    sys.stderr.write(p.stderr[-3000:])
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    return {"error": f"exit {p.returncode}", "argv": argv, "stderr_tail": p.stderr[-2000:]}
+    """One part of this script in its own process (bench/moe_offload_gpu.py's runner)."""
+    import moe_offload_gpu
+    return moe_offload_gpu.phase(argv, timeout, script=__file__)
 
 
 def main() -> None:
@@ -377,27 +361,15 @@ def main() -> None:
         base = {"layers": args.base_layers, "vram_budget_gb": scaled}
         base["moe_offload"] = phase(["--phase", "run", "--budget", str(scaled), "--layers", str(args.base_layers),
                                      "--prompt", "64", "--decode", "32", "--warmup", "4"], 150)
-        base["transformers_bnb4"] = phase_bnb(args.base_layers, scaled)
+        import moe_offload_gpu   # transformers-bnb4 through its phase there (writes a random checkpoint)
+        base["transformers_bnb4"] = moe_offload_gpu.phase(
+            ["bnb", "--layers", str(args.base_layers), "--budget", str(scaled), "--prompt", "16", "--decode", "2"], 300)
         b = base["transformers_bnb4"].get("decode_tok_s")
         m = base["moe_offload"].get("decode_tok_s")
         base["moe_offload_over_bnb4"] = round(m / b, 1) if b and m else None
         result["same_depth_comparison"] = base
         save(base)
     save()
-
-
-def phase_bnb(layers: int, budget: float) -> dict:
-    """transformers-bnb4 through bench/moe_offload_gpu.py's phase (writes a random checkpoint)."""
-    script = ROOT / "bench" / "moe_offload_gpu.py"
-    try:
-        p = subprocess.run([sys.executable, str(script), "bnb", "--layers", str(layers), "--budget", str(budget),
-                            "--prompt", "16", "--decode", "2"], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out after 300 s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    return {"error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]}
 
 
 if __name__ == "__main__":

@@ -208,3 +208,31 @@ def test_report_reads_the_moe_offload_engine_files(tmp_path):
     assert ("| transformers-bnb4 (random checkpoint) | synthetic:qwen3-next-80b-a3b, 4 of 48 layers | 24 GB "
             "| 0.058 (0.058-0.058) | 0.0048 (extrapolated) |") in text
     assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_shows_the_moe_offload_speed_run_with_its_bound_and_parts(tmp_path):
+    """bench/moe_offload_speed.py's committed result: the report puts each run with the bound
+    computed from the bandwidths measured in that run, and splits each token's time by part."""
+    src = ROOT / "bench" / "results" / "moe_offload_speed_h100_2026-11-28.json"
+    data = json.loads(src.read_text())
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / src.name).write_text(src.read_text())
+    out = tmp_path / "B.md"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(results), "--out", str(out),
+                    "--chart", str(tmp_path / "c.png")], check=True, capture_output=True, timeout=120)
+    text = out.read_text()
+    assert f"## moe-offload speed: {data['environment']['gpu']}" in text
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import speed_bound, speed_parts
+
+    machine, parts = data["machine"], data["runs"][0]["parts"]
+    for run in data["runs"]:
+        bound = speed_bound(run, machine)
+        # the bound is faster than the run, and the row shows both
+        assert bound["bound_ms"] < run["decode_ms_per_token"]
+        assert f"**{run['decode_tok_s']:.1f}** | {run['decode_ms_per_token']:.1f} |" in text
+        assert f"| {bound['bound_tok_s']:.0f} | {bound['share']:.0%} |" in text
+        split = speed_parts(run, parts, machine)
+        assert abs(sum(split.values()) - run["decode_ms_per_token"]) < 1e-9 and split["host_and_rest_ms"] > 0
+    assert f"**{data['same_depth_comparison']['moe_offload_over_bnb4']:.0f}x**" in text

@@ -89,7 +89,7 @@ def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, ke
     ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(9))
     eng = engine(wide, tmp_path, expert_format="int4", int4_group_size=16, cache_experts=6, miss_policy="copy")
     want = list(eng.generate_ids(ids[0].tolist(), Sampler(0.0), 12, set()))
-    dev = DeviceExperts(eng.experts, eng.experts[0].act, eng.counters, CachePolicy(len(eng.experts), 16, max_swaps=2))
+    dev = DeviceExperts(eng.experts, eng.counters, CachePolicy(len(eng.experts), 16, max_swaps=2))
     dec = Qwen3NextDecoder(eng.model, eng.config, 64, dev, eng.adapter.shapes(eng.config).moe_layers, fused=fused)
     logits, cache = eng.forward(ids, None, logits_to_keep=1)
     dec.load_cache(cache, ids.shape[1])

@@ -15,7 +15,6 @@ hot (a real model on a topic), decayed use counts find them and keep them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,11 +70,11 @@ class CachePolicy:
 class DeviceExperts:
     """Routed experts of the graphed decode step (CUDA, int4 experts)."""
 
-    def __init__(self, experts: list[Any], act: Callable, counters: Any, policy: CachePolicy | None = None):
+    def __init__(self, experts: list[Any], counters: Any, policy: CachePolicy | None = None):
         from backends.moe_offload import kernels  # imports triton: only on this path
 
         self.kernels = kernels
-        self.experts, self.act, self.counters = experts, act, counters
+        self.experts, self.counters = experts, counters
         first = experts[0]
         self.device = first.device
         self.num_experts = first.store.num_experts

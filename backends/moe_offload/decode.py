@@ -53,6 +53,11 @@ class Qwen3NextDecoder:
     """One decode token through the whole model. ``token`` and ``pos`` are device tensors the
     caller fills; ``step()`` returns the logits [vocab] and advances ``pos``."""
 
+    @staticmethod
+    def supports(config: Any) -> bool:
+        """The step (and its kernels) hard-code SiLU, as Qwen3-Next's config has it."""
+        return config.hidden_act == "silu"
+
     def __init__(self, model: Any, config: Any, max_context: int,
                  routed: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                  moe_layers: tuple[int, ...], fused: bool = False):

@@ -134,16 +134,6 @@ class OffloadedExperts(nn.Module):
         self.lru = OrderedDict((e, e) for e in range(n))
         self.free = []
 
-    def warm(self, experts: list[int]) -> None:
-        """Fill free slots with ``experts`` (e.g. before timing)."""
-        for e in experts:
-            if not self.free:
-                break
-            if e not in self.lru:
-                self._insert(e, set())
-        self.counters.copied = 0
-        self.counters.bytes_h2d = 0
-
     # ---- compute ----------------------------------------------------------------------------
     def _mlp(self, src: dict[str, Proj], rows: torch.Tensor, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Experts ``rows`` of ``src`` applied to ``xs`` [n, H] (one row per pair), times ``w``."""
@@ -444,13 +434,13 @@ class DecodePath:
         self.kind = "transformers"
         self.note = ""
         cls = engine.adapter.decoder_class()
-        if cls is None:
+        if cls is None or not cls.supports(engine.config):
             return
         routed = self._eager_routed
         if self._wants_graph():
             try:
                 from backends.moe_offload.cache import DeviceExperts
-                self.device_experts = DeviceExperts(engine.experts, engine.experts[0].act, engine.counters)
+                self.device_experts = DeviceExperts(engine.experts, engine.counters)
                 routed = self.device_experts
             except ImportError as exc:            # no triton: the eager step still beats transformers
                 self.note = f"no CUDA graph: {exc}"

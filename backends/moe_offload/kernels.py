@@ -66,7 +66,7 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
 
 def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                      cache_q: torch.Tensor, cache_s: torch.Tensor, host_q: torch.Tensor, host_s: torch.Tensor,
-                     out: torch.Tensor | None = None, block_rows: int = 16, act: bool = False) -> torch.Tensor:
+                     block_rows: int = 16, act: bool = False) -> torch.Tensor:
     """``y [top_k, R]`` (float32) = expert ``ids[j]``'s int4 matrix [R, C] times ``x[j]`` (or ``x``
     for all when it is 1-D). ``table[e]`` is e's row in ``cache_q/cache_s`` or -1 for the host
     store ``host_q/host_s`` ([E, R, C/2] uint8 and [E, R, C/group] bf16). With ``act``, ``x[j]``
@@ -75,7 +75,7 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     r, half = host_q.shape[1:]
     c = 2 * half
     group = c // host_s.shape[2]
-    y = out if out is not None else torch.empty(k, r, dtype=torch.float32, device=x.device)
+    y = torch.empty(k, r, dtype=torch.float32, device=x.device)
     x_stride = 0 if x.dim() == 1 else x.stride(0)
     groups = c // group
     gpi = 1
