@@ -27,14 +27,17 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
     nb = tl.program_id(1)                # which block of output rows
     e = tl.load(ids_ptr + j).to(tl.int64)
     slot = tl.load(table_ptr + e).to(tl.int64)
-    hit = slot >= 0
-    miss = slot < 0
     HALF: tl.constexpr = G // 2          # packed bytes per group and row
     NG: tl.constexpr = IN // G
     W: tl.constexpr = GPI * HALF         # packed bytes per row and step: GPI groups, at least 128 B
     rows = nb * BN + tl.arange(0, BN)    # so that a miss reads whole 128-byte lines over PCIe
     cols = tl.arange(0, W)
     in_rows = rows < OUT
+    # per-row masks, compared as vectors: Triton 3.9's interpreter turns a scalar bool & a
+    # vector bool into int32, which tl.load refuses as a mask
+    slots = tl.zeros([BN], dtype=tl.int64) + slot
+    on_device = (in_rows & (slots >= 0))[:, None]
+    on_host = (in_rows & (slots < 0))[:, None]
     # both bases are computed; the masks make sure only one is ever read
     qc = cache_q + slot * (OUT * (IN // 2))
     qh = host_q + e * (OUT * (IN // 2))
@@ -45,8 +48,7 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
     acc = tl.zeros([BN], dtype=tl.float32)
     for step in range(NG // GPI):
         off = rows[:, None] * (IN // 2) + step * W + cols[None, :]
-        m = in_rows[:, None]
-        p = tl.load(qc + off, mask=m & hit, other=0) | tl.load(qh + off, mask=m & miss, other=0)
+        p = tl.load(qc + off, mask=on_device, other=0) | tl.load(qh + off, mask=on_host, other=0)
         lo = (p & 15).to(tl.float32) - 8.0
         hi = (p >> 4).to(tl.float32) - 8.0
         xe = tl.load(xrow + step * 2 * W + 2 * cols).to(tl.float32)
@@ -58,8 +60,8 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
             xo = xo * tl.sigmoid(xo) * uo
         part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BN, GPI, HALF)), axis=2)   # [BN, GPI]
         soff = rows[:, None] * NG + step * GPI + gsel[None, :]
-        s = (tl.load(sc + soff, mask=m & hit, other=0.0).to(tl.float32)
-             + tl.load(sh + soff, mask=m & miss, other=0.0).to(tl.float32))
+        s = (tl.load(sc + soff, mask=on_device, other=0.0).to(tl.float32)
+             + tl.load(sh + soff, mask=on_host, other=0.0).to(tl.float32))
         acc += tl.sum(part * s, axis=1)
     tl.store(y_ptr + j * OUT + rows, acc, mask=in_rows)
 
