@@ -20,6 +20,7 @@ random int4 bytes in pinned host memory (37 GiB). One JSON object with:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -266,6 +267,117 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
     return out
 
 
+def prefill_detail(eng, cfg, tokens: int) -> dict:
+    """One prompt's prefill, several ways on the same engine: the grouped path (Triton int4
+    dequantization, one grouped GEMM per chunk of experts) against torch's dequantization with a
+    product per expert; the model's router against uniform random routing (every expert of a
+    layer touched, a trained model's case); where the time goes, per module and per kernel."""
+    from unittest import mock
+
+    import torch
+
+    from backends.moe_offload import engine as E
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=g)
+    c = eng.counters
+    plain_forward = E.OffloadedExperts.forward
+
+    def uniform_forward(self, x, top_k_index, top_k_weights):
+        t, k = top_k_index.shape
+        pick = torch.rand(t, self.store.num_experts, device=x.device).argsort(-1)[:, :k]
+        return plain_forward(self, x, pick, top_k_weights)
+
+    def torch_only():
+        return mock.patch.multiple(E, _gpu_kernels=lambda: None), mock.patch.object(torch, "_grouped_mm", None)
+
+    def timed(patches=(), label=""):
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            eng.forward(ids, None, logits_to_keep=1)
+            torch.cuda.synchronize()
+            c.reset()
+            t0 = time.perf_counter()
+            logits, _ = eng.forward(ids, None, logits_to_keep=1)
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t0
+        lookups = max(c.hits + c.misses, 1)
+        return {"way": label, "s": round(s, 3), "tok_s": round(tokens / s, 1), "hit_rate": round(c.hits / lookups, 4),
+                "h2d_gb": round(c.bytes_h2d / 1e9, 2), "experts_copied": c.copied}, logits[0, -1].float()
+
+    out: dict = {"tokens": tokens, "ways": []}
+    rec, fast = timed(label="grouped (Triton dequant + torch._grouped_mm), the model's router")
+    out["ways"].append(rec)
+    rec, slow = timed(torch_only(), "torch dequant + a product per expert, the model's router")
+    out["ways"].append(rec)
+    out["grouped_vs_torch"] = {"max_rel_logit_diff": round(((fast - slow).abs().max() / slow.abs().max()).item(), 4),
+                               "argmax_agree": bool(fast.argmax() == slow.argmax())}
+    rec, _ = timed([mock.patch.object(E.OffloadedExperts, "forward", uniform_forward)],
+                   "grouped, uniform random routing")
+    out["ways"].append(rec)
+    out["modules_ms"] = module_times(eng, ids)
+    out["top_kernels"] = top_kernels(eng, ids)
+    return out
+
+
+def module_times(eng, ids) -> dict:
+    """Milliseconds per kind of module in one prefill (a sync before and after each)."""
+    import torch
+
+    spent: dict[str, float] = {}
+    handles = []
+    kinds = {"linear_attn": "gated DeltaNet", "self_attn": "attention", "experts": "routed experts",
+             "shared_expert": "shared expert", "gate": "router"}
+    for layer in eng.model.model.layers:
+        for name, mod in layer.named_modules():
+            kind = kinds.get(name.rsplit(".", 1)[-1])
+            if kind is None:
+                continue
+
+            def pre(_m, _a, kind=kind):
+                torch.cuda.synchronize()
+                spent[kind] = spent.get(kind, 0.0) - time.perf_counter()
+
+            def post(_m, _a, _o, kind=kind):
+                torch.cuda.synchronize()
+                spent[kind] += time.perf_counter()
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.forward(ids, None, logits_to_keep=1)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: round(v * 1e3, 1) for k, v in spent.items()}
+    out["everything else"] = round((total - sum(spent.values())) * 1e3, 1)
+    out["total (with the syncs)"] = round(total * 1e3, 1)
+    return out
+
+
+def top_kernels(eng, ids, n: int = 15) -> list[dict]:
+    """The kernels and ops that took most GPU time in one prefill (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.forward(ids, None, logits_to_keep=1)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev = getattr(ev, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(ev, "self_cuda_time_total", 0)
+        rows.append({"name": ev.key[:90], "calls": ev.count, "self_gpu_ms": round(dev / 1e3, 2),
+                     "self_cpu_ms": round(ev.self_cpu_time_total / 1e3, 2)})
+    by_gpu = sorted(rows, key=lambda r: -r["self_gpu_ms"])[:n]
+    by_cpu = [r for r in sorted(rows, key=lambda r: -r["self_cpu_ms"])[:n] if r not in by_gpu]
+    return by_gpu + by_cpu
+
+
 def one_run(args) -> dict:
     """One budget and routing in this process (each run gets a fresh process: clean peaks)."""
     from backends.moe_offload.cache import simulate
@@ -290,6 +402,8 @@ def one_run(args) -> dict:
     rec.update(r)
     if args.parts:
         rec["parts"] = parts(eng)
+    if args.prefill_detail:
+        rec["prefill_detail"] = prefill_detail(eng, cfg, args.prompt)
     if trace is not None:
         rec["policy"] = [simulate(trace, 512, eng.info["cache_slots_per_layer"], p) for p in ("lru", "lfu")]
     rec["host_peak_gb"] = peak_host_gb()
@@ -310,6 +424,7 @@ def main() -> None:
     ap.add_argument("--uniform", action="store_true")
     ap.add_argument("--machine", action="store_true")
     ap.add_argument("--parts", action="store_true")
+    ap.add_argument("--prefill-detail", action="store_true")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=64)
@@ -341,13 +456,15 @@ def main() -> None:
     result["runs"] = []
     common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--decode", str(args.decode),
               "--warmup", str(args.warmup)]
-    for uniform in (False, True):
-        if uniform and "uniform" in args.skip:
-            continue
-        for i, budget in enumerate(args.budgets):
+    for i, budget in enumerate(args.budgets):        # each budget whole before the next
+        for uniform in (False, True):
+            if uniform and "uniform" in args.skip:
+                continue
             extra = ["--machine", "--parts"] if (i == 0 and not uniform and "machine" not in args.skip) else []
+            if not uniform and "prefill" not in args.skip:
+                extra.append("--prefill-detail")
             argv = ["--phase", "run", "--budget", str(budget), *common, *extra] + (["--uniform"] if uniform else [])
-            rec = phase(argv, 200)
+            rec = phase(argv, 260 if "--prefill-detail" in extra else 200)
             rec.setdefault("vram_budget_gb", budget)
             rec.setdefault("routing", "uniform random (forced)" if uniform else "the random model's router")
             if "machine" in rec:

@@ -2,7 +2,8 @@
 
 What must hold: the static step gives transformers' logits token after token; the int4 kernel
 (run by Triton's interpreter here) reads cached and host experts to the reference dequantized
-product; the whole device-experts path (slot table, kernel, cache policy swapping experts
+product and dequantizes experts to the reference weights; grouped products give each group's
+expert's product; the whole device-experts path (slot table, kernel, cache policy swapping experts
 between tokens) generates the tokens of the eager path; and the cache policy keeps hot experts
 where LRU churns.
 """
@@ -79,6 +80,34 @@ def test_int4_kernel_reads_cached_and_host_experts_to_the_reference_product(kern
     # a stale cache slot would give other numbers: the table is what decides
     cache_q[1] = q[0]
     assert (kernels.int4_expert_gemv(x, ids, table, cache_q, cache_s, q, s) - y).abs().max().item() > 1e-3
+
+
+def test_int4_dequant_kernel_gives_the_reference_weights(kernels):
+    g = torch.Generator().manual_seed(1)
+    q, s = quant.int4_quantize(torch.randn(6, 40, 384, generator=g), 128)   # 40 rows: a partial block
+    rows = torch.tensor([4, 1, 4])
+    got = kernels.int4_dequantize_rows(q, s, rows, torch.float32, block_rows=16, block_bytes=64)
+    assert torch.equal(got, quant.dequantize("int4", q[rows], s[rows], torch.float32))
+    # bf16: the same float32 product rounded once (the interpreter truncates where the GPU rounds)
+    half = kernels.int4_dequantize_rows(q, s, rows, torch.bfloat16)
+    want = quant.dequantize("int4", q[rows], s[rows], torch.bfloat16).float()
+    assert ((half.float() - want).abs() <= want.abs() * 2**-7).all()
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["torch-grouped-mm", "per-group"])
+def test_grouped_linear_multiplies_each_group_by_its_expert(monkeypatch, grouped_mm):
+    from backends.moe_offload.engine import grouped_linear
+
+    if not grouped_mm:
+        monkeypatch.setattr(torch, "_grouped_mm", None, raising=False)
+    elif getattr(torch, "_grouped_mm", None) is None:
+        pytest.skip("this torch has no grouped GEMM")
+    g = torch.Generator().manual_seed(2)
+    sizes = [3, 1, 6]
+    x, w = torch.randn(10, 32, generator=g), torch.randn(3, 16, 32, generator=g)
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    want = torch.cat([x[0:3] @ w[0].T, x[3:4] @ w[1].T, x[4:10] @ w[2].T])
+    assert (grouped_linear(x, w, offs, sizes) - want).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-kernels"])

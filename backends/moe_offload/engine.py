@@ -135,68 +135,60 @@ class OffloadedExperts(nn.Module):
         self.free = []
 
     # ---- compute ----------------------------------------------------------------------------
-    def _mlp(self, src: dict[str, Proj], rows: torch.Tensor, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Experts ``rows`` of ``src`` applied to ``xs`` [n, H] (one row per pair), times ``w``."""
-        fmt, dt = self.store.fmt, xs.dtype
-        gu, dn = src["gate_up"], src["down"]
-        w_gu = quant.dequantize(fmt, gu.data[rows], None if gu.scale is None else gu.scale[rows], dt, gu.block)
-        h = torch.bmm(xs.unsqueeze(1), w_gu.transpose(1, 2)).squeeze(1)
-        g, u = h.chunk(2, dim=-1)
-        h = self.act(g) * u
-        w_dn = quant.dequantize(fmt, dn.data[rows], None if dn.scale is None else dn.scale[rows], dt, dn.block)
-        out = torch.bmm(h.unsqueeze(1), w_dn.transpose(1, 2)).squeeze(1)
-        return out * w.unsqueeze(-1).to(out.dtype)
+    def _dense(self, proj: Proj, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dense weights [len(rows), R, C] of rows ``rows`` of ``proj``."""
+        if self.store.fmt == "int4" and proj.data.is_cuda:
+            kernels = _gpu_kernels()
+            if kernels is not None:
+                return kernels.int4_dequantize_rows(proj.data, proj.scale, rows, dtype)
+        return quant.dequantize(self.store.fmt, proj.data[rows], None if proj.scale is None else proj.scale[rows],
+                                dtype, proj.block)
 
-    def _run(self, src: dict[str, Proj], pairs: list[tuple[int, int, int]], x: torch.Tensor,
+    def _run(self, src: dict[str, Proj], row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
              wflat: torch.Tensor, out: torch.Tensor, k: int) -> None:
-        """Accumulate into ``out`` the pairs (flat position, token, row-in-src)."""
-        dev = src["down"].data.device
-        if not pairs:
+        """Accumulate into ``out`` every (token, expert) pair of ``flat`` (the routed ids, on the
+        host) whose expert has a row of ``src`` in ``row_of``: its output times its weight."""
+        if not row_of:
             return
+        lut = torch.full((self.store.num_experts,), -1, dtype=torch.long)
+        lut[torch.tensor(list(row_of))] = torch.tensor(list(row_of.values()))
+        row = lut[flat]
+        pos = (row >= 0).nonzero().squeeze(1)            # flat positions, token-major
+        if not len(pos):
+            return
+        dev = src["down"].data.device
         xd = x if x.device == dev else x.to(dev)
         wd = wflat if wflat.device == dev else wflat.to(dev)
-        if len(pairs) <= SMALL_BATCH_PAIRS:
-            idx = torch.tensor(pairs, dtype=torch.long).t().contiguous()
-            if dev.type != "cpu":
-                idx = idx.pin_memory().to(dev, non_blocking=True)
-            pos, tok, rows = idx[0], idx[1], idx[2]
-            y = self._mlp(src, rows, xd[tok], wd[pos])
-            if y.device != out.device:
-                y, tok = y.to(out.device), tok.to(out.device)
-            out.index_add_(0, tok, y.to(out.dtype))
-            return
-        # Many pairs (prefill): pairs sorted by expert, one transfer of the indices, experts
-        # dequantized DEQUANT_CHUNK at a time, one matmul pair per expert, one index_add at the end.
-        order = sorted(range(len(pairs)), key=lambda j: pairs[j][2])
-        srt = [pairs[j] for j in order]
-        idx = torch.tensor(srt, dtype=torch.long).t().contiguous()
-        if dev.type != "cpu":
-            idx = idx.pin_memory().to(dev, non_blocking=True)
-        pos, tok = idx[0], idx[1]
-        experts: list[int] = []
-        bounds: list[int] = [0]
-        for j, (_, _, r) in enumerate(srt):
-            if not experts or experts[-1] != r:
-                if experts:
-                    bounds.append(j)
-                experts.append(r)
-        bounds.append(len(srt))
-        xs = xd[tok]
-        ys = torch.empty_like(xs)
-        fmt = self.store.fmt
         gu, dn = src["gate_up"], src["down"]
-        for c0 in range(0, len(experts), DEQUANT_CHUNK):
-            chunk = experts[c0:c0 + DEQUANT_CHUNK]
-            rows = torch.tensor(chunk, dtype=torch.long)
-            if dev.type != "cpu":
-                rows = rows.to(dev, non_blocking=True)
-            w_gu = quant.dequantize(fmt, gu.data[rows], None if gu.scale is None else gu.scale[rows], xd.dtype, gu.block)
-            w_dn = quant.dequantize(fmt, dn.data[rows], None if dn.scale is None else dn.scale[rows], xd.dtype, dn.block)
-            for j in range(len(chunk)):
-                a, b = bounds[c0 + j], bounds[c0 + j + 1]
-                g, u = F.linear(xs[a:b], w_gu[j]).chunk(2, dim=-1)
-                ys[a:b] = F.linear(self.act(g) * u, w_dn[j])
-        ys = ys * wd[pos].unsqueeze(-1).to(ys.dtype)
+        if len(pos) <= SMALL_BATCH_PAIRS:
+            # a few pairs (decode): one gathered bmm per projection
+            idx = _to(torch.stack((pos, row[pos])), dev)
+            pos_d, rows = idx[0], idx[1]
+            xs = xd[pos_d // k]
+            h = torch.bmm(xs.unsqueeze(1), self._dense(gu, rows, xs.dtype).transpose(1, 2)).squeeze(1)
+            g, u = h.chunk(2, dim=-1)
+            ys = torch.bmm((self.act(g) * u).unsqueeze(1), self._dense(dn, rows, xs.dtype).transpose(1, 2)).squeeze(1)
+        else:
+            # many pairs (prefill): sorted by expert on the host, then per chunk of experts one
+            # dequantization and one grouped matrix product per projection
+            pos = pos[torch.argsort(row[pos], stable=True)]
+            rows, counts = torch.unique_consecutive(row[pos], return_counts=True)
+            ends = counts.cumsum(0)
+            meta = _to(torch.cat((pos, rows, ends)), dev)
+            pos_d, rows_d, ends_d = meta[:len(pos)], meta[len(pos):len(pos) + len(rows)], meta[len(pos) + len(rows):]
+            xs = xd[pos_d // k]
+            ys = torch.empty_like(xs)
+            n, bounds = len(rows), [0] + ends.tolist()
+            for c0 in range(0, n, DEQUANT_CHUNK):
+                c1 = min(c0 + DEQUANT_CHUNK, n)
+                a, b = bounds[c0], bounds[c1]
+                offs = (ends_d[c0:c1] - a).to(torch.int32)
+                sizes = counts[c0:c1].tolist()
+                h = grouped_linear(xs[a:b], self._dense(gu, rows_d[c0:c1], xs.dtype), offs, sizes)
+                g, u = h.chunk(2, dim=-1)
+                ys[a:b] = grouped_linear(self.act(g) * u, self._dense(dn, rows_d[c0:c1], xs.dtype), offs, sizes)
+        ys = ys * wd[pos_d].unsqueeze(-1).to(ys.dtype)
+        tok = pos_d // k
         if ys.device != out.device:
             ys, tok = ys.to(out.device), tok.to(out.device)
         out.index_add_(0, tok, ys.to(out.dtype))
@@ -206,9 +198,9 @@ class OffloadedExperts(nn.Module):
         x = hidden_states
         t, k = top_k_index.shape
         out = torch.zeros_like(x)
-        flat = top_k_index.reshape(-1).tolist()          # the one host sync of this layer
+        flat = top_k_index.reshape(-1).cpu()              # the one host sync of this layer
         wflat = top_k_weights.reshape(-1)
-        uniq = list(dict.fromkeys(flat))
+        uniq = flat.unique().tolist()
         c = self.counters
         hit = [e for e in uniq if e in self.lru]
         miss = [e for e in uniq if e not in self.lru]
@@ -217,37 +209,56 @@ class OffloadedExperts(nn.Module):
         for e in hit:
             self.lru.move_to_end(e)
         copy_misses = self.slots > 0 and (self.policy == "copy" or t > 1)
-        cpu_miss: list[int] = []
         if copy_misses and len(uniq) <= self.slots:
             keep = set(uniq)
             for e in miss:
                 self._insert(e, keep)
-            pairs = [(p, p // k, self.lru[e]) for p, e in enumerate(flat)]
-            self._run(self.cache, pairs, x, wflat, out, k)
-        elif copy_misses:
-            # More distinct experts than slots (long prefill): hits first, then misses in rounds.
-            if hit:
-                hs = set(hit)
-                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in hs],
-                          x, wflat, out, k)
+            self._run(self.cache, {e: self.lru[e] for e in uniq}, flat, x, wflat, out, k)
+            return out
+        # hits from the cache, then the misses: copied in rounds of the cache's size (a prefill
+        # with more distinct experts than slots), or computed where they lie (the CPU policy)
+        self._run(self.cache, {e: self.lru[e] for e in hit}, flat, x, wflat, out, k)
+        if copy_misses:
             for r0 in range(0, len(miss), self.slots):
                 rnd = miss[r0:r0 + self.slots]
                 keep = set(rnd)
                 for e in rnd:
                     self._insert(e, keep)
-                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in keep],
-                          x, wflat, out, k)
-        else:
-            if hit:
-                hs = set(hit)
-                self._run(self.cache, [(p, p // k, self.lru[e]) for p, e in enumerate(flat) if e in hs],
-                          x, wflat, out, k)
-            cpu_miss = miss
-        if cpu_miss:
-            ms = set(cpu_miss)
-            c.cpu_experts += len(cpu_miss)
-            self._run(self.src, [(p, p // k, e) for p, e in enumerate(flat) if e in ms], x, wflat, out, k)
+                self._run(self.cache, {e: self.lru[e] for e in rnd}, flat, x, wflat, out, k)
+        elif miss:
+            c.cpu_experts += len(miss)
+            self._run(self.src, {e: e for e in miss}, flat, x, wflat, out, k)
         return out
+
+
+def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` (host) on ``dev``: one asynchronous copy from pinned memory on a GPU."""
+    return t if dev.type == "cpu" else t.pin_memory().to(dev, non_blocking=True)
+
+
+def _gpu_kernels():
+    try:
+        from backends.moe_offload import kernels
+    except ImportError:                 # no triton: torch's dequantization
+        return None
+    return kernels
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``x`` [M, K] in consecutive groups of ``sizes`` rows (``offs``: their int32 ends, on x's
+    device); group j times ``w[j]`` [N, K] transposed -> [M, N]. One grouped GEMM where torch
+    has one for these operands (bf16 on a Hopper or Blackwell GPU, any float on the CPU), else a
+    product per group."""
+    grouped_mm = getattr(torch, "_grouped_mm", None)      # torch >= 2.8
+    if grouped_mm is not None and (x.device.type == "cpu" or (
+            x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10))):
+        return grouped_mm(x, w.transpose(1, 2), offs=offs)
+    y = x.new_empty(x.shape[0], w.shape[1])
+    a = 0
+    for j, n in enumerate(sizes):
+        y[a:a + n] = F.linear(x[a:a + n], w[j])
+        a += n
+    return y
 
 
 def plan_slots(budget_bytes: int, resident_bytes: int, kv_bytes: int, state_bytes: int,

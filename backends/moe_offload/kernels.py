@@ -1,4 +1,4 @@
-"""Triton kernels for routed experts at decode: int4 weights read where they lie, never copied.
+"""Triton kernels for routed experts (int4 weights read where they lie) and the fused decode step.
 
 ``int4_expert_gemv`` computes, for each of a token's ``top_k`` experts, ``y[j] = W_e @ x[j]``
 straight from the packed int4 bytes and bf16 group scales (the layout of ``quant.py``). A device
@@ -6,6 +6,9 @@ table gives each expert's cache slot; an expert with no slot (-1) is read from t
 pinned memory, which the GPU addresses directly (unified virtual addressing), so a miss costs its
 bytes over PCIe once and no copy, no host sync and no Python. That keeps the whole decode step a
 fixed sequence of kernels a CUDA graph can replay.
+
+``int4_dequantize_rows`` turns the experts a prefill chunk needs into dense weights in one pass,
+for the grouped matrix products of ``engine.py``.
 
 Importing this module imports triton; the engine imports it only when it runs the GPU path. The
 tests run the same kernels on the CPU with ``TRITON_INTERPRET=1``.
@@ -88,6 +91,42 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                      OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi)
     return y
 
+
+
+@triton.jit
+def _int4_dequant(q_ptr, s_ptr, rows_ptr, out_ptr, R, HALF: tl.constexpr, G: tl.constexpr,
+                  BR: tl.constexpr, BC: tl.constexpr):
+    j = tl.program_id(0)                 # which of the requested experts
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    b = tl.program_id(2) * BC + tl.arange(0, BC)      # packed byte columns
+    e = tl.load(rows_ptr + j).to(tl.int64)
+    m = (r < R)[:, None] & (b < HALF)[None, :]
+    p = tl.load(q_ptr + e * R * HALF + r[:, None] * HALF + b[None, :], mask=m, other=0)
+    s = tl.load(s_ptr + e * R * (2 * HALF // G) + r[:, None] * (2 * HALF // G) + (2 * b[None, :]) // G,
+                mask=m, other=0.0).to(tl.float32)    # an even column and the odd one after it share a group
+    lo = ((p & 15).to(tl.float32) - 8.0) * s
+    hi = ((p >> 4).to(tl.float32) - 8.0) * s
+    w = tl.interleave(lo, hi).to(out_ptr.dtype.element_ty)              # [BR, 2 * BC]
+    c = 2 * tl.program_id(2) * BC + tl.arange(0, 2 * BC)
+    mo = (r < R)[:, None] & (c < 2 * HALF)[None, :]
+    tl.store(out_ptr + j * R * (2 * HALF) + r[:, None] * (2 * HALF) + c[None, :], w, mask=mo)
+
+
+def int4_dequantize_rows(q: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+                         block_rows: int = 16, block_bytes: int = 128) -> torch.Tensor:
+    """Dense ``[len(rows), R, C]`` in ``dtype`` of experts ``rows`` of ``q/s`` ([E, R, C/2] uint8,
+    [E, R, C/group] bf16; on the GPU or, read in place, in pinned host memory): one pass that
+    reads the packed bytes and writes the weights, where ``quant.dequantize`` makes six passes.
+    The same numbers: each weight is (nibble - 8) * scale, exact in float32 and rounded once to
+    ``dtype`` (to nearest on the GPU; Triton's interpreter truncates)."""
+    n = rows.shape[0]
+    r, half = q.shape[1:]
+    out = torch.empty(n, r, 2 * half, dtype=dtype, device=rows.device)
+    if n:
+        group = 2 * half // s.shape[2]
+        grid = (n, triton.cdiv(r, block_rows), triton.cdiv(half, block_bytes))
+        _int4_dequant[grid](q, s, rows, out, r, HALF=half, G=group, BR=block_rows, BC=block_bytes)
+    return out
 
 # ---- the resident part of a decode step, fused ------------------------------------------------
 # At batch 1 every op of the decode step is a kernel launch of a few microseconds, and transformers'
