@@ -10,7 +10,8 @@ random int4 bytes in pinned host memory (37 GiB). One JSON object with:
 * ``check``: the graphed step against transformers' modules on the same weights (teacher-forced
   logits), at reduced depth;
 * ``runs``: per VRAM budget (enforced) and routing (the random model's router, and uniform random
-  routing: a cache's worst case), prefill of a long prompt and timed decode tokens, the hit rate,
+  routing in prefill and decode: a cache's worst case), prefill of a long prompt and timed decode
+  tokens, the hit rate,
   PCIe bytes per token, GPU and host peaks, and the bound the parts predict;
 * ``policy``: the decode routing traces replayed through LRU and through the engine's policy.
 
@@ -267,6 +268,25 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
     return out
 
 
+def uniform_prefill():
+    """A patch under which prefill routes each token to top_k distinct experts drawn uniformly
+    (the router still runs): every expert of a layer is touched, as a trained model's prompt
+    touches them, where the random model's router keeps to a few."""
+    from unittest import mock
+
+    import torch
+
+    from backends.moe_offload.engine import OffloadedExperts
+
+    plain = OffloadedExperts.forward
+
+    def forward(self, x, top_k_index, top_k_weights):
+        t, k = top_k_index.shape
+        pick = torch.rand(t, self.store.num_experts, device=x.device).argsort(-1)[:, :k]
+        return plain(self, x, pick, top_k_weights)
+    return mock.patch.object(OffloadedExperts, "forward", forward)
+
+
 def prefill_detail(eng, cfg, tokens: int) -> dict:
     """One prompt's prefill, several ways on the same engine: the grouped path (Triton int4
     dequantization, one grouped GEMM per chunk of experts) against torch's dequantization with a
@@ -281,12 +301,6 @@ def prefill_detail(eng, cfg, tokens: int) -> dict:
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=g)
     c = eng.counters
-    plain_forward = E.OffloadedExperts.forward
-
-    def uniform_forward(self, x, top_k_index, top_k_weights):
-        t, k = top_k_index.shape
-        pick = torch.rand(t, self.store.num_experts, device=x.device).argsort(-1)[:, :k]
-        return plain_forward(self, x, pick, top_k_weights)
 
     def torch_only():
         return mock.patch.multiple(E, _gpu_kernels=lambda: None), mock.patch.object(torch, "_grouped_mm", None)
@@ -313,8 +327,7 @@ def prefill_detail(eng, cfg, tokens: int) -> dict:
     out["ways"].append(rec)
     out["grouped_vs_torch"] = {"max_rel_logit_diff": round(((fast - slow).abs().max() / slow.abs().max()).item(), 4),
                                "argmax_agree": bool(fast.argmax() == slow.argmax())}
-    rec, _ = timed([mock.patch.object(E.OffloadedExperts, "forward", uniform_forward)],
-                   "grouped, uniform random routing")
+    rec, _ = timed([uniform_prefill()], "grouped, uniform random routing")
     out["ways"].append(rec)
     out["modules_ms"] = module_times(eng, ids)
     out["top_kernels"] = top_kernels(eng, ids)
@@ -397,7 +410,8 @@ def one_run(args) -> dict:
     rec["decode_path"] = path.kind + (f" ({path.note})" if path.note else "")
     if args.machine:
         rec["machine"] = machine(store)
-    r = run(eng, cfg, args.prompt, args.decode, args.warmup)
+    with uniform_prefill() if args.uniform else contextlib.nullcontext():
+        r = run(eng, cfg, args.prompt, args.decode, args.warmup)
     trace = r.pop("_trace")
     rec.update(r)
     if args.parts:
