@@ -455,6 +455,8 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
     result: dict = {"benchmark": "bench/moe_offload_speed.py", "environment": environment(),
+                    "note": "Uniform random routing is forced in prefill and in decode: in those rows the prompt "
+                            "touches every expert of every layer, as a trained model's prompt does.",
                     "args": {k: v for k, v in vars(args).items() if k not in ("phase", "out")}}
     out_path = Path(args.out) if args.out else None
 

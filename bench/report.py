@@ -341,13 +341,14 @@ def speed_parts(run: dict[str, Any], parts: dict[str, Any], machine: dict[str, A
 
 
 def load_speed(folder: Path) -> list[dict[str, Any]]:
+    """The bench/moe_offload_speed.py results, newest run first."""
     found = []
     for path in sorted(folder.glob("moe_offload_speed_*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "bench/moe_offload_speed.py":
             data["_file"] = path.name
             found.append(data)
-    return found
+    return sorted(found, key=lambda d: d.get("environment", {}).get("date_utc", ""), reverse=True)
 
 
 def render_speed(data: dict[str, Any]) -> list[str]:
@@ -358,7 +359,10 @@ def render_speed(data: dict[str, Any]) -> list[str]:
              f"`bench/moe_offload_speed.py` ({data['_file']}): Qwen3-Next-80B-A3B at full shapes (48 layers), random "
              "weights, int4 routed experts in pinned host memory, bf16 resident part, batch 1, the VRAM budget "
              "enforced. Decode: the CUDA-graph step, sampled at temperature 1, after warm-up tokens. Prefill: "
-             f"a {runs[0]['prompt_tokens'] if runs else '?'}-token prompt through transformers' modules.", ""]
+             f"a {runs[0]['prompt_tokens'] if runs else '?'}-token prompt through transformers' modules with the "
+             "engine's routed experts, timed once.", ""]
+    if data.get("note"):
+        lines += [data["note"], ""]
     if machine:
         lines += [f"Machine, measured in the run: pinned host-to-device {machine['h2d_pinned_gb_s']:.1f} GB/s; the int4 "
                   f"kernel reading experts in place over PCIe {machine['int4_kernel_zero_copy_gb_s']:.1f} GB/s and from "
@@ -395,6 +399,9 @@ def render_speed(data: dict[str, Any]) -> list[str]:
                              f"{sp['cached_experts_ms']:.2f} ms | {sp['missed_experts_ms']:.2f} ms | {sp['swaps_ms']:.2f} ms | "
                              f"{sp['host_and_rest_ms']:.2f} ms | {r['decode_ms_per_token']:.2f} ms |")
         lines.append("")
+    for r in runs:
+        if r.get("prefill_detail"):
+            lines += render_prefill(r)
     base = data.get("same_depth_comparison")
     if base and base.get("moe_offload_over_bnb4"):
         m, t = base["moe_offload"], base["transformers_bnb4"]
@@ -409,6 +416,27 @@ def render_speed(data: dict[str, Any]) -> list[str]:
                   "(the run rounds to 4 decimals), argmax "
                   f"{c32['argmax_agree']}/{c32['tokens']}; bf16 within {c16.get('max_rel_logit_diff', float('nan')):.2f}, "
                   f"argmax {c16.get('argmax_agree')}/{c16.get('tokens')} (bf16 rounding on random weights).", ""]
+    return lines
+
+
+def render_prefill(run: dict[str, Any], kernels: int = 6) -> list[str]:
+    """One run's prefill, several ways on the same engine, and where its time goes."""
+    pd = run["prefill_detail"]
+    lines = [f"Prefill of {pd['tokens']} tokens at {run['vram_budget_gb']:g} GB, several ways on the same engine "
+             "(each timed once, after a warm-up):", "",
+             "| way | s | tok/s | hit rate | PCIe GB | experts copied |", "|---|---|---|---|---|---|"]
+    for w in pd["ways"]:
+        lines.append(f"| {w['way']} | {w['s']:.3f} | **{w['tok_s']:.0f}** | {w['hit_rate']:.1%} | {w['h2d_gb']:.2f} | "
+                     f"{w['experts_copied']} |")
+    agree = pd.get("grouped_vs_torch", {})
+    mods = pd.get("modules_ms", {})
+    top = [k for k in pd.get("top_kernels", []) if k["self_gpu_ms"] > 0][:kernels]
+    lines += ["", f"The grouped and torch ways give the same last-token logits up to bf16 rounding (largest "
+              f"difference {agree.get('max_rel_logit_diff', float('nan')):.4f} of the largest logit, argmax "
+              f"{'the same' if agree.get('argmax_agree') else 'different'}). Per module, the model's router, with a "
+              "sync around each module: " + "; ".join(f"{k} {v:.0f} ms" for k, v in mods.items()) + ".",
+              "", "Most GPU time, by op or kernel: " + "; ".join(
+                  f"{k['name'][:60]} {k['self_gpu_ms']:.0f} ms ({k['calls']} calls)" for k in top) + ".", ""]
     return lines
 
 

@@ -236,3 +236,28 @@ def test_report_shows_the_moe_offload_speed_run_with_its_bound_and_parts(tmp_pat
         split = speed_parts(run, parts, machine)
         assert abs(sum(split.values()) - run["decode_ms_per_token"]) < 1e-9 and split["host_and_rest_ms"] > 0
     assert f"**{data['same_depth_comparison']['moe_offload_over_bnb4']:.0f}x**" in text
+
+
+def test_report_puts_the_newest_speed_run_first_with_its_prefill_detail(tmp_path):
+    """Several committed speed results: newest run first, each with its note, and a run's
+    prefill measured several ways shows every way's speed and where the time went."""
+    results = tmp_path / "results"
+    results.mkdir()
+    files = sorted((ROOT / "bench" / "results").glob("moe_offload_speed_*.json"))
+    datas = [json.loads(f.read_text()) for f in files]
+    for f in files:
+        (results / f.name).write_text(f.read_text())
+    out = tmp_path / "B.md"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(results), "--out", str(out),
+                    "--chart", str(tmp_path / "c.png")], check=True, capture_output=True, timeout=120)
+    text = out.read_text()
+    starts = {d["environment"]["commit"]: text.index(f"commit {d['environment']['commit']}\n") for d in datas}
+    newest_first = sorted(datas, key=lambda d: d["environment"]["date_utc"], reverse=True)
+    assert [starts[d["environment"]["commit"]] for d in newest_first] == sorted(starts.values())
+    detailed = [(d, r) for d in datas for r in d["runs"] if r.get("prefill_detail")]
+    assert detailed, "a committed run measures prefill several ways"
+    for d, r in detailed:
+        assert d["note"] in text
+        for way in r["prefill_detail"]["ways"]:
+            assert f"| {way['way']} | {way['s']:.3f} | **{way['tok_s']:.0f}** |" in text
+        assert f"routed experts {r['prefill_detail']['modules_ms']['routed experts']:.0f} ms" in text
