@@ -24,25 +24,13 @@ from typing import Any, ClassVar
 
 import pytest
 
-from backends.api import BackendError, GenerateRequest, Message, SamplingParams
-from backends.manager import BackendManager, Event
+from backends.api import BackendError
+from backends.manager import BackendManager
 from backends.plugins import get_plugin_manager
+from backends.replies import chat, collect, stop_after  # noqa: F401  (chat, collect: for plugin authors' tests)
 
 HEAVY_MODULES = ("torch", "transformers", "vllm", "bitsandbytes", "gradio")
 STATS_KEYS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "prompt_tokens", "completion_tokens")
-
-
-def collect(events) -> tuple[str, Event]:
-    text, last = "", None
-    for ev in events:
-        if ev.kind == "chunk":
-            text += ev.text
-        last = ev
-    return text, last
-
-
-def chat(text: str, **sampling: Any) -> GenerateRequest:
-    return GenerateRequest(messages=[Message(role="user", content=text)], sampling=SamplingParams(**sampling))
 
 
 @pytest.fixture(scope="session")
@@ -108,15 +96,7 @@ class BackendContract:
         assert last.usage["completion_tokens"] <= 3
 
     def test_stop_mid_stream_then_the_next_request_works(self, manager):
-        gen = manager.generate(chat(self.long_prompt, temperature=0, max_new_tokens=400))
-        chunks = 0
-        last = None
-        for ev in gen:
-            if ev.kind == "chunk":
-                chunks += 1
-                if chunks == 2:
-                    gen.stop()
-            last = ev
+        _, last = stop_after(manager.generate(chat(self.long_prompt, temperature=0, max_new_tokens=400)), 2)
         assert last.finish_reason == "cancelled"
         assert last.usage["completion_tokens"] < 400
         _, after = collect(manager.generate(chat("Hello there", temperature=0, max_new_tokens=4)))

@@ -47,8 +47,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from backends import machine, selfcheck  # noqa: E402
 from backends.demo import build_selfcheck_models  # noqa: E402
-from backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
 from backends.manager import BackendManager  # noqa: E402
+from backends.replies import chat, collect, stop_after  # noqa: E402
 from backends.plugins import get_plugin_manager  # noqa: E402
 from backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
                             vllm_python)
@@ -141,19 +141,6 @@ def gpu_used() -> list[int]:
     return [g.used for g in machine.gpus()]
 
 
-def chat(text: str, **sampling: Any) -> GenerateRequest:
-    return GenerateRequest(messages=[Message(role="user", content=text)], sampling=SamplingParams(**sampling))
-
-
-def collect(events) -> tuple[str, Any]:
-    text, last = "", None
-    for ev in events:
-        if ev.kind == "chunk":
-            text += ev.text
-        last = ev
-    return text, last
-
-
 def recorded_signatures() -> Any:
     path = ROOT / "tests" / "test_vllm_engine_args.py"
     spec = importlib.util.spec_from_file_location("recorded_vllm_signatures", path)
@@ -212,16 +199,8 @@ def run_backend(report: Report, name: str, settings: dict[str, Any], label: str)
             r["ok"] = done.finish_reason in ("stop", "length") and bool(text)
             r["summary"] = f"{text[:80]!r}, {done.finish_reason}, {done.usage.get('decode_tok_s')} tok/s"
         with report.step(f"{label}: Stop mid-stream, then the next reply") as r:
-            gen = manager.generate(chat("Write a long story about the sea. " * 3, temperature=0.8,
-                                        max_new_tokens=400))
-            chunks = 0
-            last = None
-            for ev in gen:
-                if ev.kind == "chunk":
-                    chunks += 1
-                    if chunks == 3:
-                        gen.stop()
-                last = ev
+            chunks, last = stop_after(manager.generate(chat("Write a long story about the sea. " * 3,
+                                                            temperature=0.8, max_new_tokens=400)), 3)
             text, after = collect(manager.generate(chat("Hello", temperature=0, max_new_tokens=8)))
             r.update(chunks_before_stop=chunks, finish_reason=last.finish_reason, next_reply=text,
                      next_finish=after.finish_reason)
