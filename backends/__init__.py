@@ -3,7 +3,7 @@
 Importing this package is cheap: it imports no torch, transformers, vllm or bitsandbytes.
 """
 
-from backends.api import (
+from moechat.backends.api import (
     Backend,
     BackendError,
     BackendSettings,
@@ -17,7 +17,7 @@ from backends.api import (
     SamplingParams,
     probe_modules,
 )
-from backends.hookspecs import hookimpl
+from moechat.backends.hookspecs import hookimpl
 
 __all__ = [
     "Backend", "BackendError", "BackendSettings", "Chunk", "GenerateRequest", "MemoryItem",

@@ -211,7 +211,7 @@ class Backend:
     def perplexity(self, text: str) -> float:
         """Perplexity of the loaded model on ``text`` (raw text, no chat template): the exp of
         the mean negative log-likelihood of each token given the ones before it. Optional;
-        ``backends.selfcheck`` uses it to tell a working model (low) from one that produces
+        ``moechat.backends.selfcheck`` uses it to tell a working model (low) from one that produces
         garbage (near the vocabulary size or above). Raise NotImplementedError when the
         backend cannot score text."""
         raise NotImplementedError

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import Probe, Progress, ProgressCallback, probe_modules
-from backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
-from backends.hookspecs import hookimpl
-from backends.transformers_ import load_pretrained
+from moechat.backends.api import Probe, Progress, ProgressCallback, probe_modules
+from moechat.backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
+from moechat.backends.hookspecs import hookimpl
+from moechat.backends.transformers_ import load_pretrained
 
 # Modules kept in 16 bits: the router and gates are tiny and sensitive, and bitsandbytes'
 # CPU path fails on layers whose output is not a multiple of 32 (FACTS.md).
@@ -59,7 +59,7 @@ class Bnb4Backend(HFBackend):
 
     @classmethod
     def plan(cls, model, settings, machine):
-        from backends.planning import plan_bnb4
+        from moechat.backends.planning import plan_bnb4
         return plan_bnb4(model, settings, machine)
 
     def load(self, settings: Bnb4Settings, progress: ProgressCallback) -> dict[str, Any]:
@@ -68,7 +68,7 @@ class Bnb4Backend(HFBackend):
         from transformers import BitsAndBytesConfig
 
         progress(Progress("Reading the tokenizer"))
-        from backends.synthetic import tokenizer_folder
+        from moechat.backends.synthetic import tokenizer_folder
         self.tokenizer = self.load_tokenizer(tokenizer_folder(settings.model))
         device = pick_device(settings.device)
         compute = getattr(torch, settings.compute_dtype)

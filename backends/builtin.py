@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from backends.hookspecs import hookimpl
-from backends.modelinfo import ModelInfo
+from moechat.backends.hookspecs import hookimpl
+from moechat.backends.modelinfo import ModelInfo
 
 
 @hookimpl(trylast=True)

@@ -134,7 +134,7 @@ def build_selfcheck_models(root: str | os.PathLike, steps: int = 100) -> tuple[P
     import torch
     import transformers
 
-    from backends.selfcheck import PARAGRAPH
+    from moechat.backends.selfcheck import PARAGRAPH
 
     root = Path(root)
     trained = build_tiny_model(root / "trained", "llama", seed=3)

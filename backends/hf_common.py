@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, PromptTooLong, StopCheck
+from moechat.backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, PromptTooLong, StopCheck
 
 STREAM_TIMEOUT_S = 600.0
 

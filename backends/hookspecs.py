@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from backends.api import Backend
-    from backends.modelinfo import ModelInfo
+    from moechat.backends.api import Backend
+    from moechat.backends.modelinfo import ModelInfo
 
 PROJECT = "moechat"
 hookspec = pluggy.HookspecMarker(PROJECT)

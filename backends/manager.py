@@ -1,6 +1,6 @@
 """BackendManager: the one owner of the loaded backend.
 
-The loaded backend lives in a worker process (``backends.worker``). The manager starts it,
+The loaded backend lives in a worker process (``moechat.backends.worker``). The manager starts it,
 loads, queues generations (one at a time: one GPU serves everyone), stops them, reads stats,
 and notices when the worker dies. Nothing here imports torch.
 """
@@ -26,12 +26,11 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from backends import machine
-from backends.api import BackendError, GenerateRequest, MemoryPlan, Progress
-from backends.modelinfo import ModelInfo, inspect
-from backends.plugins import BackendEntry, Plugins
+from moechat.backends import machine
+from moechat.backends.api import BackendError, GenerateRequest, MemoryPlan, Progress
+from moechat.backends.modelinfo import ModelInfo, inspect
+from moechat.backends.plugins import BackendEntry, Plugins
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("MOECHAT_WORKER_START_TIMEOUT", "120"))
 
 
@@ -96,14 +95,16 @@ class WorkerProcess:
         listener = Listener(address, family="AF_UNIX", authkey=key)
         cls = entry.cls
         env = dict(os.environ, MOECHAT_WORKER_KEY=key.hex(), PYTHONUNBUFFERED="1")
-        module_root = Path(sys.modules[cls.__module__].__file__).resolve().parents[cls.__module__.count(".")]
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in [str(PROJECT_ROOT), str(module_root), env.get("PYTHONPATH", "")] if p)
+        if python and not cls.__module__.startswith("moechat."):
+            # Another interpreter has moechat installed (it must: see docs/plugin-hooks.md) but
+            # not necessarily this plugin: let it import the plugin's module from where it lies.
+            module_root = Path(sys.modules[cls.__module__].__file__).resolve().parents[cls.__module__.count(".")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [str(module_root), env.get("PYTHONPATH", "")] if p)
         try:
             self.proc = subprocess.Popen(
-                [python or sys.executable, "-m", "backends.worker", "--address", address,
+                [python or sys.executable, "-m", "moechat.backends.worker", "--address", address,
                  "--backend", f"{cls.__module__}:{cls.__qualname__}"],
-                env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(PROJECT_ROOT),
+                env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             )
         except OSError as exc:
             listener.close()
@@ -267,18 +268,18 @@ class BackendManager:
     # ---- loading ------------------------------------------------------------------------
     def resolve_model(self, folder: str) -> ModelInfo:
         """The ModelInfo of ``folder``; the demo model (created on first use) when empty."""
-        from backends import synthetic
+        from moechat.backends import synthetic
         if synthetic.is_synthetic(folder):
             return synthetic.model_info(folder)
         if not folder:
-            from backends.demo import is_demo
+            from moechat.backends.demo import is_demo
             demo = self.data_dir / "demo-model"
             if not is_demo(demo):
                 self._set_progress(Progress("Creating the demo model (first run only)"))
                 subprocess.run(
-                    [sys.executable, "-c", "import sys; from pathlib import Path; from backends.demo import "
+                    [sys.executable, "-c", "import sys; from pathlib import Path; from moechat.backends.demo import "
                      "demo_model_dir; demo_model_dir(Path(sys.argv[1]))", str(self.data_dir)],
-                    check=True, cwd=str(PROJECT_ROOT), capture_output=True,
+                    check=True, capture_output=True,
                 )
             folder = str(demo)
         return inspect(folder)
@@ -353,7 +354,7 @@ class BackendManager:
             self._fail_load(entry.name, f"Loading failed: {type(exc).__name__}: {exc}")
             raise BackendError(self.state.error) from exc
         info.setdefault("model_name", Path(model.path).name if model else entry.name)
-        from backends.planning import check_after_load
+        from moechat.backends.planning import check_after_load
         if (plan_check := check_after_load(plan, info)):
             info["plan_check"] = plan_check
             logger.warning("{}", plan_check)
@@ -614,5 +615,5 @@ def memory_snapshot() -> dict[str, Any]:
 
 
 def plan_refusal(plan: MemoryPlan) -> str:
-    from backends.planning import describe
+    from moechat.backends.planning import describe
     return describe(plan) + " Change the settings as advised, or load anyway with force."

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.api import BackendError
+from moechat.backends.api import BackendError
 
 # model_type values whose architecture moechat's backends know how to run.
 KNOWN_MODEL_TYPES = {

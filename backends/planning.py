@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backends.api import MemoryItem, MemoryPlan
+from moechat.backends.api import MemoryItem, MemoryPlan
 
 GB = 1e9
 GiB = 1024**3
@@ -224,7 +224,7 @@ def try_shapes(config: dict[str, Any]) -> Shapes | None:
 def model_from_config(config: dict[str, Any], path: str = "", dtype: str | None = None) -> Any:
     """A ``ModelInfo`` for a model that exists only as a config (an 80 B plan without the weights,
     or a synthetic model). Weight bytes are the parameters in the config's dtype."""
-    from backends.modelinfo import ModelInfo, quantization_method
+    from moechat.backends.modelinfo import ModelInfo, quantization_method
 
     s = shapes(config)
     cfg = text_config(config)
@@ -249,7 +249,7 @@ def effective_machine(machine: Any) -> Any:
     """``machine`` with the test/bench overrides applied: ``MOECHAT_HOST_RAM_GB`` sets the host
     RAM available, ``MOECHAT_VRAM_BUDGET_GB`` caps every GPU (as the worker enforces it)."""
     if machine is None:
-        from backends.machine import Machine
+        from moechat.backends.machine import Machine
         machine = Machine()
     ram = os.environ.get(HOST_RAM_ENV)
     if ram:

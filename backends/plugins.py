@@ -15,8 +15,8 @@ from importlib.metadata import entry_points
 import pluggy
 from loguru import logger
 
-from backends import hookspecs
-from backends.api import Backend, Probe
+from moechat.backends import hookspecs
+from moechat.backends.api import Backend, Probe
 
 GROUP = "moechat.backends"
 ALLOW_ENV = "MOECHAT_PLUGINS"

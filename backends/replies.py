@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.api import GenerateRequest, Message, SamplingParams
+from moechat.backends.api import GenerateRequest, Message, SamplingParams
 
 
 def chat(text: str, **sampling: Any) -> GenerateRequest:

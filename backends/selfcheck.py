@@ -8,7 +8,7 @@ worse. The check scores one fixed paragraph with ``Backend.perplexity`` and comp
 It works for every backend that implements ``perplexity`` (every transformers-based backend and
 the vLLM backends do); for one that does not, the result says the output was not checked.
 
-    from backends import selfcheck
+    from moechat.backends import selfcheck
     result = selfcheck.check_loaded(manager)        # in the app, on the loaded backend
     result = selfcheck.check_backend(backend, folder)  # inside a worker, e.g. right after load
 
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.demo import CORPUS
+from moechat.backends.demo import CORPUS
 
 # The English prose at the start of the demo corpus: the tiny demo models learn it, and any
 # real model finds it easy.

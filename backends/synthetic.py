@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from backends.api import BackendError, Progress, ProgressCallback
+from moechat.backends.api import BackendError, Progress, ProgressCallback
 
 PREFIX = "synthetic:"
 
@@ -77,7 +77,7 @@ QWEN3_NEXT_80B_A3B: dict[str, Any] = {
     "vocab_size": 151936,
 }
 
-# The demo model's shapes (backends.demo.tiny_config("qwen3_next")), as a plain dict.
+# The demo model's shapes (moechat.backends.demo.tiny_config("qwen3_next")), as a plain dict.
 TINY: dict[str, Any] = {
     "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": 384,
     "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -160,7 +160,7 @@ def full_layers(model: str | Spec) -> int:
 
 def model_info(model: str) -> Any:
     """The ModelInfo of a synthetic spec (what ``BackendManager.resolve_model`` returns)."""
-    from backends.planning import model_from_config
+    from moechat.backends.planning import model_from_config
     spec = parse(model)
     cfg = config(spec)
     return model_from_config(cfg, path=str(spec), dtype=cfg.get("torch_dtype"))
@@ -172,11 +172,11 @@ def tokenizer_folder(model: str, data_dir: Path | None = None) -> str:
     if not is_synthetic(model):
         return model
     if data_dir is None:
-        from backends.machine import data_dir as default_data_dir
+        from moechat.backends.machine import data_dir as default_data_dir
         data_dir = default_data_dir()
     folder = Path(data_dir) / "synthetic" / "tokenizer"
     if not (folder / "tokenizer.json").exists():
-        from backends.demo import train_tokenizer
+        from moechat.backends.demo import train_tokenizer
         tmp = folder.with_name(f"tokenizer.partial-{os.getpid()}")
         train_tokenizer(tmp)
         try:

@@ -2,7 +2,7 @@
 
 Plugin authors subclass it in their own tests::
 
-    from backends.testing import BackendContract
+    from moechat.backends.testing import BackendContract
 
     class TestMyBackend(BackendContract):
         backend = "my-backend"            # the name your plugin registers
@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from backends.api import BackendError
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
-from backends.replies import chat, collect, stop_after  # noqa: F401  (chat, collect: for plugin authors' tests)
+from moechat.backends.api import BackendError
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
+from moechat.backends.replies import chat, collect, stop_after  # noqa: F401  (chat, collect: for plugin authors' tests)
 
 HEAVY_MODULES = ("torch", "transformers", "vllm", "bitsandbytes", "gradio")
 STATS_KEYS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "prompt_tokens", "completion_tokens")
@@ -36,7 +36,7 @@ STATS_KEYS = ("ttft_s", "prefill_tok_s", "decode_tok_s", "prompt_tokens", "compl
 @pytest.fixture(scope="session")
 def contract_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen3-Next model (random weights, local tokenizer) shared by the whole session."""
-    from backends.demo import build_tiny_model
+    from moechat.backends.demo import build_tiny_model
     return build_tiny_model(tmp_path_factory.mktemp("contract-model") / "tiny-qwen3-next", "qwen3_next", seed=0)
 
 
@@ -61,7 +61,7 @@ class BackendContract:
     def test_listing_imports_nothing_heavy(self):
         code = (
             "import json, sys\n"
-            "from backends.plugins import get_plugin_manager\n"
+            "from moechat.backends.plugins import get_plugin_manager\n"
             f"entry = get_plugin_manager().backend({self.backend!r})\n"
             "entry.probe(); entry.cls.Settings.model_json_schema()\n"
             f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))\n"

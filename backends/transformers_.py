@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.api import BackendError, Probe, Progress, ProgressCallback, probe_modules
-from backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
-from backends.hookspecs import hookimpl
+from moechat.backends.api import BackendError, Probe, Progress, ProgressCallback, probe_modules
+from moechat.backends.hf_common import HFBackend, HFSettings, max_memory, model_context, pick_device, pick_dtype, weight_bytes
+from moechat.backends.hookspecs import hookimpl
 
 
 def load_pretrained(folder: str, progress: ProgressCallback, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from backends import synthetic
+    from moechat.backends import synthetic
     if synthetic.is_synthetic(folder):
         return synthetic.build_transformers_model(folder, progress, **kwargs)
     progress(Progress("Loading weights"))
@@ -36,12 +36,12 @@ class TransformersBackend(HFBackend):
 
     @classmethod
     def plan(cls, model, settings, machine):
-        from backends.planning import plan_transformers
+        from moechat.backends.planning import plan_transformers
         return plan_transformers(model, settings, machine)
 
     def load(self, settings: HFSettings, progress: ProgressCallback) -> dict[str, Any]:
         progress(Progress("Reading the tokenizer"))
-        from backends.synthetic import tokenizer_folder
+        from moechat.backends.synthetic import tokenizer_folder
         self.tokenizer = self.load_tokenizer(tokenizer_folder(settings.model))
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)

@@ -2,13 +2,14 @@
 the weights in host RAM, streamed to the GPU on every forward).
 
 vLLM pins its own torch and transformers, so it lives in its own environment (``make vllm-env``
-builds ``.venv-vllm``); the worker runs under that Python. Which Python: the ``python`` setting,
-else ``$MOECHAT_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` in the project.
+builds ``vllm-venv`` in moechat's data folder, with moechat installed there too); the worker runs
+under that Python. Which Python: the ``python`` setting, else ``$MOECHAT_VLLM_PYTHON``, else
+``vllm-venv/bin/python`` in the data folder.
 
 Everything in this module is cheap and pure (it runs in the app process too): settings, the
 probe, the memory plan, the refusals of combinations known to be broken, and the translation of
 settings into vLLM's engine arguments. The engine itself (AsyncLLM, in the worker) is in
-``backends.vllm_engine``; vllm is imported only there.
+``moechat.backends.vllm_engine``; vllm is imported only there.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import (Backend, BackendError, BackendSettings, Chunk, GenerateRequest, MemoryItem,
+from moechat.backends.api import (Backend, BackendError, BackendSettings, Chunk, GenerateRequest, MemoryItem,
                           MemoryPlan, Probe, Progress, ProgressCallback, StopCheck)
-from backends.hookspecs import hookimpl
+from moechat.backends.hookspecs import hookimpl
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYTHON_ENV = "MOECHAT_VLLM_PYTHON"
-DEFAULT_VENV = ".venv-vllm"
+DEFAULT_VENV = "vllm-venv"  # under the data folder (machine.data_dir), where `make vllm-env` builds it
 WORKER_NEEDS = ("pluggy", "pydantic", "loguru", "psutil")
 GiB = 1024**3
 GB = 1e9
@@ -102,7 +102,8 @@ def vllm_python(setting: str = "") -> tuple[Path, str]:
     env = os.environ.get(PYTHON_ENV, "").strip()
     if env:
         return Path(env).expanduser(), f"${PYTHON_ENV}"
-    return PROJECT_ROOT / DEFAULT_VENV / "bin" / "python", f"the default, {DEFAULT_VENV}"
+    from moechat.backends.machine import data_dir
+    return data_dir() / DEFAULT_VENV / "bin" / "python", f"the default, {DEFAULT_VENV} in moechat's data folder"
 
 
 _FACTS_SCRIPT = """
@@ -151,7 +152,7 @@ def python_problems(python: Path, source: str) -> list[str]:
 
 
 def gpu_problem() -> str | None:
-    from backends.machine import gpus
+    from moechat.backends.machine import gpus
     if not gpus():
         return "This machine has no NVIDIA GPU that nvidia-smi can see; vLLM needs a CUDA GPU."
     return None
@@ -486,7 +487,7 @@ class VllmBackend(Backend):
 
         import psutil
 
-        from backends import vllm_engine
+        from moechat.backends import vllm_engine
         try:
             vllm_version = version("vllm")
         except PackageNotFoundError:
@@ -535,7 +536,7 @@ class VllmBackend(Backend):
         self.info = info
         self.output_check: dict[str, Any] | None = None
         if isinstance(settings, VllmOffloadSettings) and settings.self_check:
-            from backends import selfcheck
+            from moechat.backends import selfcheck
             progress(Progress("Checking the output (perplexity of a fixed paragraph)"))
             result = selfcheck.check_backend(self, folder)
             self.output_check = result.to_dict()
@@ -549,11 +550,11 @@ class VllmBackend(Backend):
         return self.engine.max_model_len if self.engine is not None else None
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int | None:
-        from backends.hf_common import chat_input_ids
+        from moechat.backends.hf_common import chat_input_ids
         return len(chat_input_ids(self.tokenizer, request)) if self.tokenizer is not None else None
 
     def generate(self, request: GenerateRequest, should_stop: StopCheck) -> Iterator[Chunk]:
-        from backends.hf_common import chat_input_ids, check_prompt_fits
+        from moechat.backends.hf_common import chat_input_ids, check_prompt_fits
         ids = chat_input_ids(self.tokenizer, request)
         context = self.context_length()
         check_prompt_fits(len(ids), request.sampling.max_new_tokens, context)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from queue import Empty, Queue
 from typing import Any
 
-from backends.api import BackendError, Chunk
+from moechat.backends.api import BackendError, Chunk
 
 STREAM_TIMEOUT_S = 600.0
 FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "error": "error"}
@@ -33,7 +33,7 @@ def measure_memory() -> dict[str, Any]:
     processes are counted without touching CUDA here)."""
     import psutil
 
-    from backends.machine import gpus
+    from moechat.backends.machine import gpus
 
     me = psutil.Process()
     host = 0

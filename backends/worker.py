@@ -1,6 +1,6 @@
 """The worker process: one backend instance, one loaded model, driven over a connection.
 
-Started by ``BackendManager`` as ``python -m backends.worker --address A --backend module:Class``
+Started by ``BackendManager`` as ``python -m moechat.backends.worker --address A --backend module:Class``
 (possibly under another interpreter, e.g. vLLM's venv). Messages are plain dicts, both ways:
 
     host -> worker: {"op": "load", "settings": {...}}
@@ -36,7 +36,7 @@ from typing import Any
 
 from loguru import logger
 
-from backends.api import Backend, BackendError, GenerateRequest, Progress
+from moechat.backends.api import Backend, BackendError, GenerateRequest, Progress
 
 
 def resolve(path: str) -> type[Backend]:
@@ -53,7 +53,7 @@ def memory_stats() -> dict[str, Any]:
     costs GPU memory in processes that run none, such as vLLM's front end)."""
     import psutil
 
-    from backends.machine import gpus as smi_gpus
+    from moechat.backends.machine import gpus as smi_gpus
 
     stats: dict[str, Any] = {"worker_rss_bytes": psutil.Process().memory_info().rss}
     torch = sys.modules.get("torch")
@@ -136,7 +136,7 @@ class Worker:
         try:
             budget = os.environ.get("MOECHAT_VRAM_BUDGET_GB")
             if budget:  # the benchmark's VRAM budget: enforced, not only requested
-                from backends.planning import apply_vram_budget
+                from moechat.backends.planning import apply_vram_budget
                 apply_vram_budget(float(budget))
             settings = self.backend_cls.Settings.model_validate(raw_settings)
             info = self.backend.load(settings, progress) or {}

@@ -82,9 +82,9 @@ stamp=$(date -u +%Y%m%d-%H%M)
 # one folder per comparison (bench/results/*moe* files belong to bench/moe_offload_gpu.py)
 OUT="$OUT/compare-${stamp}-${card}"
 mkdir -p "$OUT"
-"$PY" -m webui.cli plugins
+"$PY" -m moechat.webui.cli plugins
 if [ -z "$BACKENDS" ]; then  # every backend that can run here, but the test and remote ones
-  BACKENDS=$("$PY" -m webui.cli plugins --json | "$PY" -c "
+  BACKENDS=$("$PY" -m moechat.webui.cli plugins --json | "$PY" -c "
 import json, sys
 rows = json.load(sys.stdin)['backends']
 order = ['moe-offload', 'transformers-bnb4', 'transformers', 'vllm']
@@ -96,7 +96,7 @@ echo "backends: $BACKENDS; budgets: $BUDGETS GB; $LAYERS of 48 layers"
 record_failure() {  # FILE BACKEND BUDGET LAYERS SENTENCE
   "$PY" -c "
 import json, sys
-from webui.commands.bench import failure_record
+from moechat.webui.commands.bench import failure_record
 path, backend, budget, layers, sentence = sys.argv[1:]
 json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=' + layers, float(budget), sentence),
           open(path, 'w'), indent=2)" "$@"
@@ -117,7 +117,7 @@ for budget in $BUDGETS; do
       *" $backend "*) shape=(--layers "$SLOW_LAYERS" --prompt-tokens 16 --gen-tokens 3 --repeat 1 --warmup 0) ;;
     esac
     echo "== $backend at ${budget} GB: ${shape[*]} (${elapsed} s so far)"
-    timeout --signal=TERM --kill-after=10 "$PER_RUN_S" "$PY" -m webui.cli bench --backend "$backend" \
+    timeout --signal=TERM --kill-after=10 "$PER_RUN_S" "$PY" -m moechat.webui.cli bench --backend "$backend" \
       --model synthetic:qwen3-next-80b-a3b --vram-budget-gb "$budget" "${shape[@]}" --no-progress --json "$name"
     rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then

@@ -62,22 +62,22 @@ def sync(dev):
 def run_offload(args) -> dict:
     import torch
 
-    from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
-    from backends.moe_offload.build import random_resident
-    from backends.moe_offload.engine import Engine, Options, Sampler
-    from backends.moe_offload.store import ExpertStore
+    from moechat.backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+    from moechat.backends.moe_offload.build import random_resident
+    from moechat.backends.moe_offload.engine import Engine, Options, Sampler
+    from moechat.backends.moe_offload.store import ExpertStore
 
     dev = args.device
     cfg = load_config(args.layers, args.experts)
     if args.null_experts:
         # Ablation: routed experts contribute nothing and cost nothing (no sync, no copy), which
         # leaves the resident part's own time per token.
-        from backends.moe_offload.engine import OffloadedExperts
+        from moechat.backends.moe_offload.engine import OffloadedExperts
         OffloadedExperts.forward = lambda self, x, top_k_index, top_k_weights: torch.zeros_like(x)
     if args.uniform_routing:
         # Worst case for a cache: every token picks top_k experts uniformly at random, with no
         # locality from one token to the next (real routing has some; a random model's has more).
-        from backends.moe_offload.engine import OffloadedExperts
+        from moechat.backends.moe_offload.engine import OffloadedExperts
         original = OffloadedExperts.forward
 
         def uniform(self, x, top_k_index, top_k_weights):
@@ -172,7 +172,7 @@ def write_random_checkpoint(cfg, folder: Path, device: str) -> int:
     from safetensors.torch import save_file
     from transformers import Qwen3NextForCausalLM
 
-    from backends.demo import train_tokenizer
+    from moechat.backends.demo import train_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
@@ -229,7 +229,7 @@ def write_random_checkpoint(cfg, folder: Path, device: str) -> int:
 def run_bnb(args) -> dict:
     import torch
 
-    from backends.bnb4 import Bnb4Backend
+    from moechat.backends.bnb4 import Bnb4Backend
 
     cfg = load_config(args.layers)
     folder = Path(args.workdir) / f"random-{args.layers}l"

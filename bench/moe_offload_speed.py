@@ -92,7 +92,7 @@ def machine(store) -> dict:
     import torch
 
     import hwprobe
-    from backends.moe_offload import kernels
+    from moechat.backends.moe_offload import kernels
 
     out = hwprobe.measure(256, 5)
     layer = store.layers[min(store.layers)]
@@ -138,10 +138,10 @@ def build(layers: int, budget: float, store=None, policy: str = "auto", context:
     import torch
 
     import moe_offload_gpu as old
-    from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
-    from backends.moe_offload.build import random_resident
-    from backends.moe_offload.engine import Engine, Options
-    from backends.moe_offload.store import ExpertStore
+    from moechat.backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+    from moechat.backends.moe_offload.build import random_resident
+    from moechat.backends.moe_offload.engine import Engine, Options
+    from moechat.backends.moe_offload.store import ExpertStore
 
     cfg = old.load_config(layers)
     adapter = Qwen3NextAdapter()
@@ -163,7 +163,7 @@ def parts(eng) -> dict:
     """The resident step alone (no routed experts) and one layer's routed experts, from graphs."""
     import torch
 
-    from backends.moe_offload.decode import Qwen3NextDecoder
+    from moechat.backends.moe_offload.decode import Qwen3NextDecoder
 
     shapes = eng.adapter.shapes(eng.config)
 
@@ -217,7 +217,7 @@ def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16") -> dict:
 def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
     import torch
 
-    from backends.moe_offload.engine import Sampler
+    from moechat.backends.moe_offload.engine import Sampler
 
     path = eng.decode_path
     c = eng.counters
@@ -276,7 +276,7 @@ def uniform_prefill():
 
     import torch
 
-    from backends.moe_offload.engine import OffloadedExperts
+    from moechat.backends.moe_offload.engine import OffloadedExperts
 
     plain = OffloadedExperts.forward
 
@@ -296,7 +296,7 @@ def prefill_detail(eng, cfg, tokens: int) -> dict:
 
     import torch
 
-    from backends.moe_offload import engine as E
+    from moechat.backends.moe_offload import engine as E
 
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=g)
@@ -393,8 +393,8 @@ def top_kernels(eng, ids, n: int = 15) -> list[dict]:
 
 def one_run(args) -> dict:
     """One budget and routing in this process (each run gets a fresh process: clean peaks)."""
-    from backends.moe_offload.cache import simulate
-    from backends.moe_offload.engine import DecodePath
+    from moechat.backends.moe_offload.cache import simulate
+    from moechat.backends.moe_offload.engine import DecodePath
 
     t0 = time.perf_counter()
     eng, store, cfg = build(args.layers, args.budget)

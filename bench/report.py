@@ -137,8 +137,8 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
     PCIe, whichever is faster. None without the bandwidths it needs."""
     from types import SimpleNamespace
 
-    from backends import planning, synthetic
-    from backends.machine import Gpu, Machine
+    from moechat.backends import planning, synthetic
+    from moechat.backends.machine import Gpu, Machine
 
     gpu_bw = bandwidth.get("gpu_copy_gb_s")
     cpu_bw = bandwidth.get("cpu_copy_gb_s")

@@ -2,10 +2,10 @@
 # Build the environment the vllm and vllm-offload backends run in (`make vllm-env` calls this).
 #
 # vLLM pins its own torch (CUDA build) and transformers, so it cannot share the app's
-# environment. The moechat worker imports the project's `backends` package from the source tree
-# (PYTHONPATH), so this environment needs only vLLM plus the worker's four small dependencies.
+# environment. This environment gets vLLM, the worker's four small dependencies and moechat itself
+# (without its dependencies), so the worker process imports `moechat.backends` there.
 #
-#   VLLM_VENV      where to build it            (default: .venv-vllm in the project)
+#   VLLM_VENV      where to build it            (default: vllm-venv in moechat's data folder)
 #   VLLM_VERSION   which vLLM to install        (default: 0.33.0; 0.28 or newer for weight offload)
 #   PYTHON         the Python to build it from  (default: python3; vLLM wants 3.10 to 3.13)
 #   PIP_ARGS       extra pip arguments, e.g. "--find-links /wheels --no-index" on an offline box
@@ -14,7 +14,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+DEFAULT_VENV="$("$ROOT/.venv/bin/python" -c 'from moechat.backends.machine import data_dir; print(data_dir() / "vllm-venv")')"
+VENV="${VLLM_VENV:-$DEFAULT_VENV}"
 VERSION="${VLLM_VERSION:-0.33.0}"
 PY="${PYTHON:-python3}"
 read -r -a EXTRA <<< "${PIP_ARGS:-}"
@@ -28,7 +29,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --upgrade pip "${EXTRA[@]}"
-"$VENV/bin/python" -m pip install "vllm==$VERSION" pluggy pydantic loguru psutil "${EXTRA[@]}"
+"$VENV/bin/python" -m pip install "vllm==$VERSION" pluggy pydantic loguru psutil platformdirs "${EXTRA[@]}"
+"$VENV/bin/python" -m pip install --no-deps -e "$ROOT" "${EXTRA[@]}"
 
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
@@ -38,7 +40,7 @@ if missing:
     raise SystemExit(f"still missing: {', '.join(missing)}")
 print(f"vLLM {md.version('vllm')} with torch {md.version('torch')} and transformers {md.version('transformers')}")
 PY
-if [ "$VENV" = "$ROOT/.venv-vllm" ]; then
+if [ "$VENV" = "$DEFAULT_VENV" ]; then
     echo "Done: the vllm backends use $VENV."
 else
     echo "Done. Tell moechat where it is: export MOECHAT_VLLM_PYTHON=$VENV/bin/python"

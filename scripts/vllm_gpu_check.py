@@ -45,12 +45,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from backends import machine, selfcheck  # noqa: E402
-from backends.demo import build_selfcheck_models  # noqa: E402
-from backends.manager import BackendManager  # noqa: E402
-from backends.replies import chat, collect, stop_after  # noqa: E402
-from backends.plugins import get_plugin_manager  # noqa: E402
-from backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
+from moechat.backends import machine, selfcheck  # noqa: E402
+from moechat.backends.demo import build_selfcheck_models  # noqa: E402
+from moechat.backends.manager import BackendManager  # noqa: E402
+from moechat.backends.replies import chat, collect, stop_after  # noqa: E402
+from moechat.backends.plugins import get_plugin_manager  # noqa: E402
+from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
                             vllm_python)
 
 SIGNATURES_SCRIPT = r"""

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from backends.testing import contract_model_dir  # noqa: F401  (session fixture)
+from moechat.backends.testing import contract_model_dir  # noqa: F401  (session fixture)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +27,7 @@ def moechat_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny Qwen3-Next, Qwen3-MoE and Llama folders, built once."""
-    from backends.demo import build_tiny_model
+    from moechat.backends.demo import build_tiny_model
     root = tmp_path_factory.mktemp("tiny-models")
     return {fam: build_tiny_model(root / fam, fam, seed=1) for fam in ("qwen3_next", "qwen3_moe", "llama")}
 
@@ -35,5 +35,5 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture
 def plugins():
     """A fresh plugin manager for one test."""
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.plugins import get_plugin_manager
     return get_plugin_manager()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backends import synthetic
-from backends.api import BackendError
+from moechat.backends import synthetic
+from moechat.backends.api import BackendError
 
 ROOT = Path(__file__).resolve().parent.parent
 # Backends that run on a CPU-only machine and take synthetic: models. Add one here when it does.
@@ -29,7 +29,7 @@ def home(tmp_path_factory):
 
 def bench(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "webui.cli", "bench", "--no-progress", "--bandwidth-mb", "32", *args],
+        [sys.executable, "-m", "moechat.webui.cli", "bench", "--no-progress", "--bandwidth-mb", "32", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env=dict(os.environ, MOECHAT_HOME=str(home), MOECHAT_NO_GPU="1", GRADIO_ANALYTICS_ENABLED="False", **env))
 
@@ -88,7 +88,7 @@ def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(path.read_text())
     # the budget is scaled to the depth (and is harmless without a GPU)
-    from webui.commands.bench import scaled_budget
+    from moechat.webui.commands.bench import scaled_budget
     assert r["vram_budget_gb"] == 16
     assert r["vram_budget_applied_gb"] == round(scaled_budget(16, synthetic.model_info("synthetic:tiny"), 2, 4), 3)
     assert r["vram_budget_applied_gb"] < 16
@@ -146,7 +146,7 @@ def test_random_weights_differ_per_expert_and_are_finite():
 
 
 def test_scaled_budget_keeps_the_fixed_part():
-    from webui.commands.bench import FIXED_GPU_BYTES, scaled_budget
+    from moechat.webui.commands.bench import FIXED_GPU_BYTES, scaled_budget
 
     info = synthetic.model_info("synthetic:qwen3-next-80b-a3b?layers=4")
     fixed = FIXED_GPU_BYTES + 2 * 151936 * 2048 * 2

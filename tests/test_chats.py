@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from webui.chats import ChatError, ChatStore, reply_note
+from moechat.webui.chats import ChatError, ChatStore, reply_note
 
 
 @pytest.fixture

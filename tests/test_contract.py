@@ -1,6 +1,6 @@
 """The contract suite against every built-in backend that runs on this machine, and the fake plugin."""
 
-from backends.testing import BackendContract
+from moechat.backends.testing import BackendContract
 
 
 class TestTransformers(BackendContract):

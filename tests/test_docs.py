@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from backends import hookspecs
+from moechat.backends import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from backends.api import Backend, Probe
-from backends.hf_common import HFSettings
-from backends.hookspecs import hookimpl
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
-from webui import forms
-from webui import handlers as h
-from webui.chats import ChatError, ChatStore
-from webui.models import find_model_folders
+from moechat.backends.api import Backend, Probe
+from moechat.backends.hf_common import HFSettings
+from moechat.backends.hookspecs import hookimpl
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
+from moechat.webui import forms
+from moechat.webui import handlers as h
+from moechat.webui.chats import ChatError, ChatStore
+from moechat.webui.models import find_model_folders
 
 LONG = " ".join(f"w{i}" for i in range(1, 31))
 

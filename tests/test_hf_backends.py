@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backends.api import GenerateRequest, Message, SamplingParams
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
-from backends.testing import collect
+from moechat.backends.api import GenerateRequest, Message, SamplingParams
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
+from moechat.backends.testing import collect
 
 PROMPT = [Message(role="user", content="What is the capital of France?")]
 
@@ -83,7 +83,7 @@ def test_bnb4_output_follows_the_full_precision_model(tiny_models):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from backends.bnb4 import Bnb4Backend, Bnb4Settings
+    from moechat.backends.bnb4 import Bnb4Backend, Bnb4Settings
 
     folder = str(tiny_models["qwen3_next"])
     backend = Bnb4Backend()

@@ -10,10 +10,10 @@ import time
 import psutil
 import pytest
 
-from backends.api import BackendError
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
-from backends.testing import chat, collect
+from moechat.backends.api import BackendError
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
+from moechat.backends.testing import chat, collect
 
 
 @pytest.fixture
@@ -137,9 +137,9 @@ def test_app_process_never_imports_torch():
     import subprocess
     import sys
     code = ("import sys, tempfile\n"
-            "from backends.manager import BackendManager\n"
-            "from backends.plugins import get_plugin_manager\n"
-            "from backends.testing import chat, collect\n"
+            "from moechat.backends.manager import BackendManager\n"
+            "from moechat.backends.plugins import get_plugin_manager\n"
+            "from moechat.backends.testing import chat, collect\n"
             "m = BackendManager(get_plugin_manager(), __import__('pathlib').Path(tempfile.mkdtemp()))\n"
             "m.load('fake', {})\n"
             "print(collect(m.generate(chat('hi there')))[0]); m.close()\n"

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from backends.api import BackendError
-from backends.manager import BackendManager
-from backends.modelinfo import inspect
-from backends.plugins import get_plugin_manager
+from moechat.backends.api import BackendError
+from moechat.backends.manager import BackendManager
+from moechat.backends.modelinfo import inspect
+from moechat.backends.plugins import get_plugin_manager
 
 
 @pytest.fixture
@@ -106,14 +106,14 @@ def test_loading_a_bad_folder_keeps_what_was_loaded(copy_of, tmp_path):
 
 
 def test_inspect_cli(tiny_models, copy_of):
-    ok = subprocess.run([sys.executable, "-m", "webui.cli", "inspect", str(tiny_models["qwen3_moe"]), "--json"],
+    ok = subprocess.run([sys.executable, "-m", "moechat.webui.cli", "inspect", str(tiny_models["qwen3_moe"]), "--json"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     info = json.loads(ok.stdout)
     assert info["model_type"] == "qwen3_moe" and info["suggested_backend"] == "transformers"
     folder = copy_of()
     break_folder(folder, "no tokenizer")
-    bad = subprocess.run([sys.executable, "-m", "webui.cli", "inspect", str(folder)],
+    bad = subprocess.run([sys.executable, "-m", "moechat.webui.cli", "inspect", str(folder)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "has no tokenizer" in bad.stderr and "Traceback" not in bad.stderr

@@ -24,10 +24,10 @@ from test_moe_offload_helpers import (  # noqa: E402
     write_sharded, copy_side_files, FP8_KEEP,
 )
 
-from backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
-from backends.demo import build_tiny_model  # noqa: E402
-from backends.moe_offload.build import load_engine  # noqa: E402
-from backends.moe_offload.engine import Options, Sampler  # noqa: E402
+from moechat.backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
+from moechat.backends.demo import build_tiny_model  # noqa: E402
+from moechat.backends.moe_offload.build import load_engine  # noqa: E402
+from moechat.backends.moe_offload.engine import Options, Sampler  # noqa: E402
 
 TOL = 1e-4
 SEEDS = (0, 1, 2)
@@ -194,8 +194,8 @@ def test_load_streams_peak_host_memory_stays_near_final_footprint(tmp_path, mode
     script = textwrap.dedent(f"""
         import json, resource, psutil, torch
         torch.set_num_threads(1)
-        from backends.moe_offload.build import load_engine
-        from backends.moe_offload.engine import Options
+        from moechat.backends.moe_offload.build import load_engine
+        from moechat.backends.moe_offload.engine import Options
         import transformers.models.qwen3_next.modeling_qwen3_next
         import gc; gc.collect()
         def hwm():
@@ -220,8 +220,8 @@ def test_load_streams_peak_host_memory_stays_near_final_footprint(tmp_path, mode
 
 
 def test_backend_streams_a_chat_reply(models, tmp_path):
-    from backends.moe_offload import MoeOffloadBackend
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.moe_offload import MoeOffloadBackend
+    from moechat.backends.plugins import get_plugin_manager
 
     assert "moe-offload" in get_plugin_manager().backends()
     backend = MoeOffloadBackend()
@@ -273,9 +273,9 @@ def test_a_second_family_runs_through_its_adapter_alone(tmp_path):
 
 
 def test_memory_plan_for_the_80b_model_on_a_24_gb_card():
-    from backends.machine import Gpu, Machine
-    from backends.modelinfo import ModelInfo
-    from backends.moe_offload import MoeOffloadBackend
+    from moechat.backends.machine import Gpu, Machine
+    from moechat.backends.modelinfo import ModelInfo
+    from moechat.backends.moe_offload import MoeOffloadBackend
 
     cfg = json.loads((Path(__file__).resolve().parents[1] / "backends/moe_offload/qwen3_next_80b.json").read_text())
     info = ModelInfo(path="x", model_type="qwen3_next", architecture="Qwen3NextForCausalLM", param_count=int(79.7e9),

@@ -2,7 +2,7 @@
 
 import tempfile
 
-from backends.testing import BackendContract
+from moechat.backends.testing import BackendContract
 
 
 class TestMoeOffload(BackendContract):

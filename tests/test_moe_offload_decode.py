@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from backends.demo import build_tiny_model  # noqa: E402
-from backends.moe_offload import quant  # noqa: E402
-from backends.moe_offload.build import load_engine  # noqa: E402
-from backends.moe_offload.cache import CachePolicy, simulate  # noqa: E402
-from backends.moe_offload.engine import Options, Sampler  # noqa: E402
+from moechat.backends.demo import build_tiny_model  # noqa: E402
+from moechat.backends.moe_offload import quant  # noqa: E402
+from moechat.backends.moe_offload.build import load_engine  # noqa: E402
+from moechat.backends.moe_offload.cache import CachePolicy, simulate  # noqa: E402
+from moechat.backends.moe_offload.engine import Options, Sampler  # noqa: E402
 
 TOL = 1e-4
 
@@ -36,7 +36,7 @@ def wide(tmp_path_factory):
 def kernels():
     pytest.importorskip("triton")
     assert os.environ.get("TRITON_INTERPRET") == "1"   # conftest: the kernels run on the CPU
-    from backends.moe_offload import kernels as k
+    from moechat.backends.moe_offload import kernels as k
     return k
 
 
@@ -96,7 +96,7 @@ def test_int4_dequant_kernel_gives_the_reference_weights(kernels):
 
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["torch-grouped-mm", "per-group"])
 def test_grouped_linear_multiplies_each_group_by_its_expert(monkeypatch, grouped_mm):
-    from backends.moe_offload.engine import grouped_linear
+    from moechat.backends.moe_offload.engine import grouped_linear
 
     if not grouped_mm:
         monkeypatch.setattr(torch, "_grouped_mm", None, raising=False)
@@ -112,8 +112,8 @@ def test_grouped_linear_multiplies_each_group_by_its_expert(monkeypatch, grouped
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-ops", "fused-kernels"])
 def test_device_experts_path_generates_the_eager_paths_tokens(wide, tmp_path, kernels, fused):
-    from backends.moe_offload.cache import DeviceExperts
-    from backends.moe_offload.decode import Qwen3NextDecoder
+    from moechat.backends.moe_offload.cache import DeviceExperts
+    from moechat.backends.moe_offload.decode import Qwen3NextDecoder
 
     ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(9))
     eng = engine(wide, tmp_path, expert_format="int4", int4_group_size=16, cache_experts=6, miss_policy="copy")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from backends.moe_offload import quant
-from backends.moe_offload.loader import Checkpoint
+from moechat.backends.moe_offload import quant
+from moechat.backends.moe_offload.loader import Checkpoint
 
 EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 

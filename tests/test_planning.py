@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from backends import planning, synthetic
-from backends.api import BackendError, MemoryItem, MemoryPlan
-from backends.machine import Gpu, Machine
+from moechat.backends import planning, synthetic
+from moechat.backends.api import BackendError, MemoryItem, MemoryPlan
+from moechat.backends.machine import Gpu, Machine
 
 GiB = 1024**3
 GB = 1e9
@@ -83,7 +83,7 @@ def test_shapes_agree_with_transformers_parameter_counts():
     import torch
     import transformers
 
-    from backends.demo import tiny_config
+    from moechat.backends.demo import tiny_config
 
     configs = [tiny_config(f).to_dict() for f in ("qwen3_next", "qwen3_moe", "llama")]
     configs.append(synthetic.config("synthetic:qwen3-next-80b-a3b?layers=4"))
@@ -187,7 +187,7 @@ def fp8_checkpoint(big):
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("ram", RAMS)
 def test_vllm_bf16_80b_does_not_fit_and_says_what_to_do(big, card, ram):
-    from backends.vllm_ import VllmBackend
+    from moechat.backends.vllm_ import VllmBackend
 
     plan = VllmBackend.plan(big, VllmBackend.Settings(model=big.path, max_model_len=8192), machine(card, ram))
     assert item(plan, "weights on the GPU").bytes == TOTAL * 2
@@ -197,7 +197,7 @@ def test_vllm_bf16_80b_does_not_fit_and_says_what_to_do(big, card, ram):
 
 @pytest.mark.parametrize("card", CARDS)
 def test_vllm_fp8_offload_pinned_memory_takes_1_9x_the_offload(big, card):
-    from backends.vllm_ import VllmOffloadBackend
+    from moechat.backends.vllm_ import VllmOffloadBackend
 
     model = fp8_checkpoint(big)
 
@@ -222,7 +222,7 @@ EXPECTED_FIT = {"moe-offload": True, "transformers": False, "transformers-bnb4":
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("ram", RAMS)
 def test_every_backend_plans_the_80b_through_the_plugin_api(big, card, ram):
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.plugins import get_plugin_manager
 
     backends = get_plugin_manager().backends()
     planned = {}
@@ -252,8 +252,8 @@ def test_env_overrides_shape_the_machine(monkeypatch):
 
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory):
-    from backends.manager import BackendManager
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.manager import BackendManager
+    from moechat.backends.plugins import get_plugin_manager
 
     home = tmp_path_factory.mktemp("moechat-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -308,7 +308,7 @@ def test_a_load_that_cannot_fit_is_refused_with_the_plan_sentence(manager, monke
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "webui.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moechat.webui.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, **env), timeout=120)
 
 

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from backends.hookspecs import hookimpl
-from backends.plugins import get_plugin_manager
+from moechat.backends.hookspecs import hookimpl
+from moechat.backends.plugins import get_plugin_manager
 
 def install_fake_distribution(site, name, module_source, entry_point):
     """A real distribution on sys.path: a module plus .dist-info with an entry point."""
@@ -24,7 +24,7 @@ def install_fake_distribution(site, name, module_source, entry_point):
 
 def run_plugins_json(site, **env):
     environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), **env)
-    out = subprocess.run([sys.executable, "-m", "webui.cli", "plugins", "--json"],
+    out = subprocess.run([sys.executable, "-m", "moechat.webui.cli", "plugins", "--json"],
                          capture_output=True, text=True, timeout=120, env=environ)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout), out.stderr
@@ -34,7 +34,7 @@ def run_plugins_json(site, **env):
 def site(tmp_path):
     install_fake_distribution(tmp_path, "exploding_plugin", "raise RuntimeError('boom at import')\n", "exploding")
     install_fake_distribution(tmp_path, "faulty_register", """
-        from backends.hookspecs import hookimpl
+        from moechat.backends.hookspecs import hookimpl
 
         @hookimpl
         def register_backends(register):
@@ -71,8 +71,8 @@ def test_allow_list_limits_which_plugins_load(site):
 
 def test_unavailable_backend_is_listed_with_its_reason(site):
     (site / "needs_gpu.py").write_text(textwrap.dedent("""
-        from backends.api import Backend, Probe
-        from backends.hookspecs import hookimpl
+        from moechat.backends.api import Backend, Probe
+        from moechat.backends.hookspecs import hookimpl
 
         class NeedsGpu(Backend):
             name = "needs-gpu"
@@ -95,7 +95,7 @@ def test_unavailable_backend_is_listed_with_its_reason(site):
 
 
 def test_suggest_backend_first_answer_wins_and_builtin_answers_last(tiny_models):
-    from backends.modelinfo import inspect
+    from moechat.backends.modelinfo import inspect
 
     class Opinionated:
         @hookimpl
@@ -109,8 +109,8 @@ def test_suggest_backend_first_answer_wins_and_builtin_answers_last(tiny_models)
 
 
 def test_events_reach_observers_and_a_failing_observer_is_ignored(tmp_path):
-    from backends.manager import BackendManager
-    from backends.testing import chat, collect
+    from moechat.backends.manager import BackendManager
+    from moechat.backends.testing import chat, collect
 
     seen = []
 

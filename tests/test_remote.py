@@ -12,10 +12,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from backends.api import BackendError
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
-from backends.testing import BackendContract, chat, collect
+from moechat.backends.api import BackendError
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
+from moechat.backends.testing import BackendContract, chat, collect
 from browser_helpers import MOECHAT, ROOT, Server, free_port
 from test_api import KEY, get_json, start, wait_for_status
 
@@ -62,8 +62,8 @@ def test_built_only_on_the_public_plugin_api():
             imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
-    moechat_modules = {m for m in imported if m.split(".")[0] in ("backends", "webui")}
-    assert moechat_modules == {"backends.api", "backends.hookspecs"}
+    moechat_modules = {m for m in imported if m.startswith(("moechat.backends", "moechat.webui"))}
+    assert moechat_modules == {"moechat.backends.api", "moechat.backends.hookspecs"}
 
 
 def test_probe_reaches_the_server_or_says_why(upstream, monkeypatch):

@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from backends import selfcheck
-from backends.api import BackendError
-from backends.manager import BackendManager
-from backends.plugins import get_plugin_manager
+from moechat.backends import selfcheck
+from moechat.backends.api import BackendError
+from moechat.backends.manager import BackendManager
+from moechat.backends.plugins import get_plugin_manager
 
 TRAIN_STEPS = 100
 
@@ -22,7 +22,7 @@ TRAIN_STEPS = 100
 @pytest.fixture(scope="module")
 def trained_and_scrambled(tmp_path_factory):
     """(folder of a tiny Llama trained on the paragraph, folder of it with shuffled weights)."""
-    from backends.demo import build_selfcheck_models
+    from moechat.backends.demo import build_selfcheck_models
     return build_selfcheck_models(tmp_path_factory.mktemp("selfcheck-models"), steps=TRAIN_STEPS)
 
 
@@ -80,7 +80,7 @@ def test_limits_and_the_verdict_on_edge_values():
 
 
 def test_the_paragraph_is_plain_english_from_the_demo_corpus():
-    from backends.demo import CORPUS
+    from moechat.backends.demo import CORPUS
     assert selfcheck.PARAGRAPH.startswith("The quick brown fox")
     assert selfcheck.PARAGRAPH.endswith("Paris is the capital of France.")
     assert all(word in CORPUS for word in selfcheck.PARAGRAPH.split())

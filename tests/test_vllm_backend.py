@@ -12,19 +12,20 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
 
-from backends.api import BackendError
-from backends.machine import GiB, Gpu, Machine
-from backends.manager import BackendManager
-from backends.modelinfo import ModelInfo
-from backends.plugins import get_plugin_manager
-from backends.vllm_ import (HYBRID_ERROR, PROJECT_ROOT, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
+from moechat.backends.api import BackendError
+from moechat.backends.machine import GiB, Gpu, Machine
+from moechat.backends.manager import BackendManager
+from moechat.backends.modelinfo import ModelInfo
+from moechat.backends.plugins import get_plugin_manager
+from moechat.backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
                             explain_engine_error, gpu_weights_measured, is_hybrid, kv_bytes_per_token, memory_plan,
                             offload_warning, parse_version, refusal, state_bytes_per_sequence)
-from backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
+from moechat.backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
 
 GB = 1e9
 # Qwen3-Next-80B-A3B's shapes (FACTS.md and its config.json): the keys the plan reads.
@@ -58,7 +59,7 @@ def test_both_backends_are_listed_with_their_labels_and_documented_settings():
 
 
 def test_listing_and_probing_import_nothing_heavy():
-    code = ("import json, sys\nfrom backends.plugins import get_plugin_manager\n"
+    code = ("import json, sys\nfrom moechat.backends.plugins import get_plugin_manager\n"
             "b = get_plugin_manager().backends()\nb['vllm'].probe(); b['vllm-offload'].probe()\n"
             "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -308,7 +309,7 @@ def test_a_worker_without_vllm_says_so_when_asked_to_load(tmp_path):
     sentence, not a trace. (The manager's probe normally stops this earlier.)"""
     from queue import Empty
 
-    from backends.manager import WorkerProcess
+    from moechat.backends.manager import WorkerProcess
     entry = get_plugin_manager().backend("vllm-offload")
     worker = WorkerProcess(entry, sys.executable, on_exit=lambda w: None)
     try:
@@ -334,7 +335,7 @@ def test_the_gpu_check_script_reports_why_it_cannot_run_here(tmp_path, contract_
                **{PYTHON_ENV: str(tmp_path / "no-vllm" / "python")})
     out = subprocess.run([sys.executable, "scripts/vllm_gpu_check.py", "--model", str(contract_model_dir),
                           "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=str(PROJECT_ROOT))
+                         cwd=str(Path(__file__).resolve().parents[1]))
     assert out.returncode == 1, out.stderr[-2000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}

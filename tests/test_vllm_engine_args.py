@@ -24,8 +24,8 @@ import itertools
 
 import pytest
 
-from backends.api import GenerateRequest, Message, SamplingParams
-from backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_env, engine_kwargs, param_segments,
+from moechat.backends.api import GenerateRequest, Message, SamplingParams
+from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_env, engine_kwargs, param_segments,
                             sampling_kwargs)
 
 RECORDED_FROM = "vLLM source as on docs.vllm.ai/en/latest, 2026-05-07 (brief targets 0.33.0; see VERSION NOTE)"
@@ -181,7 +181,7 @@ def test_the_engine_uses_only_recorded_vllm_names():
     """The worker-side engine names vLLM classes and members; they must be the recorded ones."""
     import inspect
 
-    from backends import vllm_engine
+    from moechat.backends import vllm_engine
     source = inspect.getsource(vllm_engine)
     assert "RequestOutputKind.DELTA" in source and "RequestOutputKind.FINAL_ONLY" in source
     assert {"DELTA", "FINAL_ONLY"} <= REQUEST_OUTPUT_KIND

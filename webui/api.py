@@ -27,8 +27,8 @@ from fastapi.routing import APIRoute
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from backends.api import GenerateRequest, Message, SamplingParams
-from backends.manager import BackendManager, Event, Generation
+from moechat.backends.api import GenerateRequest, Message, SamplingParams
+from moechat.backends.manager import BackendManager, Event, Generation
 
 # The sentence a remote server answers when a prompt does not fit (a moechat or vLLM behind the
 # remote plugin passes it on as a plain error); local backends raise PromptTooLong.
@@ -268,7 +268,7 @@ def timings_of(event: Event, received: float, first_token: float | None) -> dict
 
 
 def router(manager: BackendManager, options) -> APIRouter:
-    """The /v1 routes, served with the page by webui.server.build_app."""
+    """The /v1 routes, served with the page by moechat.webui.server.build_app."""
     api = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-compatible API"])
     # Who may call: an API key names no user; with page logins (--auth) and no key, a login's
     # USER:PASSWORD is the key, so the API is never an open door beside a locked page.

@@ -1,6 +1,6 @@
-"""The web page: layout and event wiring only. What the buttons do lives in webui.handlers
+"""The web page: layout and event wiring only. What the buttons do lives in moechat.webui.handlers
 (plain functions over the BackendManager and the ChatStore); the settings forms come from
-webui.forms; the model-folder list from webui.models.
+webui.forms; the model-folder list from moechat.webui.models.
 
 No ``from __future__ import annotations`` here: Gradio reads the handlers' annotations
 (``gr.Request``, ``gr.SelectData``) at wiring time, and ``gr`` is imported inside build_ui."""
@@ -8,9 +8,9 @@ No ``from __future__ import annotations`` here: Gradio reads the handlers' annot
 import time
 from typing import Any
 
-from backends.manager import BackendManager
-from webui import handlers as h
-from webui.chats import ChatError
+from moechat.backends.manager import BackendManager
+from moechat.webui import handlers as h
+from moechat.webui.chats import ChatError
 
 STATS_EVERY_S = 1.0     # while a reply streams, the stats panel is redrawn at most this often
 TICK_S = 2.0            # otherwise the status and stats refresh this often
@@ -28,10 +28,10 @@ def build_ui(manager: BackendManager, options, ctx: h.Context | None = None):
     import gradio as gr
     import pandas as pd
 
-    from backends.api import SamplingParams
-    from backends.demo import is_demo
-    from webui import forms
-    from webui.models import find_model_folders
+    from moechat.backends.api import SamplingParams
+    from moechat.backends.demo import is_demo
+    from moechat.webui import forms
+    from moechat.webui.models import find_model_folders
 
     ctx = ctx or h.Context.from_options(manager, options)
     backends = manager.backends()

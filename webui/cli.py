@@ -1,4 +1,4 @@
-"""The ``moechat`` command. Each subcommand is a module in ``webui.commands`` with
+"""The ``moechat`` command. Each subcommand is a module in ``moechat.webui.commands`` with
 ``add_arguments(parser)`` and ``run(args) -> int``; importing them is cheap."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     modules = {}
     for name, help_text in COMMANDS.items():
         try:
-            module = importlib.import_module(f"webui.commands.{name}")
+            module = importlib.import_module(f"moechat.webui.commands.{name}")
         except ModuleNotFoundError:
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -1,6 +1,6 @@
 """What the page's buttons do, as plain functions over the BackendManager and the ChatStore.
 
-Nothing here imports Gradio: ``webui.app`` wires these to components. Each person is known
+Nothing here imports Gradio: ``moechat.webui.app`` wires these to components. Each person is known
 by a user name ("" without login) and each open page by a session id; a person's Stop or load
 never touches another session's request.
 """
@@ -19,10 +19,10 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from backends import machine
-from backends.api import BackendError, GenerateRequest, Message, SamplingParams
-from backends.manager import BackendManager, Generation, plan_refusal, settings_error
-from webui.chats import ChatError, ChatStore, StoredMessage, reply_note
+from moechat.backends import machine
+from moechat.backends.api import BackendError, GenerateRequest, Message, SamplingParams
+from moechat.backends.manager import BackendManager, Generation, plan_refusal, settings_error
+from moechat.webui.chats import ChatError, ChatStore, StoredMessage, reply_note
 
 SAVE_EVERY_S = 0.3            # a streaming reply is written to the database at least this often
 STATS_REFRESH_S = 2.0         # backend stats are asked of the worker at most this often
@@ -194,7 +194,7 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         else:
             yield f"Load failed: {outcome['error']}"
     else:
-        from backends.planning import describe
+        from moechat.backends.planning import describe
         plan = manager.state.plan
         yield (progress_text(manager) + (f"\n\nMemory plan: {describe(plan)}" if plan is not None else "")
                + "".join(f"\n\n**Warning:** {w}" for w in load_warnings(manager.state.info)))
@@ -217,7 +217,7 @@ def plan_preview(ctx: Context, backend: str | None, folder: str | None, settings
     before anything is loaded; or the sentence that says why there is none."""
     if not backend:
         return "Choose a backend first."
-    from backends.planning import markdown
+    from moechat.backends.planning import markdown
     try:
         _, _, plan = ctx.manager.plan(backend, dict(settings, model=(folder or "").strip()))
     except BackendError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from backends.manager import BackendManager
+from moechat.backends.manager import BackendManager
 
 
 @dataclass
@@ -34,11 +34,11 @@ def build_app(manager: BackendManager, options: ServeOptions):
     import gradio as gr
     from fastapi import FastAPI
 
-    from webui.app import build_ui
+    from moechat.webui.app import build_ui
 
     app = FastAPI(title="moechat")
     try:
-        from webui.api import router as api_router
+        from moechat.webui.api import router as api_router
     except ImportError:  # the API module is optional until it exists
         api_router = None
     if api_router is not None:
@@ -78,7 +78,7 @@ def start_initial_load(manager: BackendManager, options: ServeOptions) -> thread
 def serve(options: ServeOptions) -> None:
     import uvicorn
 
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.plugins import get_plugin_manager
 
     manager = BackendManager(get_plugin_manager(), options.data_dir)
     app = build_app(manager, options)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from backends.api import (
+from moechat.backends.api import (
     Backend,
     BackendError,
     BackendSettings,
@@ -27,7 +27,7 @@ from backends.api import (
     StopCheck,
     probe_modules,
 )
-from backends.hookspecs import hookimpl
+from moechat.backends.hookspecs import hookimpl
 
 GiB = 1024**3
 
@@ -77,7 +77,7 @@ class MoeOffloadBackend(Backend):
 
     @classmethod
     def plan(cls, model: Any, settings: BackendSettings, machine: Any) -> MemoryPlan | None:
-        from backends.planning import plan_moe_offload
+        from moechat.backends.planning import plan_moe_offload
         return plan_moe_offload(model, settings, machine)
 
     # ---- in the worker --------------------------------------------------------------------------
@@ -86,17 +86,17 @@ class MoeOffloadBackend(Backend):
 
         import torch
 
-        from backends import synthetic
-        from backends.moe_offload.build import load_engine, synthetic_engine
-        from backends.moe_offload.engine import Engine, Options
+        from moechat.backends import synthetic
+        from moechat.backends.moe_offload.build import load_engine, synthetic_engine
+        from moechat.backends.moe_offload.engine import Engine, Options
 
         folder = settings.model
         is_synthetic = synthetic.is_synthetic(folder)
         if is_synthetic:
             folder = synthetic.tokenizer_folder(settings.model)
         elif not folder:
-            from backends.demo import demo_model_dir
-            from backends.machine import data_dir
+            from moechat.backends.demo import demo_model_dir
+            from moechat.backends.machine import data_dir
             progress(Progress("Preparing the demo model"))
             folder = str(demo_model_dir(data_dir()))
         if not Path(folder).is_dir():
@@ -144,8 +144,8 @@ class MoeOffloadBackend(Backend):
         return ids
 
     def generate(self, request: GenerateRequest, should_stop: StopCheck) -> Iterator[Chunk]:
-        from backends.hf_common import IncrementalDecoder, chat_input_ids, check_prompt_fits
-        from backends.moe_offload.engine import Sampler
+        from moechat.backends.hf_common import IncrementalDecoder, chat_input_ids, check_prompt_fits
+        from moechat.backends.moe_offload.engine import Sampler
 
         if self.engine is None:
             raise BackendError("No model is loaded.")
@@ -189,7 +189,7 @@ class MoeOffloadBackend(Backend):
     def count_prompt_tokens(self, request: GenerateRequest) -> int | None:
         if self.tokenizer is None:
             return None
-        from backends.hf_common import chat_input_ids
+        from moechat.backends.hf_common import chat_input_ids
         return len(chat_input_ids(self.tokenizer, request))
 
     def unload(self) -> None:

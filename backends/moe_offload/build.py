@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from backends.api import BackendError, Progress
-from backends.moe_offload.adapters import adapter_for
-from backends.moe_offload.engine import Engine, Options
-from backends.moe_offload.loader import Checkpoint, dequantize_entry
-from backends.moe_offload.store import ExpertStore
+from moechat.backends.api import BackendError, Progress
+from moechat.backends.moe_offload.adapters import adapter_for
+from moechat.backends.moe_offload.engine import Engine, Options
+from moechat.backends.moe_offload.loader import Checkpoint, dequantize_entry
+from moechat.backends.moe_offload.store import ExpertStore
 
 
 def default_cache_dir() -> Path:
@@ -54,9 +54,9 @@ def random_resident(model: torch.nn.Module) -> None:
 
 
 def synthetic_engine(spec: str, options: Options, progress=lambda p: None) -> Engine:
-    """An engine for a ``synthetic:`` spec (backends.synthetic): the real shapes, random weights
+    """An engine for a ``synthetic:`` spec (moechat.backends.synthetic): the real shapes, random weights
     built in memory, int4 experts made as random bytes (no checkpoint, no quantization pass)."""
-    from backends import synthetic
+    from moechat.backends import synthetic
 
     if options.expert_format != "int4":
         raise BackendError("Synthetic models are built with int4 experts; set expert_format to int4.")

@@ -71,7 +71,7 @@ class DeviceExperts:
     """Routed experts of the graphed decode step (CUDA, int4 experts)."""
 
     def __init__(self, experts: list[Any], counters: Any, policy: CachePolicy | None = None):
-        from backends.moe_offload import kernels  # imports triton: only on this path
+        from moechat.backends.moe_offload import kernels  # imports triton: only on this path
 
         self.kernels = kernels
         self.experts, self.counters = experts, counters

@@ -98,7 +98,7 @@ class Qwen3NextDecoder:
         # output (``routed`` must then be a DeviceExperts); else plain torch ops throughout
         self.kernels = None
         if fused:
-            from backends.moe_offload import kernels
+            from moechat.backends.moe_offload import kernels
             self.kernels = kernels
             self.hidden = torch.zeros(c.hidden_size, device=dev, dtype=dt)     # the residual stream
             self.normed = torch.zeros_like(self.hidden)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.moe_offload import quant
-from backends.moe_offload.store import ExpertStore, Proj
+from moechat.backends.moe_offload import quant
+from moechat.backends.moe_offload.store import ExpertStore, Proj
 
 GiB = 1024**3
 SMALL_BATCH_PAIRS = 64          # up to this many (token, expert) pairs: one gathered bmm
@@ -238,7 +238,7 @@ def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def _gpu_kernels():
     try:
-        from backends.moe_offload import kernels
+        from moechat.backends.moe_offload import kernels
     except ImportError:                 # no triton: torch's dequantization
         return None
     return kernels
@@ -294,7 +294,7 @@ class Engine:
         if device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            from backends.api import BackendError
+            from moechat.backends.api import BackendError
             raise BackendError("device is set to cuda but torch sees no CUDA GPU here; set device to auto or cpu.")
         return device
 
@@ -450,7 +450,7 @@ class DecodePath:
         routed = self._eager_routed
         if self._wants_graph():
             try:
-                from backends.moe_offload.cache import DeviceExperts
+                from moechat.backends.moe_offload.cache import DeviceExperts
                 self.device_experts = DeviceExperts(engine.experts, engine.counters)
                 routed = self.device_experts
             except ImportError as exc:            # no triton: the eager step still beats transformers
@@ -460,7 +460,7 @@ class DecodePath:
         self.decoder.uniform_routing = uniform_routing     # benchmarks: a cache's worst case
         self.kind = "eager"
         if self.device_experts is not None:
-            from backends.moe_offload.decode import GraphedStep
+            from moechat.backends.moe_offload.decode import GraphedStep
             try:
                 self.graph = GraphedStep(self.decoder)
                 self.kind = "graph"

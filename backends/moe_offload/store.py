@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from backends.moe_offload import quant
+from moechat.backends.moe_offload import quant
 
 STORE_VERSION = 1
 
@@ -139,7 +139,7 @@ class ExpertStore:
     def check_complete(self) -> None:
         missing = [f"layer {i} {name}" for i, projs in self.layers.items() for name, p in projs.items() if p is None]
         if missing:
-            from backends.api import BackendError
+            from moechat.backends.api import BackendError
             raise BackendError("The checkpoint has no routed-expert weights for " + ", ".join(missing[:4])
                                + ("..." if len(missing) > 4 else "") + ". Is the model folder complete?")
 

@@ -95,7 +95,7 @@ def bandwidth(mb: int) -> dict[str, Any]:
 
 
 def machine_facts(mb: int) -> dict[str, Any]:
-    from backends.machine import this_machine
+    from moechat.backends.machine import this_machine
     m = this_machine()
     return {"gpus": [{"name": g.name, "total_bytes": g.total} for g in m.gpus],
             "cpu": cpu_name(), "cpu_count": m.cpu_count, "host_total_bytes": m.host_total,
@@ -113,7 +113,7 @@ def peak_rss(pid: int | None) -> int | None:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
-    from backends.machine import process_rss
+    from moechat.backends.machine import process_rss
     return process_rss(pid)
 
 
@@ -122,8 +122,8 @@ def peak_rss(pid: int | None) -> int | None:
 def prompt_text(model_path: str, tokens: int) -> str:
     """Text of about ``tokens`` tokens for the model's tokenizer (cut exactly when the
     ``tokenizers`` library can read it; the runs record the real count)."""
-    from backends.demo import CORPUS
-    from backends.synthetic import tokenizer_folder
+    from moechat.backends.demo import CORPUS
+    from moechat.backends.synthetic import tokenizer_folder
 
     words = CORPUS.split()
     text = " ".join(words[i % len(words)] for i in range(tokens * 2))
@@ -144,7 +144,7 @@ def scaled_budget(budget_gib: float, model: Any, layers: int | None, full: int |
     lm_head, CUDA context and work area) stays, the rest scales with the depth."""
     if not layers or not full or layers >= full:
         return budget_gib
-    from backends.planning import try_shapes
+    from moechat.backends.planning import try_shapes
     s = try_shapes(model.config)
     fixed = FIXED_GPU_BYTES + ((s.embed + s.lm_head) * 2 if s else 0)
     budget = budget_gib * 1024**3
@@ -156,8 +156,8 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
     """Settings the person did not give, sized for the benchmark: a context just long enough, and
     for a VRAM budget the backend's own knobs (vram_budget_gb, gpu_memory_gb + cpu_memory_gb,
     gpu_memory_utilization), so the backend plans for the budget rather than the whole card."""
-    from backends.machine import this_machine
-    from backends.planning import effective_machine
+    from moechat.backends.machine import this_machine
+    from moechat.backends.planning import effective_machine
 
     fields = entry.cls.Settings.model_fields
     out = dict(given)
@@ -221,12 +221,12 @@ class Bar:
 
 def measure(args) -> dict[str, Any]:
     """Run the benchmark described by ``args``; raises BackendError with a sentence."""
-    from backends import synthetic
-    from backends.api import BackendError, GenerateRequest, SamplingParams
-    from backends.manager import BackendManager
-    from backends.planning import VRAM_BUDGET_ENV, to_dict
-    from backends.plugins import get_plugin_manager
-    from webui.cli import parse_settings
+    from moechat.backends import synthetic
+    from moechat.backends.api import BackendError, GenerateRequest, SamplingParams
+    from moechat.backends.manager import BackendManager
+    from moechat.backends.planning import VRAM_BUDGET_ENV, to_dict
+    from moechat.backends.plugins import get_plugin_manager
+    from moechat.webui.cli import parse_settings
 
     model_spec = args.model
     full_layers = None
@@ -393,7 +393,7 @@ def failure_record(backend: str, model: str, budget: float | None, error: str) -
 
 
 def run(args) -> int:
-    from backends.api import BackendError
+    from moechat.backends.api import BackendError
 
     try:
         result = measure(args)

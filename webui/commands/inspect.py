@@ -10,9 +10,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from backends.api import BackendError
-    from backends.modelinfo import inspect
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.api import BackendError
+    from moechat.backends.modelinfo import inspect
+    from moechat.backends.plugins import get_plugin_manager
 
     try:
         info = inspect(args.model_dir)

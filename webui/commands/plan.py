@@ -22,8 +22,8 @@ def machine_for(args):
     """This machine, or the one --gpu-gb / --ram-gb describe."""
     from dataclasses import replace
 
-    from backends.machine import Gpu, this_machine
-    from backends.planning import GiB
+    from moechat.backends.machine import Gpu, this_machine
+    from moechat.backends.planning import GiB
 
     m = this_machine()
     if args.gpu_gb is not None:
@@ -37,11 +37,11 @@ def machine_for(args):
 def run(args) -> int:
     from pydantic import ValidationError
 
-    from backends.api import BackendError
-    from backends.manager import BackendManager, settings_error
-    from backends.planning import table, to_dict
-    from backends.plugins import get_plugin_manager
-    from webui.cli import parse_settings
+    from moechat.backends.api import BackendError
+    from moechat.backends.manager import BackendManager, settings_error
+    from moechat.backends.planning import table, to_dict
+    from moechat.backends.plugins import get_plugin_manager
+    from moechat.webui.cli import parse_settings
 
     manager = BackendManager(get_plugin_manager())
     try:

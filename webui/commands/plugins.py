@@ -8,7 +8,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from backends.plugins import get_plugin_manager
+    from moechat.backends.plugins import get_plugin_manager
 
     plugins = get_plugin_manager()
     rows = plugins.listing()

@@ -36,8 +36,8 @@ def read_pairs(value: str | None) -> list[str]:
 
 
 def run(args) -> int:
-    from webui.cli import parse_settings
-    from webui.server import ServeOptions, serve
+    from moechat.webui.cli import parse_settings
+    from moechat.webui.server import ServeOptions, serve
 
     users = {}
     for pair in read_pairs(args.auth):

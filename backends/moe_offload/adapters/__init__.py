@@ -75,7 +75,7 @@ class Adapter:
         with torch.device(device):
             model.model.rotary_emb = _transformers_class(self.rotary_embedding)(model.config)
 
-    decoder: str = ""   # "module:Class" under backends.moe_offload: the family's static decode step
+    decoder: str = ""   # "module:Class" under moechat.backends.moe_offload: the family's static decode step
 
     def decoder_class(self) -> Any:
         """The static decode step (``decode.py``), or None: decode through transformers' modules."""
@@ -84,7 +84,7 @@ class Adapter:
         import importlib
 
         module, _, name = self.decoder.partition(":")
-        return getattr(importlib.import_module(f"backends.moe_offload.{module}"), name)
+        return getattr(importlib.import_module(f"moechat.backends.moe_offload.{module}"), name)
 
     def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
         return 0
@@ -102,13 +102,13 @@ def _transformers_class(path: str) -> Any:
 
 
 def adapter_for(model_type: str) -> Adapter:
-    from backends.moe_offload.adapters.qwen3_moe import Qwen3MoeAdapter
-    from backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
+    from moechat.backends.moe_offload.adapters.qwen3_moe import Qwen3MoeAdapter
+    from moechat.backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
 
     for cls in (Qwen3NextAdapter, Qwen3MoeAdapter):
         if model_type in cls.model_types:
             return cls()
-    from backends.api import BackendError
+    from moechat.backends.api import BackendError
     raise BackendError(f"moe-offload does not know the model type {model_type!r} yet; it runs "
                        "qwen3_next and qwen3_moe models. Pick another backend for this model.")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.moe_offload.adapters import Adapter
+from moechat.backends.moe_offload.adapters import Adapter
 
 
 class Qwen3MoeAdapter(Adapter):

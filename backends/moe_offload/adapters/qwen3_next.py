@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from backends.moe_offload.adapters import Adapter
+from moechat.backends.moe_offload.adapters import Adapter
 
 
 class Qwen3NextAdapter(Adapter):

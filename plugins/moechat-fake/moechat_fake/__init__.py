@@ -9,8 +9,8 @@ import time
 
 from pydantic import Field
 
-from backends.api import Backend, BackendError, BackendSettings, Chunk, Progress, PromptTooLong
-from backends.hookspecs import hookimpl
+from moechat.backends.api import Backend, BackendError, BackendSettings, Chunk, Progress, PromptTooLong
+from moechat.backends.hookspecs import hookimpl
 
 
 class FakeSettings(BackendSettings):

@@ -2,7 +2,7 @@
 
 Point moechat at a bigger machine: ``vllm serve`` with tensor parallelism on a multi-GPU box,
 llama.cpp's ``llama-server``, or another ``moechat serve``. Written only against moechat's public
-plugin API (``backends.api`` and ``backends.hookspecs``), as any outside author would.
+plugin API (``moechat.backends.api`` and ``moechat.backends.hookspecs``), as any outside author would.
 
 The backend runs in a moechat worker process like every backend. It streams the reply over
 server-sent events, closes the connection on Stop (the server sees the client leave and stops
@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, Probe, Progress
-from backends.hookspecs import hookimpl
+from moechat.backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, Probe, Progress
+from moechat.backends.hookspecs import hookimpl
 
 URL_ENV = "MOECHAT_REMOTE_URL"
 KEY_ENV = "MOECHAT_REMOTE_API_KEY"
