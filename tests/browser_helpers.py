@@ -31,8 +31,10 @@ def free_port() -> int:
 class Server:
     """``moechat serve`` in its own process group, logging to a file in its data dir."""
 
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None):
+    def __init__(self, data_dir: Path, *args: str, port: int | None = None, executable: str = MOECHAT,
+                 env: dict[str, str] | None = None, cwd: Path = ROOT):
         self.data_dir = data_dir
+        self.executable, self.base_env, self.cwd = executable, env, cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.args = args
@@ -40,14 +42,14 @@ class Server:
         self.log_path = data_dir / f"server-{self.port}.log"
 
     def start(self, timeout: float = 120) -> Server:
-        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", MOECHAT_HOME=str(self.data_dir),
+        env = dict(self.base_env if self.base_env is not None else os.environ, GRADIO_ANALYTICS_ENABLED="False", MOECHAT_HOME=str(self.data_dir),
                    MOECHAT_NO_GPU="1", HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost")
         env.pop("MOECHAT_PLUGINS", None)
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [MOECHAT, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            [self.executable, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
              *self.args],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(self.cwd), start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
