@@ -371,3 +371,14 @@ def test_load_warnings_reach_the_person():
         "this backend failed its output self-check: its replies are likely garbage.",
         "Offload did not happen.", "Memory differs."]
     assert h.load_warnings({}) == []
+
+
+def test_the_handlers_and_the_page_modules_import_without_gradio():
+    """The logic is plain functions: importing it (and the page's parts) loads no Gradio, pandas or torch."""
+    import subprocess
+    import sys
+    code = ("import sys, moechat.webui.handlers, moechat.webui.app, moechat.webui.page.loading, "
+            "moechat.webui.page.turns, moechat.webui.page.stats, moechat.webui.page.chats; "
+            "print(sorted(m for m in ('gradio', 'pandas', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

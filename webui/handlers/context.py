@@ -1,0 +1,48 @@
+"""What everything on the page shares: the Context (one per server) and who may do what.
+
+Nothing in moechat.webui.handlers imports Gradio: the page parts in moechat.webui.page wire
+these plain functions to components. Each person is known by a user name ("" without login) and
+each open page by a session id; a person's Stop or load never touches another session's request.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moechat.backends.manager import BackendManager, Generation
+from moechat.webui.chats import ChatStore
+
+
+@dataclass
+class Context:
+    """Everything the handlers share: one per server."""
+
+    manager: BackendManager
+    store: ChatStore
+    users: dict[str, str] = field(default_factory=dict)
+    admins: set[str] = field(default_factory=set)
+    models_dir: str | None = None
+    sessions: dict[str, Generation] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _stats: dict[str, Any] = field(default_factory=dict)
+    _stats_at: float = 0.0
+
+    @classmethod
+    def from_options(cls, manager: BackendManager, options: Any) -> Context:
+        data_dir = Path(options.data_dir) if getattr(options, "data_dir", None) else manager.data_dir
+        return cls(manager, ChatStore.in_data_dir(data_dir), dict(options.users or {}),
+                   set(options.admins or ()), options.models_dir)
+
+
+def may_manage(ctx: Context, user: str) -> bool:
+    """Whether ``user`` may load and unload models: everyone unless admins are named."""
+    return not ctx.admins or user in ctx.admins
+
+
+def not_allowed(ctx: Context) -> str:
+    return f"Only {', '.join(sorted(ctx.admins))} can load or unload models here; ask them to change the model."
+
+
