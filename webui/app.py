@@ -12,7 +12,7 @@ from moechat.webui.handlers.context import Context
 def build_ui(manager: BackendManager, options: Any, ctx: Context | None = None):
     import gradio as gr
 
-    from moechat.webui.page import chats, loading, stats, turns
+    from moechat.webui.page import chats, compare, loading, stats, turns
 
     ctx = ctx or Context.from_options(manager, options)
     with gr.Blocks(title="moechat") as blocks:
@@ -25,10 +25,12 @@ def build_ui(manager: BackendManager, options: Any, ctx: Context | None = None):
             with gr.Column(scale=2, min_width=300):
                 loading_part = loading.layout(ctx, options)
                 stats_part = stats.layout(ctx)
+        compare_part = compare.layout(ctx)
         loading.wire(ctx, blocks, loading_part, turns_part.model_status)
         stats.wire(ctx, stats_part, turns_part.model_status)
         turns.wire(ctx, turns_part, chat_id, stats_part.stats, chats_part.chat_list)
         chats.wire(ctx, blocks, chats_part, chat_id, turns_part.chatbot, turns_part.notice,
                    turns_part.system_prompt)
+        compare.wire(ctx, blocks, compare_part, loading_part, chat_id)
     blocks.moechat_context = ctx
     return blocks

@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": "Describe a model folder and suggest a backend for it.",
     "plan": "Say whether a model fits this machine's GPU and RAM with a backend and settings.",
     "bench": "Measure load time, prefill and decode speed and memory of a backend.",
+    "compare": "Run one prompt through several saved presets (backend, model, settings), one after another.",
 }
 
 

@@ -117,6 +117,18 @@ def peak_rss(pid: int | None) -> int | None:
     return process_rss(pid)
 
 
+
+def gpu_peak(gpus: list[dict[str, Any]]) -> tuple[int | None, str | None]:
+    """Peak GPU bytes and where the number comes from, from a backend's ``gpus`` stats: torch's
+    peak allocation in the worker; where the worker holds no CUDA context (vLLM's front end), what
+    nvidia-smi shows in use at the end (the engine's memory, all of the card's users)."""
+    if any("peak_allocated_bytes" in g for g in gpus):
+        return max(g.get("peak_allocated_bytes") or 0 for g in gpus), "torch peak allocated"
+    if gpus:
+        return max(g.get("used_bytes") or 0 for g in gpus), "nvidia-smi used at the end"
+    return None, None
+
+
 # ---- the prompt ---------------------------------------------------------------------------------
 
 def prompt_text(model_path: str, tokens: int) -> str:
@@ -301,15 +313,7 @@ def measure(args) -> dict[str, Any]:
         manager.close()
 
     measured = [r for r in runs if not r["warmup"]]
-    gpus = backend_stats.get("gpus") or info.get("gpus") or []
-    # torch's peak allocation in the worker; where the worker holds no CUDA context (vLLM's front
-    # end), what nvidia-smi shows in use at the end (the engine's memory, all of the card's users)
-    if any("peak_allocated_bytes" in g for g in gpus):
-        peak_gpu, peak_gpu_source = max(g.get("peak_allocated_bytes") or 0 for g in gpus), "torch peak allocated"
-    elif gpus:
-        peak_gpu, peak_gpu_source = max(g.get("used_bytes") or 0 for g in gpus), "nvidia-smi used at the end"
-    else:
-        peak_gpu, peak_gpu_source = None, None
+    peak_gpu, peak_gpu_source = gpu_peak(backend_stats.get("gpus") or info.get("gpus") or [])
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -10,10 +10,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moechat.backends.manager import BackendManager, Generation
 from moechat.webui.chats import ChatStore
+
+if TYPE_CHECKING:
+    from moechat.webui.compare import CompareStore
 
 
 @dataclass
@@ -27,8 +30,19 @@ class Context:
     models_dir: str | None = None
     sessions: dict[str, Generation] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    compare_runner: Any = None     # the comparison running now (one at a time: it owns the model)
     _stats: dict[str, Any] = field(default_factory=dict)
     _stats_at: float = 0.0
+    _compares: Any = None
+
+    @property
+    def compares(self) -> CompareStore:
+        """Compare presets and runs, in the chat database's folder."""
+        from moechat.webui.compare import CompareStore
+        with self.lock:
+            if self._compares is None:
+                self._compares = CompareStore.in_data_dir(self.store.path.parent)
+            return self._compares
 
     @classmethod
     def from_options(cls, manager: BackendManager, options: Any) -> Context:
