@@ -114,5 +114,13 @@ def shot(page, name: str) -> Path:
     return path
 
 
+def doc_shot(locator, name: str) -> Path:
+    """A screenshot for the docs: ``locator``'s element, written to docs/img/NAME.png (committed)."""
+    path = ROOT / "docs" / "img" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    locator.screenshot(path=str(path))
+    return path
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
