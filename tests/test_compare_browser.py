@@ -98,6 +98,17 @@ def open_compare(page) -> None:
     page.locator("#compare-run").wait_for()
 
 
+def export(page, fmt: str, folder: Path) -> str:
+    """Press Export (``md`` or ``json``), download the file it offers, and return its text."""
+    page.click(f"#compare-export-{fmt}")
+    link = page.locator(f'#compare-export-file a[href*=".{fmt}"]').first
+    link.wait_for()
+    with page.expect_download() as dl:
+        link.click()
+    dl.value.save_as(folder / f"run.{fmt}")
+    return (folder / f"run.{fmt}").read_text()
+
+
 def test_three_backends_side_by_side_with_progress_first_difference_and_export(page, tmp_path):
     load_fake(page)
     open_compare(page)
@@ -138,23 +149,11 @@ def test_three_backends_side_by_side_with_progress_first_difference_and_export(p
     # the backend loaded before is back
     wait_text(page, "#model-status", "Loaded fake-echo with fake")
 
-    page.click("#compare-export-json")
-    link = page.locator("#compare-export-file a").first
-    link.wait_for()
-    with page.expect_download() as dl:
-        link.click()
-    dl.value.save_as(tmp_path / "run.json")
-    data = json.loads((tmp_path / "run.json").read_text())
+    data = json.loads(export(page, "json", tmp_path))
     assert [e["preset"] for e in data["entries"]] == ["tiny-transformers", "tiny-moe-offload", "echo"]
     assert data["entries"][2]["first_diff"] == 0 and data["entries"][1]["same_as_reference"] is True
     assert data["commit"]["git_commit"] and data["machine"]["cpu"]
-    page.click("#compare-export-md")
-    link = page.locator('#compare-export-file a[href*=".md"]').first
-    link.wait_for()
-    with page.expect_download() as dl:
-        link.click()
-    dl.value.save_as(tmp_path / "run.md")
-    md = (tmp_path / "run.md").read_text()
+    md = export(page, "md", tmp_path)
     assert "| first difference | reference | same as tiny-transformers | differs from tiny-transformers at token 0 |" in md
 
 

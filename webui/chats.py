@@ -86,19 +86,26 @@ class ChatSummary:
     message_count: int
 
 
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """A SQLite connection for one store, shared by its threads behind the store's lock: WAL
+    mode, foreign keys on, rows by column name, ``schema`` applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.executescript(schema)
+    return db
+
+
 class ChatStore:
     """The chat database. Thread-safe: one connection behind a lock (SQLite in WAL mode)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._db = open_database(self.path, SCHEMA)
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
             self.interrupted_on_open = self._db.execute(
                 "UPDATE messages SET status='interrupted' WHERE status='streaming'").rowcount
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 from loguru import logger
 
-from moechat.backends.api import BackendError, GenerateRequest, Message, SamplingParams
+from moechat.backends.api import BackendError, GenerateRequest, Message
 from moechat.webui.handlers.stats import fmt_bytes
 
 AFTER_PREVIOUS = "previous"    # after a comparison, load again what was loaded before it
@@ -208,10 +207,11 @@ class CompareRunner:
         messages = [dict(m) for m in messages or []]
         if not messages and not prompt.strip():
             raise CompareError("Type a prompt (or use the open chat) first.")
+        from moechat.webui.handlers.turns import sampling_from
         try:
-            params = SamplingParams.model_validate(dict({"temperature": 0.0, "max_new_tokens": 64}, **(sampling or {})))
-        except Exception as exc:
-            raise CompareError(f"The sampling settings are not valid: {exc}") from exc
+            params = sampling_from(dict({"temperature": 0.0, "max_new_tokens": 64}, **(sampling or {})))
+        except ValueError as exc:
+            raise CompareError(str(exc)) from exc
         if not messages:
             messages = [{"role": "user", "content": prompt}]
         self.manager = manager
@@ -393,14 +393,10 @@ class CompareStore:
     SQLite. Thread-safe: one connection behind a lock."""
 
     def __init__(self, path: str | Path):
+        from moechat.webui.chats import open_database
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
+        self._db = open_database(self.path, SCHEMA)
 
     @classmethod
     def in_data_dir(cls, data_dir: str | Path) -> CompareStore:
