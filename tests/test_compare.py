@@ -143,3 +143,22 @@ def test_model_output_is_escaped_and_the_first_difference_is_marked():
     page = hcmp.results_html(run)
     assert "<b>" not in page and "&lt;b&gt;y&lt;/b&gt;" in page
     assert 'x<mark class="first-diff" title="first difference"> &lt;i&gt;z</mark>' in page
+
+
+def test_while_a_comparison_runs_load_and_unload_wait_and_cancel_stops_it(ctx):
+    assert hcmp.save_preset(ctx, "boss", "slow", "fake", "", {"delay_s": 0.2}).startswith("Saved")
+    assert hcmp.save_preset(ctx, "boss", "echo", "fake", "", {}).startswith("Saved")
+    views = hcmp.run_compare(ctx, "boss", ["slow", "echo"], " ".join(f"w{i}" for i in range(40)), poll_s=0.05)
+    for line, run in views:
+        if run is not None and run.entries[0].status == "generating" and run.entries[0].text:
+            break
+    assert list(load_steps(ctx, "boss", "fake", "", {})) == [
+        "A comparison is running: it loads each of its presets in turn. Wait for it to finish, "
+        "or press Cancel under Compare."]
+    assert hcmp.cancel_compare(ctx, "boss") == "Cancelling the comparison …"
+    line, run = list(views)[-1]
+    assert line == "Comparison cancelled. Nothing was loaded before the comparison, so nothing is loaded now."
+    assert [e.status for e in run.entries] == ["cancelled", "cancelled"]
+    assert run.entries[0].text.startswith("w0") and "w39" not in run.entries[0].text
+    assert not ctx.manager.state.ready
+    assert hcmp.cancel_compare(ctx, "boss") == "No comparison is running."

@@ -263,12 +263,9 @@ class CompareRunner:
                 self._set(entry, status="cancelled", error="Cancelled before it started.")
                 continue
             self._run_entry(preset, entry)
+            self._unload()          # output and numbers kept: free the memory before the next
             with self._lock:
                 mark_differences(self.result)
-        try:
-            manager.unload()
-        except Exception:
-            logger.exception("unload after the comparison failed")
         note = self._restore(previous)
         with self._lock:
             self.result.note = note
@@ -345,6 +342,12 @@ class CompareRunner:
             self._set(entry, status="checking")
             self._set(entry, selfcheck=selfcheck.check_loaded(manager).to_dict())
         self._set(entry, status="done")
+
+    def _unload(self) -> None:
+        try:
+            self.manager.unload()
+        except Exception:
+            logger.exception("unload in the comparison failed")
 
     def _restore(self, previous: tuple[str | None, dict[str, Any]] | None) -> str:
         """Load what comes after the comparison; a sentence saying what is loaded now."""

@@ -16,6 +16,10 @@ from moechat.backends.manager import BackendManager, plan_refusal, settings_erro
 from moechat.webui.handlers.context import Context, may_manage, not_allowed
 
 
+COMPARING = ("A comparison is running: it loads each of its presets in turn. Wait for it to finish, "
+             "or press Cancel under Compare.")
+
+
 def backend_choices(manager: BackendManager) -> list[tuple[str, str]]:
     """(label, name) for every registered backend; unavailable ones carry the probe's reason."""
     out = []
@@ -93,6 +97,9 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         return
     if not backend:
         yield "Choose a backend first."
+        return
+    if ctx.compare_runner is not None:
+        yield COMPARING
         return
     if manager.state.status == "loading":
         yield "A model is already loading; wait for it or press Cancel load."
@@ -193,5 +200,7 @@ def cancel_load(ctx: Context, user: str) -> str:
 def unload(ctx: Context, user: str) -> str:
     if not may_manage(ctx, user):
         return not_allowed(ctx)
+    if ctx.compare_runner is not None:
+        return COMPARING
     ctx.manager.unload()
     return "Unloaded. " + progress_text(ctx.manager)
