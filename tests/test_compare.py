@@ -162,3 +162,17 @@ def test_while_a_comparison_runs_load_and_unload_wait_and_cancel_stops_it(ctx):
     assert run.entries[0].text.startswith("w0") and "w39" not in run.entries[0].text
     assert not ctx.manager.state.ready
     assert hcmp.cancel_compare(ctx, "boss") == "No comparison is running."
+
+
+def test_the_open_chat_so_far_can_be_the_prompt(ctx):
+    assert hcmp.save_preset(ctx, "boss", "echo", "fake", "", {}).startswith("Saved")
+    chat = ctx.store.create("boss", system_prompt="Be brief.")
+    ctx.store.append(chat, "boss", "user", "first question")
+    ctx.store.append(chat, "boss", "assistant", "first answer")
+    ctx.store.append(chat, "boss", "user", "the follow-up")
+    line, run = list(hcmp.run_compare(ctx, "boss", ["echo"], "", chat_id=chat, use_chat=True, poll_s=0.05))[-1]
+    assert [m["content"] for m in run.messages] == ["Be brief.", "first question", "first answer", "the follow-up"]
+    assert run.entries[0].text == "the follow-up"            # the fake backend echoes the last user message
+    assert list(hcmp.run_compare(ctx, "guest2", ["echo"], "", chat_id=chat, use_chat=True))[-1][0].startswith("Only boss")
+    assert list(hcmp.run_compare(ctx, "boss", ["echo"], "", use_chat=True)) == [
+        ("Open a chat first, or untick \u201cUse the open chat\u201d and type a prompt.", None)]
