@@ -361,6 +361,10 @@ def test_two_users_see_only_their_own_chats_and_the_second_waits_in_the_queue(br
         alice, bob = pages["alice"], pages["bob"]
         wait_text(alice, "#model-status", "Loaded fake-echo with fake")
         assert bob.locator("#load").is_disabled() and not alice.locator("#load").is_disabled()
+        for p in (alice, bob):                         # a comparison loads models: the same permission
+            p.locator("#compare").get_by_text("Compare backends on one prompt").first.click()
+            p.locator("#compare-run").wait_for()
+        assert bob.locator("#compare-run").is_disabled() and not alice.locator("#compare-run").is_disabled()
 
         send(alice, "alice private words " + LONG)
         wait_reply(alice, lambda t: "alice private" in t)

@@ -6,7 +6,7 @@ from typing import Any
 
 from moechat.webui import compare as cmp
 from moechat.webui.handlers import compare as hcmp
-from moechat.webui.handlers.context import Context
+from moechat.webui.handlers.context import Context, may_manage
 from moechat.webui.page.common import user_of
 from moechat.webui.page.loading import LoadingPart
 
@@ -87,9 +87,12 @@ def wire(ctx: Context, blocks: Any, part: ComparePart, loading: LoadingPart, cha
                 gr.update(choices=hcmp.run_choices(ctx, user), value=run_value))
 
     def on_page_load(request: gr.Request):
-        return lists(user_of(request))
+        """The lists, and the buttons that load models for those who may load (as Load)."""
+        manage = gr.update(interactive=may_manage(ctx, user_of(request)))
+        return lists(user_of(request)) + (manage,) * 4
 
-    blocks.load(on_page_load, None, [part.presets, part.after, part.history])
+    blocks.load(on_page_load, None, [part.presets, part.after, part.history, part.run_btn, part.cancel_btn,
+                                     part.save_btn, part.delete_btn])
 
     def on_save(request: gr.Request, name, backend, folder, *values):
         try:
