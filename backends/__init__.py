@@ -7,19 +7,25 @@ from moechat.backends.api import (
     Backend,
     BackendError,
     BackendSettings,
+    BackendUnavailable,
+    Cancelled,
     Chunk,
     GenerateRequest,
     MemoryItem,
     MemoryPlan,
     Message,
     Probe,
+    PlanDoesNotFit,
     Progress,
+    PromptTooLong,
     SamplingParams,
+    SettingsInvalid,
     probe_modules,
 )
 from moechat.backends.hookspecs import hookimpl
 
 __all__ = [
-    "Backend", "BackendError", "BackendSettings", "Chunk", "GenerateRequest", "MemoryItem",
-    "MemoryPlan", "Message", "Probe", "Progress", "SamplingParams", "hookimpl", "probe_modules",
+    "Backend", "BackendError", "BackendSettings", "BackendUnavailable", "Cancelled", "Chunk",
+    "GenerateRequest", "MemoryItem", "MemoryPlan", "Message", "PlanDoesNotFit", "Probe", "Progress",
+    "PromptTooLong", "SamplingParams", "SettingsInvalid", "hookimpl", "probe_modules",
 ]

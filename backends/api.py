@@ -27,9 +27,48 @@ class BackendError(Exception):
 
 
 class PromptTooLong(BackendError):
-    """The prompt does not fit the model's context. Raise it before generating."""
+    """The prompt does not fit the model's context. The host raises it itself when the backend
+    answers ``count_prompt_tokens`` and ``context_length``; a backend that cannot count cheaply
+    raises it from ``generate`` before generating."""
 
     code: ClassVar[str] = "context_length_exceeded"
+
+
+class SettingsInvalid(BackendError):
+    """Load settings that cannot be used. The host raises it for settings that fail validation;
+    a backend's ``check`` may raise it (or any BackendError) to refuse a combination."""
+
+    code: ClassVar[str] = "invalid_settings"
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run here (its probe said why)."""
+
+    code: ClassVar[str] = "backend_unavailable"
+
+
+class PlanDoesNotFit(BackendError):
+    """The memory plan says the load would not fit; loading anyway needs ``force``."""
+
+    code: ClassVar[str] = "does_not_fit"
+
+
+class Cancelled(BackendError):
+    """A load (or a queued request) was cancelled by the person."""
+
+    code: ClassVar[str] = "cancelled"
+
+
+def error_of(code: str | None, message: str) -> BackendError:
+    """The BackendError subclass with ``code`` (an error that crossed the worker connection as a
+    code comes back as its type); plain BackendError for codes of no known subclass."""
+    todo: list[type[BackendError]] = [BackendError]
+    while todo:
+        cls = todo.pop()
+        if cls.code == code:
+            return cls(message)
+        todo.extend(cls.__subclasses__())
+    return BackendError(message)
 
 
 class BackendSettings(BaseModel):
@@ -165,6 +204,15 @@ class Backend:
     needs_model: ClassVar[bool] = True
 
     # ---- cheap, called in the app process --------------------------------------------
+    @classmethod
+    def check(cls, settings: BackendSettings, model: Any) -> None:
+        """Refuse settings that validate one by one but cannot be used together (or with this
+        ``model``, a ``ModelInfo``, None when ``needs_model`` is False): raise ``BackendError``
+        (or ``SettingsInvalid``) with a sentence that names the setting to change. Called before
+        the model that is loaded now is unloaded, so a refused setting keeps it. Cheap: no heavy
+        imports, no loading. Single-field rules belong in the ``Settings`` model (``Field`` bounds
+        or a pydantic validator), which the host checks first."""
+
     @classmethod
     def probe(cls, settings: BackendSettings | None = None) -> Probe:
         """Say whether this backend can run here. Must be fast and import nothing heavy

@@ -8,6 +8,7 @@ and notices when the worker dies. Nothing here imports torch.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import subprocess
@@ -27,15 +28,27 @@ from loguru import logger
 from pydantic import ValidationError
 
 from moechat.backends import machine
-from moechat.backends.api import BackendError, GenerateRequest, MemoryPlan, Progress
+from moechat.backends import protocol as P
+from moechat.backends.api import (
+    BackendError,
+    BackendSettings,
+    BackendUnavailable,
+    Cancelled,
+    GenerateRequest,
+    MemoryPlan,
+    PlanDoesNotFit,
+    Probe,
+    Progress,
+    SettingsInvalid,
+    error_of,
+)
 from moechat.backends.modelinfo import ModelInfo, inspect
 from moechat.backends.plugins import BackendEntry, Plugins
 
 START_TIMEOUT_S = float(os.environ.get("MOECHAT_WORKER_START_TIMEOUT", "120"))
+PROBE_CACHE_S = 30.0   # a probe may start an interpreter (vLLM's): its answer is reused this long
 
-
-class Cancelled(BackendError):
-    pass
+__all__ = ["BackendManager", "Cancelled", "CheckResult", "Event", "Generation", "LoadState", "settings_error"]
 
 
 def settings_error(exc: ValidationError) -> str:
@@ -44,6 +57,54 @@ def settings_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         parts.append(f"{where}: {err['msg']}")
     return "Some settings are not valid. " + "; ".join(parts) + "."
+
+
+def revealed(settings: BackendSettings) -> dict[str, Any]:
+    """``settings`` as plain data for the worker: ``SecretStr`` values as their text (only the
+    worker sees them; ``model_dump()`` keeps them masked everywhere else)."""
+    from pydantic import SecretStr
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, SecretStr):
+            return v.get_secret_value()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(settings.model_dump())
+
+
+@dataclass
+class CheckResult:
+    """Everything decided before a load, once: the backend, the validated settings, the model
+    folder read, whether the backend can run here, and the memory plan. ``refusal`` says
+    whether a load with it would be refused, as the error to raise."""
+
+    entry: BackendEntry
+    settings: BackendSettings
+    model: ModelInfo | None
+    probe: Probe
+    plan: MemoryPlan | None
+
+    @property
+    def backend(self) -> str:
+        return self.entry.name
+
+    def refusal(self, force: bool = False) -> BackendError | None:
+        if not self.probe.available:
+            return BackendUnavailable(f"The {self.backend} backend cannot run here: {self.probe.reason}")
+        if self.plan is not None and not self.plan.fits and not force:
+            return PlanDoesNotFit(plan_refusal(self.plan))
+        return None
+
+    def settings_dump(self) -> dict[str, Any]:
+        """The settings as the load keeps them (secrets masked), the model as its full path."""
+        out = self.settings.model_dump()
+        if self.model is not None and "model" in out:
+            out["model"] = self.model.path
+        return out
 
 
 @dataclass
@@ -83,8 +144,8 @@ class WorkerProcess:
     def __init__(self, entry: BackendEntry, python: str | None, on_exit: Callable[[WorkerProcess], None]):
         self.entry = entry
         self.on_exit = on_exit
-        self.control: Queue[dict] = Queue()
-        self.streams: dict[str, Queue[dict]] = {}
+        self.control: Queue[P.Message | P.WorkerExited] = Queue()
+        self.streams: dict[str, Queue[P.Message | P.WorkerExited]] = {}
         self.lock = threading.Lock()
         self.alive = True
         self.stderr_tail: deque[str] = deque(maxlen=30)
@@ -95,10 +156,12 @@ class WorkerProcess:
         listener = Listener(address, family="AF_UNIX", authkey=key)
         cls = entry.cls
         env = dict(os.environ, MOECHAT_WORKER_KEY=key.hex(), PYTHONUNBUFFERED="1")
-        if python and not cls.__module__.startswith("moechat."):
+        module = sys.modules[cls.__module__]
+        if (python or hasattr(module, "__moechat_plugin_file__")) and not cls.__module__.startswith("moechat."):
             # Another interpreter has moechat installed (it must: see docs/plugin-hooks.md) but
-            # not necessarily this plugin: let it import the plugin's module from where it lies.
-            module_root = Path(sys.modules[cls.__module__].__file__).resolve().parents[cls.__module__.count(".")]
+            # not necessarily this plugin, and a single-file plugin (MOECHAT_PLUGIN_PATHS) is
+            # installed nowhere: let the worker import the plugin's module from where it lies.
+            module_root = Path(module.__file__).resolve().parents[cls.__module__.count(".")]
             env["PYTHONPATH"] = os.pathsep.join(p for p in [str(module_root), env.get("PYTHONPATH", "")] if p)
         try:
             self.proc = subprocess.Popen(
@@ -128,32 +191,35 @@ class WorkerProcess:
         threading.Thread(target=self._read, daemon=True, name=f"manager-reader-{entry.name}").start()
 
     def _pump_stderr(self) -> None:
-        for line in self.proc.stderr:
-            line = line.rstrip()
-            self.stderr_tail.append(line)
-            sys.stderr.write(line + "\n")
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                line = line.rstrip()
+                self.stderr_tail.append(line)
+                sys.stderr.write(line + "\n")
 
     def _read(self) -> None:
         while True:
             try:
-                msg = self.conn.recv()
+                msg = P.from_wire(self.conn.recv())
             except (EOFError, OSError):
                 break
-            gen_id = msg.get("id")
-            if gen_id is not None:
+            except P.ProtocolError as exc:
+                logger.error("{}", exc)
+                continue
+            if isinstance(msg, (P.ChunkOut, P.Done)):
                 with self.lock:
-                    q = self.streams.get(gen_id)
+                    q = self.streams.get(msg.id)
                 if q is not None:
                     q.put(msg)
             else:
                 self.control.put(msg)
         self.alive = False
         self.proc.wait()
-        self.control.put({"op": "exit"})
+        self.control.put(P.WorkerExited())
         with self.lock:
             streams = list(self.streams.values())
         for q in streams:
-            q.put({"op": "exit"})
+            q.put(P.WorkerExited())
         self.on_exit(self)
 
     def exit_description(self) -> str:
@@ -168,13 +234,14 @@ class WorkerProcess:
                 return f"was killed by signal {-code}"
         return f"exited with code {code}"
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: P.Message) -> None:
         try:
-            self.conn.send(msg)
+            self.conn.send(P.to_wire(msg))
         except (OSError, EOFError, BrokenPipeError) as exc:
             raise BackendError(f"The {self.entry.name} worker is gone ({self.exit_description()}).") from exc
 
-    def request(self, msg: dict, reply: str, timeout: float = 30) -> dict:
+    def request(self, msg: P.Message, reply: type[P.Message], timeout: float = 30):
+        """Send ``msg`` and wait for the answer of type ``reply``."""
         self.send(msg)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -182,17 +249,17 @@ class WorkerProcess:
                 got = self.control.get(timeout=0.2)
             except Empty:
                 continue
-            if got["op"] == reply:
+            if isinstance(got, reply):
                 return got
-            if got["op"] == "exit":
+            if isinstance(got, P.WorkerExited):
                 raise BackendError(f"The {self.entry.name} worker {self.exit_description()}.")
-        raise BackendError(f"The {self.entry.name} worker did not answer {msg['op']!r} in {timeout:.0f} s.")
+        raise BackendError(f"The {self.entry.name} worker did not answer {type(msg).__name__} in {timeout:.0f} s.")
 
     def stop(self, timeout: float = 20) -> None:
         self.expected_exit = True
         if self.proc.poll() is None:
             try:
-                self.conn.send({"op": "unload"})
+                self.conn.send(P.to_wire(P.Unload()))
             except (OSError, EOFError):
                 pass
             try:
@@ -230,7 +297,7 @@ class Generation:
         worker = self.manager._worker
         if self.started and worker is not None and worker.alive:
             try:
-                worker.send({"op": "cancel", "id": self.id})
+                worker.send(P.Cancel(self.id))
             except BackendError:
                 pass
         with self.manager._turns:
@@ -257,6 +324,8 @@ class BackendManager:
         self.memory_log: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self._on_progress: Callable[[Progress], None] | None = None
+        self._probes: dict[tuple[str, str], tuple[float, Probe]] = {}
+        self._probe_lock = threading.Lock()
 
     # ---- listing ------------------------------------------------------------------------
     def backends(self) -> dict[str, BackendEntry]:
@@ -284,57 +353,78 @@ class BackendManager:
             folder = str(demo)
         return inspect(folder)
 
-    def plan(self, backend: str, settings: dict[str, Any]) -> tuple[ModelInfo, Any, MemoryPlan | None]:
-        entry = self.backends()[backend]
+    def probe(self, entry: BackendEntry, settings: BackendSettings | None = None) -> Probe:
+        """``entry``'s probe for ``settings``, reused for ``PROBE_CACHE_S`` seconds (a probe may
+        start another interpreter)."""
+        key = (entry.name, json.dumps(revealed(settings), sort_keys=True, default=str) if settings else "")
+        now = time.monotonic()
+        with self._probe_lock:
+            cached = self._probes.get(key)
+            if cached is not None and now - cached[0] < PROBE_CACHE_S:
+                return cached[1]
+        result = entry.probe(settings)
+        with self._probe_lock:
+            self._probes[key] = (now, result)
+        return result
+
+    def check(self, backend: str, settings: dict[str, Any] | None = None, *, on_machine: Any = None) -> CheckResult:
+        """Everything a load decides before it unloads anything, done once: find ``backend``,
+        validate ``settings``, read the model folder, ask the backend's own ``check``, probe
+        (cached) and plan (for ``on_machine``, default this machine). Raises BackendError (a
+        ``SettingsInvalid``, a ``ModelFolderError``, ...) with a sentence; whether the backend can
+        run here and whether the plan fits are in the result (``refusal``)."""
+        backends = self.backends()
+        entry = backends.get(backend)
+        if entry is None:
+            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
+        cls = entry.cls
         try:
-            parsed = entry.cls.Settings.model_validate(settings)
+            parsed = cls.Settings.model_validate(dict(settings or {}))
         except ValidationError as exc:
-            raise BackendError(settings_error(exc)) from exc
-        model = self.resolve_model(getattr(parsed, "model", "")) if entry.cls.needs_model else None
-        return model, parsed, entry.cls.plan(model, parsed, machine.this_machine())
+            raise SettingsInvalid(settings_error(exc)) from exc
+        model = self.resolve_model(getattr(parsed, "model", "")) if cls.needs_model else None
+        try:
+            cls.check(parsed, model)
+        except ValidationError as exc:
+            raise SettingsInvalid(settings_error(exc)) from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            logger.opt(exception=exc).error("the settings check of {} raised", backend)
+            raise SettingsInvalid(f"The {backend} backend's settings check failed: {type(exc).__name__}: {exc}") from exc
+        plan = cls.plan(model, parsed, on_machine if on_machine is not None else machine.this_machine())
+        return CheckResult(entry, parsed, model, self.probe(entry, parsed), plan)
 
     def load(self, backend: str, settings: dict[str, Any] | None = None, *,
              on_progress: Callable[[Progress], None] | None = None, force: bool = False,
-             user: str | None = None) -> dict[str, Any]:
+             user: str | None = None, checked: CheckResult | None = None) -> dict[str, Any]:
         """Unload whatever is loaded, then load ``backend`` with ``settings``. Blocks until the
-        model is ready; raises BackendError with a sentence on any failure. Waits its turn
-        behind generations already queued."""
-        settings = dict(settings or {})
-        backends = self.backends()
-        if backend not in backends:
-            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
-        entry = backends[backend]
+        model is ready; raises BackendError with a sentence on any failure. A refused load
+        (``check`` or its ``refusal``) leaves what is loaded now in place. ``checked``: the
+        result of ``check`` the caller already has, reused instead of checking again. Waits its
+        turn behind generations already queued."""
         try:
-            parsed = entry.cls.Settings.model_validate(settings)
-        except ValidationError as exc:
-            raise BackendError(settings_error(exc)) from exc
-        probe = entry.probe(parsed)
-        if not probe.available:
-            raise BackendError(f"The {backend} backend cannot run here: {probe.reason}")
+            result = checked if checked is not None and checked.backend == backend else self.check(backend, settings)
+            if (refusal := result.refusal(force)) is not None:
+                raise refusal
+        except BackendError as exc:
+            logger.warning("load of {} refused: {}", backend, exc)
+            self.plugins.emit("load_failed", backend=backend, error=str(exc), user=user)
+            raise
         with self._load_lock:
             self._cancel_load.clear()
             ticket = self._enqueue(f"load-{next(self._ids)}")
             try:
                 self._wait_turn(ticket, lambda: self._cancel_load.is_set())
-                return self._load_locked(entry, settings, on_progress, force, user)
+                return self._load_locked(result, on_progress, user)
             finally:
                 self._release(ticket)
 
-    def _load_locked(self, entry, settings, on_progress, force, user) -> dict[str, Any]:
+    def _load_locked(self, checked: CheckResult, on_progress, user) -> dict[str, Any]:
+        entry, model, plan = checked.entry, checked.model, checked.plan
         self._on_progress = on_progress
+        settings = checked.settings_dump()
         self.plugins.emit("load_started", backend=entry.name, settings=settings, user=user)
-        # Checks first: a bad folder, bad settings or a plan that cannot fit leave whatever is
-        # loaded now in place.
-        try:
-            model, parsed, plan = self.plan(entry.name, settings)
-            if plan is not None and not plan.fits and not force:
-                raise BackendError(plan_refusal(plan))
-        except BackendError as exc:
-            self.plugins.emit("load_failed", backend=entry.name, error=str(exc))
-            raise
-        settings = parsed.model_dump()
-        if model is not None and "model" in settings:
-            settings["model"] = model.path
         self._unload_locked()
         self.state = LoadState(status="loading", backend=entry.name, settings=settings, model=model,
                                plan=plan, progress=Progress("Starting the worker process"))
@@ -342,9 +432,12 @@ class BackendManager:
             self.memory_log = {"before_load": memory_snapshot()}
             if self._cancel_load.is_set():
                 raise Cancelled("Loading was cancelled.")
-            worker = WorkerProcess(entry, entry.cls.worker_python(parsed), self._worker_exited)
+            worker = WorkerProcess(entry, entry.cls.worker_python(checked.settings), self._worker_exited)
             self._worker = worker
-            worker.send({"op": "load", "settings": settings})
+            wire = revealed(checked.settings)
+            if model is not None and "model" in wire:
+                wire["model"] = model.path
+            worker.send(P.Load(wire))
             info = self._await_loaded(worker)
         except BackendError as exc:
             self._fail_load(entry.name, str(exc))
@@ -373,15 +466,14 @@ class BackendManager:
                 msg = worker.control.get(timeout=0.2)
             except Empty:
                 continue
-            op = msg["op"]
-            if op == "progress":
-                self._set_progress(Progress(msg["stage"], msg["done"], msg["total"], msg["unit"]))
-            elif op == "loaded":
-                return msg["info"]
-            elif op == "load_error":
+            if isinstance(msg, P.LoadProgress):
+                self._set_progress(Progress(msg.stage, msg.done, msg.total, msg.unit))
+            elif isinstance(msg, P.Loaded):
+                return msg.info
+            elif isinstance(msg, P.LoadFailed):
                 worker.stop()
-                raise BackendError(msg["message"])
-            elif op == "exit":
+                raise error_of(msg.code, msg.message)
+            elif isinstance(msg, P.WorkerExited):
                 if self._cancel_load.is_set():
                     raise Cancelled("Loading was cancelled.")
                 tail = next((line for line in reversed(worker.stderr_tail) if line.strip()), "")
@@ -403,6 +495,7 @@ class BackendManager:
             self._worker = None
         model, plan = self.state.model, self.state.plan
         self.state = LoadState(status="failed", backend=backend, error=message, model=model, plan=plan)
+        logger.error("load of {} failed: {}", backend, message)
         self.plugins.emit("load_failed", backend=backend, error=message)
 
     def cancel_load(self) -> None:
@@ -511,29 +604,29 @@ class BackendManager:
         return "No model is loaded. Choose a backend and a model folder, then press Load."
 
     def _stream(self, worker: WorkerProcess, gen: Generation) -> Iterator[Event]:
-        q: Queue[dict] = Queue()
+        q: Queue[P.Message | P.WorkerExited] = Queue()
         with worker.lock:
             worker.streams[gen.id] = q
         finished = False
         try:
             gen.started = True
-            worker.send({"op": "generate", "id": gen.id, "request": gen.request.model_dump()})
+            worker.send(P.Generate(gen.id, gen.request.model_dump()))
             if gen.stopped:
-                worker.send({"op": "cancel", "id": gen.id})
+                worker.send(P.Cancel(gen.id))
             while True:
                 msg = q.get()
-                if msg["op"] == "chunk":
-                    yield Event("chunk", text=msg["text"], tokens=msg["tokens"])
-                elif msg["op"] == "done":
-                    usage = dict(msg["usage"], backend=gen.backend, model=gen.model)
+                if isinstance(msg, P.ChunkOut):
+                    yield Event("chunk", text=msg.text, tokens=msg.tokens)
+                elif isinstance(msg, P.Done):
+                    usage = dict(msg.usage, backend=gen.backend, model=gen.model)
                     self.history.append(usage)
                     self.plugins.emit("generation_finished", backend=gen.backend, user=gen.user,
-                                      finish_reason=msg["finish_reason"], usage=usage)
+                                      finish_reason=msg.finish_reason, usage=usage)
                     finished = True
-                    yield Event("done", finish_reason=msg["finish_reason"], usage=usage, error=msg["error"],
-                                code=msg.get("code"))
+                    yield Event("done", finish_reason=msg.finish_reason, usage=usage, error=msg.error,
+                                code=msg.code)
                     return
-                elif msg["op"] == "exit":
+                elif isinstance(msg, P.WorkerExited):
                     finished = True
                     yield Event("done", finish_reason="error", code="backend_crashed", error=(
                         f"The {worker.entry.name} backend process {worker.exit_description()} while "
@@ -542,14 +635,14 @@ class BackendManager:
         except GeneratorExit:
             if worker.alive and not finished:
                 try:
-                    worker.send({"op": "cancel", "id": gen.id})
+                    worker.send(P.Cancel(gen.id))
                 except BackendError:
                     pass
                 # wait for the worker to finish this request so the next one starts clean
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
                     try:
-                        if q.get(timeout=0.5)["op"] in ("done", "exit"):
+                        if isinstance(q.get(timeout=0.5), (P.Done, P.WorkerExited)):
                             break
                     except Empty:
                         if not worker.alive:
@@ -585,7 +678,7 @@ class BackendManager:
 
     def worker_stats(self, worker: WorkerProcess, timeout: float) -> dict[str, Any]:
         with self._stats_lock:
-            return worker.request({"op": "stats"}, "stats", timeout)["stats"]
+            return worker.request(P.StatsRequest(), P.StatsReply, timeout).stats
 
     def perplexity(self, text: str, timeout: float = 300) -> float:
         """The loaded model's perplexity on ``text`` (see ``Backend.perplexity``). Raises
@@ -594,12 +687,12 @@ class BackendManager:
         if worker is None or not worker.alive or not self.state.ready:
             raise BackendError(self.not_ready_message())
         with self._stats_lock:
-            reply = worker.request({"op": "perplexity", "text": text}, "perplexity", timeout)
-        if reply["unsupported"]:
+            reply = worker.request(P.PerplexityRequest(text), P.PerplexityReply, timeout)
+        if reply.unsupported:
             raise NotImplementedError(f"the {worker.entry.name} backend cannot score text")
-        if reply["error"]:
-            raise BackendError(reply["error"])
-        return reply["value"]
+        if reply.error:
+            raise BackendError(reply.error)
+        return reply.value
 
     def close(self) -> None:
         self.cancel_load()

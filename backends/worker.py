@@ -1,22 +1,13 @@
 """The worker process: one backend instance, one loaded model, driven over a connection.
 
 Started by ``BackendManager`` as ``python -m moechat.backends.worker --address A --backend module:Class``
-(possibly under another interpreter, e.g. vLLM's venv). Messages are plain dicts, both ways:
+(possibly under another interpreter, e.g. vLLM's venv). The messages both ways are the typed ones
+of ``moechat.backends.protocol``.
 
-    host -> worker: {"op": "load", "settings": {...}}
-                    {"op": "generate", "id": str, "request": {...}}
-                    {"op": "cancel", "id": str}      # stop that generation at the next token
-                    {"op": "stats"}   # answered at once, also while a reply streams
-                    {"op": "perplexity", "text": str} / {"op": "unload"}
-    worker -> host: {"op": "progress", "stage", "done", "total", "unit"}
-                    {"op": "loaded", "info": {...}} / {"op": "load_error", "message": str}
-                    {"op": "chunk", "id", "text", "tokens"}
-                    {"op": "done", "id", "finish_reason", "usage": {...}, "error": str|None,
-                     "code": str|None}   # BackendError.code, e.g. context_length_exceeded
-                    {"op": "stats", "stats": {...}}
-                    {"op": "perplexity", "value": float|None, "unsupported": bool, "error": str|None}
-
-The worker times generations itself (time to first token, prefill and decode speed), so the
+The worker carries the duties every backend would otherwise repeat: it refuses a prompt longer
+than the context (from the backend's ``count_prompt_tokens`` and ``context_length``) before the
+backend sees it, ends the reply before a stop string (holding back text that may be the start of
+one), and times generations itself (time to first token, prefill and decode speed), so the
 numbers do not include the trip through the connection.
 """
 
@@ -29,14 +20,14 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
 from multiprocessing.connection import Client
 from queue import Queue
 from typing import Any
 
 from loguru import logger
 
-from moechat.backends.api import Backend, BackendError, GenerateRequest, Progress
+from moechat.backends import protocol as P
+from moechat.backends.api import Backend, BackendError, GenerateRequest, Progress, PromptTooLong
 
 
 def resolve(path: str) -> type[Backend]:
@@ -70,34 +61,68 @@ def memory_stats() -> dict[str, Any]:
     return stats
 
 
+def prompt_too_long(prompt_tokens: int, context: int) -> PromptTooLong:
+    return PromptTooLong(f"The prompt is {prompt_tokens} tokens but this model takes at most {context} tokens, "
+                         "prompt and reply together. Shorten the chat or start a new one.")
+
+
+class StopStrings:
+    """Ends a streamed reply before the first stop string. ``feed`` returns the text that is safe
+    to send now and whether a stop string was reached; text that may be the start of a stop
+    string is held back until the next chunk tells."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.held = self.held[:min(found)], ""
+            return out, True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
 class Worker:
     def __init__(self, conn, backend_cls: type[Backend]):
         self.conn = conn
         self.backend = backend_cls()
         self.backend_cls = backend_cls
         self.send_lock = threading.Lock()
-        self.inbox: Queue[dict] = Queue()
+        self.inbox: Queue[P.Message | None] = Queue()
         self.cancelled: set[str] = set()
         self.loaded = False
         self.last_usage: dict[str, Any] = {}
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: P.Message) -> None:
         with self.send_lock:
-            self.conn.send(msg)
+            self.conn.send(P.to_wire(msg))
 
     def read_forever(self) -> None:
         """Reader thread: cancels and stats take effect at once (stats are read while a reply
-        streams), everything else queues for the main loop."""
+        streams), everything else queues for the main loop. ``None`` means the host is gone."""
         while True:
             try:
-                msg = self.conn.recv()
+                msg = P.from_wire(self.conn.recv())
             except (EOFError, OSError):
-                self.inbox.put({"op": "exit"})
+                self.inbox.put(None)
                 return
-            if msg.get("op") == "cancel":
-                self.cancelled.add(msg["id"])
-            elif msg.get("op") == "stats":
-                self.send_quietly({"op": "stats", "stats": self.stats()})
+            except P.ProtocolError as exc:
+                logger.error("{}", exc)
+                continue
+            if isinstance(msg, P.Cancel):
+                self.cancelled.add(msg.id)
+            elif isinstance(msg, P.StatsRequest):
+                self.send_quietly(P.StatsReply(self.stats()))
             else:
                 self.inbox.put(msg)
 
@@ -105,23 +130,22 @@ class Worker:
         threading.Thread(target=self.read_forever, daemon=True, name="worker-reader").start()
         while True:
             msg = self.inbox.get()
-            op = msg.get("op")
-            if op == "load":
-                self.load(msg["settings"])
-            elif op == "generate":
-                self.generate(msg["id"], msg["request"])
-            elif op == "perplexity":
-                self.send({"op": "perplexity", **self.perplexity(msg["text"])})
-            elif op in ("unload", "exit"):
+            if isinstance(msg, P.Load):
+                self.load(msg.settings)
+            elif isinstance(msg, P.Generate):
+                self.generate(msg.id, msg.request)
+            elif isinstance(msg, P.PerplexityRequest):
+                self.send(self.perplexity(msg.text))
+            elif msg is None or isinstance(msg, P.Unload):
                 if self.loaded:
                     try:
                         self.backend.unload()
                     except Exception:
                         logger.exception("unload raised")
-                self.send_quietly({"op": "unloaded"})
+                self.send_quietly(P.Unloaded())
                 return
 
-    def send_quietly(self, msg: dict) -> None:
+    def send_quietly(self, msg: P.Message) -> None:
         try:
             self.send(msg)
         except (OSError, EOFError):
@@ -131,7 +155,7 @@ class Worker:
         started = time.perf_counter()
 
         def progress(p: Progress) -> None:
-            self.send({"op": "progress", **asdict(p)})
+            self.send(P.LoadProgress(p.stage, p.done, p.total, p.unit))
 
         try:
             budget = os.environ.get("MOECHAT_VRAM_BUDGET_GB")
@@ -141,18 +165,26 @@ class Worker:
             settings = self.backend_cls.Settings.model_validate(raw_settings)
             info = self.backend.load(settings, progress) or {}
         except BackendError as exc:
-            self.send({"op": "load_error", "message": str(exc)})
+            self.send(P.LoadFailed(str(exc), exc.code))
             return
         except Exception as exc:
             logger.exception("load failed")
-            self.send({"op": "load_error", "message": describe_crash(exc)})
+            self.send(P.LoadFailed(describe_crash(exc)))
             return
         self.loaded = True
         info = dict(info)
         info["load_time_s"] = time.perf_counter() - started
         info.setdefault("context_length", self.backend.context_length())
         info.update(memory_stats())
-        self.send({"op": "loaded", "info": info})
+        self.send(P.Loaded(info))
+
+    def check_prompt_length(self, request: GenerateRequest) -> int | None:
+        """The prompt's token count when the backend can tell; PromptTooLong when it does not fit."""
+        prompt_tokens = self.backend.count_prompt_tokens(request)
+        context = self.backend.context_length()
+        if prompt_tokens is not None and context and prompt_tokens >= context:
+            raise prompt_too_long(prompt_tokens, context)
+        return prompt_tokens
 
     def generate(self, gen_id: str, raw_request: dict) -> None:
         request = GenerateRequest.model_validate(raw_request)
@@ -161,8 +193,12 @@ class Worker:
         completion = 0
         prompt_tokens = None
         finish, error, code = None, None, None
+        stops = StopStrings(request.sampling.stop)
+        stream = None
         try:
-            for chunk in self.backend.generate(request, lambda: gen_id in self.cancelled):
+            prompt_tokens = self.check_prompt_length(request)
+            stream = self.backend.generate(request, lambda: gen_id in self.cancelled)
+            for chunk in stream:
                 now = time.perf_counter()
                 if chunk.prompt_tokens is not None:
                     prompt_tokens = chunk.prompt_tokens
@@ -170,8 +206,12 @@ class Worker:
                     first = first or now
                     last = now
                     completion += chunk.tokens
-                if chunk.text or chunk.tokens:
-                    self.send({"op": "chunk", "id": gen_id, "text": chunk.text, "tokens": chunk.tokens})
+                text, stopped = stops.feed(chunk.text)
+                if text or chunk.tokens:
+                    self.send(P.ChunkOut(gen_id, text, chunk.tokens))
+                if stopped:
+                    finish = "stop"
+                    break
                 if chunk.finish_reason:
                     finish, error = chunk.finish_reason, chunk.error
                     break
@@ -180,6 +220,11 @@ class Worker:
         except Exception as exc:
             logger.exception("generate failed")
             finish, error, code = "error", describe_crash(exc), "backend_error"
+        finally:
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()   # a stop string ended it early: the backend's generator stops here
+        if rest := stops.flush():   # held back as a possible stop string's start; it was not
+            self.send(P.ChunkOut(gen_id, rest, 0))
         if finish is None:
             finish = "cancelled" if gen_id in self.cancelled else "stop"
         self.cancelled.discard(gen_id)
@@ -192,22 +237,21 @@ class Worker:
             "total_s": time.perf_counter() - started,
         }
         self.last_usage = usage
-        self.send({"op": "done", "id": gen_id, "finish_reason": finish, "usage": usage, "error": error,
-                   "code": code})
+        self.send(P.Done(gen_id, finish, usage, error, code))
 
-    def perplexity(self, text: str) -> dict[str, Any]:
+    def perplexity(self, text: str) -> P.PerplexityReply:
         """The loaded model's perplexity on ``text``; ``unsupported`` when the backend cannot score."""
         if not self.loaded:
-            return {"value": None, "unsupported": False, "error": "No model is loaded."}
+            return P.PerplexityReply(error="No model is loaded.")
         try:
-            return {"value": float(self.backend.perplexity(text)), "unsupported": False, "error": None}
+            return P.PerplexityReply(value=float(self.backend.perplexity(text)))
         except NotImplementedError:
-            return {"value": None, "unsupported": True, "error": None}
+            return P.PerplexityReply(unsupported=True)
         except BackendError as exc:
-            return {"value": None, "unsupported": False, "error": str(exc)}
+            return P.PerplexityReply(error=str(exc))
         except Exception as exc:
             logger.exception("perplexity failed")
-            return {"value": None, "unsupported": False, "error": describe_crash(exc)}
+            return P.PerplexityReply(error=describe_crash(exc))
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {}
@@ -243,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend_cls = resolve(args.backend)
     except Exception as exc:
-        conn.send({"op": "load_error", "message": f"The worker could not import {args.backend}: {exc}"})
+        conn.send(P.to_wire(P.LoadFailed(f"The worker could not import {args.backend}: {exc}")))
         traceback.print_exc()
         return 1
     with logger.contextualize(backend=backend_cls.name):

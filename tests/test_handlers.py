@@ -99,7 +99,7 @@ def test_the_backend_list_shows_why_a_backend_cannot_run(tmp_path):
     assert "**Not available here:** No unicorn is attached" in h.backend_help(manager, "unicorn")
     ctx = h.Context(manager, ChatStore.in_data_dir(tmp_path))
     assert list(h.load_steps(ctx, "", "unicorn", "", {})) == [
-        "Load failed: the unicorn backend cannot run here: No unicorn is attached: attach one and restart."]
+        "Load failed: The unicorn backend cannot run here: No unicorn is attached: attach one and restart."]
 
 
 # ---- handlers over a real manager and the fake backend ----------------------------------------
@@ -270,7 +270,8 @@ def test_regenerate_continue_edit_and_delete(ctx):
 def test_a_prompt_longer_than_the_context_is_refused_with_a_sentence(ctx):
     load_fake(ctx, context_length=8)
     views = turn(ctx, "s4", None, "send", text=LONG)
-    assert views[-1].notice == "The prompt is 30 tokens but the model takes at most 8. Shorten the chat."
+    assert views[-1].notice == ("The prompt is 30 tokens but this model takes at most 8 tokens, prompt and reply "
+                                "together. Shorten the chat or start a new one.")
     assert [(m["role"], m["content"]) for m in views[-1].messages] == [("user", LONG)]
 
 

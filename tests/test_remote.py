@@ -51,7 +51,7 @@ def test_installed_as_a_plugin_the_way_a_user_installs_it():
     assert dist.metadata["Name"] == "moechat-remote"
     listing = subprocess.run([MOECHAT, "plugins"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     line = next(ln for ln in listing.stdout.splitlines() if ln.startswith("remote "))
-    assert "OpenAI-compatible server" in line and "[remote] ready" in line
+    assert "OpenAI-compatible server" in line and "[remote: moechat-remote 0.1.0] ready" in line
 
 
 def test_built_only_on_the_public_plugin_api():

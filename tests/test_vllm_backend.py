@@ -309,21 +309,22 @@ def test_a_worker_without_vllm_says_so_when_asked_to_load(tmp_path):
     sentence, not a trace. (The manager's probe normally stops this earlier.)"""
     from queue import Empty
 
+    from moechat.backends import protocol
     from moechat.backends.manager import WorkerProcess
     entry = get_plugin_manager().backend("vllm-offload")
     worker = WorkerProcess(entry, sys.executable, on_exit=lambda w: None)
     try:
-        worker.send({"op": "load", "settings": {"model": str(tmp_path)}})
+        worker.send(protocol.Load({"model": str(tmp_path)}))
         while True:
             try:
                 msg = worker.control.get(timeout=60)
             except Empty:
                 pytest.fail("the worker did not answer the load")
-            if msg["op"] != "progress":
+            if not isinstance(msg, protocol.LoadProgress):
                 break
-        assert msg == {"op": "load_error", "message": (
+        assert msg == protocol.LoadFailed(
             "vLLM is not installed in the worker's Python: run `make vllm-env`, or set MOECHAT_VLLM_PYTHON to a "
-            "Python that has vLLM.")}
+            "Python that has vLLM.")
     finally:
         worker.stop()
     assert worker.proc.poll() is not None
@@ -341,6 +342,6 @@ def test_the_gpu_check_script_reports_why_it_cannot_run_here(tmp_path, contract_
     steps = {s["step"]: s for s in report["steps"]}
     assert not steps["machine and vLLM environment"]["ok"]
     assert "There is no Python at" in steps["machine and vLLM environment"]["summary"]
-    assert steps["vllm: load"]["error"].startswith("BackendError: The vllm backend cannot run here")
+    assert steps["vllm: load"]["error"].startswith("BackendUnavailable: The vllm backend cannot run here")
     assert all(not s["ok"] for s in report["steps"])  # nothing claims to have run
     assert "| vllm: load | NO |" in (tmp_path / "report" / "report.md").read_text()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import threading
 import time
@@ -27,12 +26,9 @@ from fastapi.routing import APIRoute
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from moechat.backends.api import GenerateRequest, Message, SamplingParams
+from moechat.backends.api import GenerateRequest, Message, PromptTooLong, SamplingParams
 from moechat.backends.manager import BackendManager, Event, Generation
 
-# The sentence a remote server answers when a prompt does not fit (a moechat or vLLM behind the
-# remote plugin passes it on as a plain error); local backends raise PromptTooLong.
-PROMPT_TOO_LONG = re.compile(r"The prompt is \d+ tokens")
 DISCONNECT_POLL_S = 0.5
 
 
@@ -316,7 +312,7 @@ def router(manager: BackendManager, options) -> APIRouter:
 
     def failure_of(event: Event) -> APIFailure:
         error = event.error or "The backend failed."
-        if event.code == "context_length_exceeded" or PROMPT_TOO_LONG.search(error):
+        if event.code == PromptTooLong.code:
             return APIFailure(400, error, code="context_length_exceeded", param="messages")
         if event.code in ("model_not_loaded", "model_loading"):
             return APIFailure(503, error, type="server_error", code=event.code, retry=event.code == "model_loading")

@@ -35,36 +35,28 @@ def machine_for(args):
 
 
 def run(args) -> int:
-    from pydantic import ValidationError
-
     from moechat.backends.api import BackendError
-    from moechat.backends.manager import BackendManager, settings_error
+    from moechat.backends.manager import BackendManager
     from moechat.backends.planning import table, to_dict
     from moechat.backends.plugins import get_plugin_manager
     from moechat.webui.cli import parse_settings
 
     manager = BackendManager(get_plugin_manager())
     try:
-        model = manager.resolve_model(args.model_dir)
-        backend = args.backend or manager.suggest(model) or "transformers"
-        backends = manager.backends()
-        if backend not in backends:
-            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
-        entry = backends[backend]
-        try:
-            settings = entry.cls.Settings.model_validate(dict(parse_settings(args.settings), model=model.path))
-        except ValidationError as exc:
-            raise BackendError(settings_error(exc)) from exc
-        plan = entry.cls.plan(model, settings, machine_for(args))
+        backend = args.backend or manager.suggest(manager.resolve_model(args.model_dir)) or "transformers"
+        checked = manager.check(backend, dict(parse_settings(args.settings), model=args.model_dir),
+                                on_machine=machine_for(args))
     except BackendError as exc:
         print(f"moechat: {exc}", file=sys.stderr)
         return 1
+    plan, model = checked.plan, checked.model
+    model_path = model.path if model is not None else args.model_dir
     if plan is None:
         print(f"moechat: the {backend} backend cannot plan memory for this model.", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(dict(to_dict(plan), backend=backend, model=model.path), indent=2))
+        print(json.dumps(dict(to_dict(plan), backend=backend, model=model_path), indent=2))
     else:
-        print(f"{model.summary()}\nbackend: {backend}")
+        print(f"{model.summary()}\nbackend: {backend}" if model is not None else f"backend: {backend}")
         print(table(plan))
     return 0 if plan.fits else 3

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from pydantic import ValidationError
-
-from moechat.backends.api import BackendError
-from moechat.backends.manager import BackendManager, plan_refusal, settings_error
+from moechat.backends.api import BackendError, Cancelled
+from moechat.backends.manager import BackendManager
 from moechat.webui.handlers.context import Context, may_manage, not_allowed
 
 
@@ -24,7 +22,7 @@ def backend_choices(manager: BackendManager) -> list[tuple[str, str]]:
     """(label, name) for every registered backend; unavailable ones carry the probe's reason."""
     out = []
     for name, entry in sorted(manager.backends().items()):
-        probe = entry.probe()
+        probe = manager.probe(entry)
         reason = probe.reason if len(probe.reason) <= 90 else probe.reason[:89].rstrip() + "…"
         label = entry.label if probe.available else f"{entry.label} (unavailable: {reason})"
         out.append((label, name))
@@ -44,7 +42,7 @@ def backend_help(manager: BackendManager, name: str | None) -> str:
     entry = manager.backends().get(name or "")
     if entry is None:
         return "Choose a backend."
-    probe = entry.probe()
+    probe = manager.probe(entry)
     text = entry.cls.description or entry.label
     if not probe.available:
         text += f"\n\n**Not available here:** {probe.reason}"
@@ -104,36 +102,24 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
     if manager.state.status == "loading":
         yield "A model is already loading; wait for it or press Cancel load."
         return
-    settings = dict(settings, model=(folder or "").strip())
-    entry = manager.backends().get(backend)
-    if entry is None:
-        yield f"There is no backend named {backend!r}."
-        return
-    try:
-        parsed = entry.cls.Settings.model_validate(settings)
-    except ValidationError as exc:
-        yield f"Load failed: {settings_error(exc)}"
-        return
-    probe = entry.probe(parsed)   # judged with these settings (another interpreter, say)
-    if not probe.available:
-        yield f"Load failed: the {backend} backend cannot run here: {probe.reason}"
-        return
-    try:
-        _, _, plan = manager.plan(backend, settings)   # checks the folder and settings, unloads nothing
+    try:   # the folder, the settings, the probe and the plan, once; unloads nothing
+        checked = manager.check(backend, dict(settings, model=(folder or "").strip()))
     except BackendError as exc:
         yield f"Load failed: {exc}"
         return
     except Exception as exc:                     # e.g. the demo model could not be created
         yield f"Load failed: {type(exc).__name__}: {exc}"
         return
-    if plan is not None and not plan.fits and not force:
-        yield f"Load failed: {plan_refusal(plan)}"
+    if (refusal := checked.refusal(force)) is not None:
+        yield f"Load failed: {refusal}"
         return
     outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            outcome["info"] = manager.load(backend, settings, user=user or None, force=force)
+            outcome["info"] = manager.load(backend, checked=checked, user=user or None, force=force)
+        except Cancelled:
+            outcome["cancelled"] = True
         except BackendError as exc:
             outcome["error"] = str(exc)
         except Exception as exc:
@@ -149,11 +135,10 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
         else:   # the load waits its turn behind replies already being written
             yield f"Waiting for the replies being written to finish, then loading with {backend} …"
         worker.join(poll_s)
-    if "error" in outcome:
-        if outcome["error"].startswith("Loading was cancelled") or "Cancelled" in outcome["error"]:
-            yield "Loading was cancelled; nothing is loaded."
-        else:
-            yield f"Load failed: {outcome['error']}"
+    if outcome.get("cancelled"):
+        yield "Loading was cancelled; nothing is loaded."
+    elif "error" in outcome:
+        yield f"Load failed: {outcome['error']}"
     else:
         from moechat.backends.planning import describe
         plan = manager.state.plan
@@ -180,7 +165,7 @@ def plan_preview(ctx: Context, backend: str | None, folder: str | None, settings
         return "Choose a backend first."
     from moechat.backends.planning import markdown
     try:
-        _, _, plan = ctx.manager.plan(backend, dict(settings, model=(folder or "").strip()))
+        plan = ctx.manager.check(backend, dict(settings, model=(folder or "").strip())).plan
     except BackendError as exc:
         return str(exc)
     if plan is None:

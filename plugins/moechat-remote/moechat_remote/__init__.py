@@ -24,7 +24,16 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from moechat.backends.api import Backend, BackendError, BackendSettings, Chunk, GenerateRequest, Probe, Progress
+from moechat.backends.api import (
+    Backend,
+    BackendError,
+    BackendSettings,
+    Chunk,
+    GenerateRequest,
+    Probe,
+    Progress,
+    PromptTooLong,
+)
 from moechat.backends.hookspecs import hookimpl
 
 URL_ENV = "MOECHAT_REMOTE_URL"
@@ -64,6 +73,15 @@ def headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def server_code(text: str) -> str | None:
+    """The ``error.code`` of an OpenAI-shaped error body, if any."""
+    try:
+        err = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return err.get("code") if isinstance(err, dict) and isinstance(err.get("code"), str) else None
+
+
 def server_message(text: str) -> str:
     """The sentence out of an error body: OpenAI's ``{"error": {"message"}}`` or close to it."""
     try:
@@ -95,7 +113,9 @@ def status_error(url: str, status: int, body: str, api_key: str, model: str | No
                             "e.g. http://gpu-box:8000/v1?")
     if status == 404:
         return BackendError(f"The server at {url} does not serve the model {model!r}: {msg}")
-    if status == 400:  # the server's own sentence (e.g. a prompt longer than its context) as it is
+    if status == 400 and server_code(body) == PromptTooLong.code:  # its sentence, as our type
+        return PromptTooLong(msg)
+    if status == 400:  # the server's own sentence as it is
         return BackendError(msg)
     if status == 503:
         return BackendError(f"The server at {url} cannot answer now: {msg}")
