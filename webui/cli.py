@@ -12,7 +12,9 @@ from loguru import logger
 
 COMMANDS = {
     "serve": "Serve the web chat (and the OpenAI-compatible API) on HOST:PORT.",
-    "plugins": "List backend plugins, whether each can run here, and broken plugins.",
+    "plugins": "List backend plugins (with distribution and version), whether each can run here, and broken "
+               "plugins; `plugins install PATH|NAME` installs one.",
+    "settings": "List a backend's load settings with their types, defaults and descriptions.",
     "inspect": "Describe a model folder and suggest a backend for it.",
     "plan": "Say whether a model fits this machine's GPU and RAM with a backend and settings.",
     "bench": "Measure load time, prefill and decode speed and memory of a backend.",
