@@ -143,6 +143,7 @@ def test_settings_prints_types_defaults_and_descriptions():
     out = moechat("settings", "fake")
     assert out.returncode == 0, out.stderr
     assert "delay_s (float, default 0.0) [minimum 0]" in out.stdout
+    assert "model (" not in out.stdout   # the fake reads no model folder
     assert "Seconds to wait before each token." in out.stdout
     rows = json.loads(moechat("settings", "fake", "--json").stdout)["settings"]
     assert {"name": "context_length", "type": "int", "default": 4096} .items() <= next(

@@ -12,13 +12,16 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def describe_settings(settings_cls) -> list[dict]:
-    """One row per field: name, type, default, bounds, description, marks (secret, operator only)."""
+def describe_settings(settings_cls, needs_model: bool = True) -> list[dict]:
+    """One row per field: name, type, default, bounds, description, marks (secret, operator only).
+    The inherited ``model`` setting is left out for backends that read no model folder."""
     from pydantic import SecretStr
 
     schema = settings_cls.model_json_schema()
     rows = []
     for name, info in settings_cls.model_fields.items():
+        if name == "model" and not needs_model:
+            continue
         prop = schema.get("properties", {}).get(name, {})
         bounds = {k: prop[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum")
                   if k in prop}
@@ -48,7 +51,7 @@ def run(args) -> int:
     except KeyError as exc:
         print(f"moechat: {exc.args[0]}", file=sys.stderr)
         return 1
-    rows = describe_settings(entry.cls.Settings)
+    rows = describe_settings(entry.cls.Settings, entry.cls.needs_model)
     if args.json:
         print(json.dumps({"backend": entry.name, "settings": rows}, indent=2, default=str))
         return 0
