@@ -52,10 +52,14 @@ __all__ = ["BackendManager", "Cancelled", "CheckResult", "Event", "Generation", 
 
 
 def settings_error(exc: ValidationError) -> str:
+    """One sentence for settings that failed validation: each field and what is wrong with it. A
+    validator's own sentence (``raise ValueError("...")``) is shown as it is, without pydantic's
+    "Value error, " in front."""
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        parts.append(f"{where}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        parts.append(f"{where}: {msg.rstrip('.')}")
     return "Some settings are not valid. " + "; ".join(parts) + "."
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from loguru import logger
+from pydantic import field_validator
 
 from moechat.backends import protocol
 from moechat.backends.api import Backend, BackendSettings, Cancelled, Probe, SettingsInvalid
@@ -213,6 +214,14 @@ class Counted(Backend):
 
     class Settings(BackendSettings):
         level: int = 1
+        name: str = ""
+
+        @field_validator("name")
+        @classmethod
+        def no_spaces(cls, value):
+            if " " in value:
+                raise ValueError("name takes no spaces: write it as one word.")
+            return value
 
     @classmethod
     def probe(cls, settings=None):
@@ -240,6 +249,9 @@ def test_check_validates_once_and_reuses_its_probe(tmp_path):
         mgr.check("counted", {"level": 4})
     with pytest.raises(SettingsInvalid, match="level: Input should be a valid integer"):
         mgr.check("counted", {"level": "high"})
+    with pytest.raises(SettingsInvalid) as refused:
+        mgr.check("counted", {"name": "two words"})
+    assert str(refused.value) == "Some settings are not valid. name: name takes no spaces: write it as one word."
 
 
 def test_a_cancelled_load_is_known_by_its_type(fake_manager):
