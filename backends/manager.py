@@ -371,21 +371,26 @@ class BackendManager:
             self._probes[key] = (now, result)
         return result
 
+    def parse_settings(self, backend: str, settings: dict[str, Any] | None) -> tuple[BackendEntry, BackendSettings]:
+        """The first, cheap part of ``check``: find ``backend`` and validate ``settings`` against
+        its schema (no folder read, no probe). Raises BackendError / SettingsInvalid."""
+        backends = self.backends()
+        entry = backends.get(backend)
+        if entry is None:
+            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
+        try:
+            return entry, entry.cls.Settings.model_validate(dict(settings or {}))
+        except ValidationError as exc:
+            raise SettingsInvalid(settings_error(exc)) from exc
+
     def check(self, backend: str, settings: dict[str, Any] | None = None, *, on_machine: Any = None) -> CheckResult:
         """Everything a load decides before it unloads anything, done once: find ``backend``,
         validate ``settings``, read the model folder, ask the backend's own ``check``, probe
         (cached) and plan (for ``on_machine``, default this machine). Raises BackendError (a
         ``SettingsInvalid``, a ``ModelFolderError``, ...) with a sentence; whether the backend can
         run here and whether the plan fits are in the result (``refusal``)."""
-        backends = self.backends()
-        entry = backends.get(backend)
-        if entry is None:
-            raise BackendError(f"There is no backend named {backend!r}. Installed: {', '.join(sorted(backends))}.")
+        entry, parsed = self.parse_settings(backend, settings)
         cls = entry.cls
-        try:
-            parsed = cls.Settings.model_validate(dict(settings or {}))
-        except ValidationError as exc:
-            raise SettingsInvalid(settings_error(exc)) from exc
         model = self.resolve_model(getattr(parsed, "model", "")) if cls.needs_model else None
         try:
             cls.check(parsed, model)

@@ -71,17 +71,10 @@ class Preset:
 
 def check_settings(manager: Any, preset: Preset) -> None:
     """Refuse a preset whose backend is unknown or whose settings do not validate (a sentence)."""
-    from pydantic import ValidationError
-
-    from moechat.backends.manager import settings_error
-    entry = manager.backends().get(preset.backend)
-    if entry is None:
-        raise CompareError(f"There is no backend named {preset.backend!r}. "
-                           f"Installed: {', '.join(sorted(manager.backends()))}.")
     try:
-        entry.cls.Settings.model_validate(preset.settings)
-    except ValidationError as exc:
-        raise CompareError(settings_error(exc)) from exc
+        manager.parse_settings(preset.backend, preset.settings)
+    except BackendError as exc:
+        raise CompareError(str(exc)) from exc
 
 
 def check_preset_name(name: str) -> str:
