@@ -335,6 +335,10 @@ class BackendManager:
     def backends(self) -> dict[str, BackendEntry]:
         return self.plugins.backends()
 
+    def listing(self) -> list[dict[str, Any]]:
+        """``Plugins.listing`` with this manager's cached probes."""
+        return self.plugins.listing(probe=self.probe)
+
     def suggest(self, model: ModelInfo) -> str | None:
         return self.plugins.pm.hook.suggest_backend(model=model)
 

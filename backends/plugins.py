@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -99,16 +100,17 @@ class Plugins:
                     logger.opt(exception=exc).debug("traceback of plugin {}", plugin_name)
         return found
 
-    def listing(self) -> list[dict]:
+    def listing(self, probe: Callable[[BackendEntry], Probe] | None = None) -> list[dict]:
         """Every backend with whether it can run here and why not, for `moechat plugins`,
-        ``GET /v1/models`` and the page."""
+        ``GET /v1/models`` and the page. ``probe``: how to probe an entry (the manager's cached
+        probe), default a fresh probe."""
         rows = []
         for name, entry in sorted(self.backends().items()):
-            probe = entry.probe()
+            probe_result = probe(entry) if probe is not None else entry.probe()
             dist = self.distributions.get(entry.plugin, Distribution(""))
             rows.append({"name": name, "label": entry.label, "plugin": entry.plugin,
                          "distribution": dist.name, "version": dist.version,
-                         "available": probe.available, "reason": probe.reason})
+                         "available": probe_result.available, "reason": probe_result.reason})
         return rows
 
     def backend(self, name: str) -> BackendEntry:

@@ -245,6 +245,8 @@ def test_check_validates_once_and_reuses_its_probe(tmp_path):
     first = mgr.check("counted", {"level": 2})
     again = mgr.check("counted", {"level": 2})
     assert first.probe.available and again.refusal() is None and Counted.probes == 1
+    rows = [mgr.listing() for _ in range(3)]   # GET /v1/models and the page's list: probed without settings
+    assert next(r for r in rows[-1] if r["name"] == "counted")["available"] and Counted.probes == 2
     with pytest.raises(SettingsInvalid, match="level above 3"):
         mgr.check("counted", {"level": 4})
     with pytest.raises(SettingsInvalid, match="level: Input should be a valid integer"):

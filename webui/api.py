@@ -325,7 +325,7 @@ def router(manager: BackendManager, options) -> APIRouter:
         caller(request)
         card = loaded_model()
         return {"object": "list", "data": [card] if card else [], "status": manager.state.status,
-                "backends": manager.plugins.listing()}
+                "backends": manager.listing()}
 
     @api.get("/models/{model_id:path}")
     def get_model(model_id: str, request: Request) -> dict[str, Any]:
