@@ -297,3 +297,5 @@ def test_the_plugin_docs_name_every_type_and_backend_member():
     members = [m for m in vars(Backend) if not m.startswith("_")]
     assert [n for n in types if f"`{n}" not in doc] == []
     assert [m for m in members if f"`{m}" not in doc] == []
+    from moechat.backends.manager import PROBE_CACHE_S
+    assert f"Its answer is reused for {PROBE_CACHE_S:.0f} s" in doc
