@@ -7,7 +7,7 @@ of ``moechat.backends.protocol``.
 The worker carries the duties every backend would otherwise repeat: it refuses a prompt longer
 than the context (from the backend's ``count_prompt_tokens`` and ``context_length``) before the
 backend sees it, ends the reply before a stop string (holding back text that may be the start of
-one), and times generations itself (time to first token, prefill and decode speed), so the
+one), ends it at the next chunk after Stop, and times generations itself (time to first token, prefill and decode speed), so the
 numbers do not include the trip through the connection.
 """
 
@@ -214,6 +214,9 @@ class Worker:
                     break
                 if chunk.finish_reason:
                     finish, error = chunk.finish_reason, chunk.error
+                    break
+                if gen_id in self.cancelled:   # Stop: ended here even if the backend checks rarely
+                    finish = "cancelled"
                     break
         except BackendError as exc:
             finish, error, code = "error", str(exc), exc.code
