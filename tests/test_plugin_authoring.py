@@ -299,3 +299,44 @@ def test_the_plugin_docs_name_every_type_and_backend_member():
     assert [m for m in members if f"`{m}" not in doc] == []
     from moechat.backends.manager import PROBE_CACHE_S
     assert f"Its answer is reused for {PROBE_CACHE_S:.0f} s" in doc
+
+
+DEAF = '''
+import time
+from moechat.backends.api import Backend, Chunk
+from moechat.backends.hookspecs import hookimpl
+
+class Deaf(Backend):
+    name = "deaf"
+    label = "Never checks should_stop"
+    needs_model = False
+
+    def load(self, settings, progress):
+        return {"model_name": "deaf"}
+
+    def generate(self, request, should_stop):
+        for i in range(200):
+            time.sleep(0.01)
+            yield Chunk(text=" word", tokens=1, prompt_tokens=1 if i == 0 else None)
+        yield Chunk(finish_reason="length")
+
+@hookimpl
+def register_backends(register):
+    register(Deaf)
+'''
+
+
+def test_stop_ends_a_reply_even_when_the_backend_never_checks(tmp_path, monkeypatch):
+    """Also a single-file plugin (MOECHAT_PLUGIN_PATHS) run in a real worker process."""
+    from moechat.backends.replies import stop_after
+
+    (tmp_path / "deaf_plugin.py").write_text(DEAF)
+    monkeypatch.setenv("MOECHAT_PLUGIN_PATHS", str(tmp_path / "deaf_plugin.py"))
+    mgr = BackendManager(get_plugin_manager(), tmp_path)
+    try:
+        mgr.load("deaf", {})
+        seen, last = stop_after(mgr.generate(chat("hi")), 2)
+        assert last.finish_reason == "cancelled" and last.usage["completion_tokens"] < 200
+        assert collect(mgr.generate(chat("hi", max_new_tokens=3)))[1].error is None
+    finally:
+        mgr.close()
