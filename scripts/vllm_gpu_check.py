@@ -19,6 +19,14 @@ What it does, each step recorded whether it passes or fails (nothing stops the r
    process lives, and after it ends;
 6. cancelling a load mid-start (the manager kills the worker): is the GPU freed, or does vLLM's
    engine process outlive the worker?
+7. weight offload on vLLM itself, past moechat's version gate: the model without offload, with
+   cpu_offload_gb (the runner vLLM picks, then the V2 runner forced): does the engine start, does
+   the offload happen (KV cache blocks and host RAM against the baseline), and is the output the
+   same (greedy tokens, perplexity of the self-check paragraph)?
+
+--steps picks groups: ``engine`` (1, 2, 7, 5: vLLM alone), ``backends`` (1, 3, 4, 6: through
+moechat's manager), ``all`` (default). On the lent GPU machine each group is one call
+(scripts/vllm-gpu-run.sh).
 
 It writes report.json and report.md into --out (default test-artifacts/vllm-gpu-check).
 """
@@ -51,7 +59,7 @@ from moechat.backends.manager import BackendManager  # noqa: E402
 from moechat.backends.replies import chat, collect, stop_after  # noqa: E402
 from moechat.backends.plugins import get_plugin_manager  # noqa: E402
 from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
-                            vllm_python)
+                                   is_hybrid, vllm_python)
 
 SIGNATURES_SCRIPT = r"""
 import dataclasses, inspect, json
@@ -97,6 +105,56 @@ import torch
 torch.cuda.empty_cache()
 out["after_unload_process_alive"] = used()
 print("INPROCESS " + json.dumps(out))
+"""
+
+
+OFFLOAD_SCRIPT = r"""
+import json, os, subprocess, sys, time
+cfg = json.loads(sys.argv[1])
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its config and memory readable
+os.environ.update(cfg.get("env", {}))
+import psutil
+def used():
+    q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True).stdout.split()
+    return [int(x) * 2**20 for x in q]
+me = psutil.Process()
+out = {"settings": cfg, "gpu_before": used(), "rss_before": me.memory_info().rss}
+try:
+    from vllm import LLM, SamplingParams
+    started = time.time()
+    llm = LLM(model=cfg["model"], gpu_memory_utilization=cfg["util"], enforce_eager=True,
+              max_model_len=cfg["max_model_len"], max_num_seqs=4, cpu_offload_gb=cfg["offload_gb"])
+    out["load_s"] = round(time.time() - started, 1)
+except BaseException as exc:
+    out["error"] = (type(exc).__name__ + ": " + str(exc))[:3000]
+    print("OFFLOAD " + json.dumps(out), flush=True)
+    raise SystemExit(0)
+import torch
+from transformers import AutoTokenizer
+from moechat.backends.selfcheck import PARAGRAPH
+from moechat.backends.vllm_engine import perplexity_from_prompt_logprobs
+out["gpu_loaded"] = used()
+out["rss_loaded"] = me.memory_info().rss
+out["torch_allocated"] = torch.cuda.memory_allocated()
+config = llm.llm_engine.vllm_config
+out["num_gpu_blocks"] = getattr(config.cache_config, "num_gpu_blocks", None)
+out["block_size"] = getattr(config.cache_config, "block_size", None)
+try:
+    out["v2_model_runner"] = bool(config.use_v2_model_runner)
+except Exception as exc:
+    out["v2_model_runner"] = repr(exc)
+tok = AutoTokenizer.from_pretrained(cfg["model"])
+prompt = tok("The quick brown fox", add_special_tokens=False)["input_ids"]
+started = time.time()
+o = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0].outputs[0]
+out["decode_tok_s"] = round(len(o.token_ids) / (time.time() - started), 2)
+out["greedy_ids"] = list(o.token_ids)
+out["text"] = o.text
+ids = tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
+p = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+out["perplexity"] = perplexity_from_prompt_logprobs(ids, p.prompt_logprobs)
+print("OFFLOAD " + json.dumps(out), flush=True)
 """
 
 
@@ -192,6 +250,33 @@ def run_backend(report: Report, name: str, settings: dict[str, Any], label: str)
                             + (f", self-check: {info['selfcheck']['message']}" if info.get("selfcheck") else ""))
         if manager.state.status != "ready":
             return
+        with report.step(f"{label}: memory plan against measured GPU memory") as r:
+            model, _, plan = manager.plan(name, settings)
+            growth = manager.state.info.get("memory_after_load", {})
+            r["plan"] = {"items": [dataclasses.asdict(i) for i in plan.items], "gpu_bytes": plan.gpu_bytes,
+                         "host_bytes": plan.host_bytes, "gpu_available": plan.gpu_available} if plan else None
+            r["measured"] = growth
+            r["gpu_used_before_load"], r["gpu_used_after_load"] = baseline, gpu_used()
+            measured = sum(r["gpu_used_after_load"]) - sum(baseline)
+            r["ok"] = plan is not None and measured > 0
+            r["summary"] = (f"plan: {plan.gpu_bytes / 2**30:.2f} GiB on the GPU ("
+                            + ", ".join(f"{i.what} {i.bytes / 2**30:.2f}" for i in plan.items if i.device == "gpu")
+                            + f"); vLLM reserved {plan.gpu_available / 2**30 if plan.gpu_available else 0:.1f} GiB by "
+                            f"gpu_memory_utilization; measured: {measured / 2**30:.2f} GiB more GPU memory used "
+                            f"(nvidia-smi), KV cache {growth.get('kv_cache_tokens')} tokens" if plan else "no plan")
+        with report.step(f"{label}: stats while a reply streams") as r:
+            gen = manager.generate(chat("Count from one to a hundred in words.", temperature=0, max_new_tokens=200))
+            seen, during = 0, None
+            for ev in gen:
+                if ev.kind == "chunk":
+                    seen += 1
+                    if seen == 5 and during is None:
+                        during = manager.stats()
+            r["stats_during_reply"] = during
+            bs = (during or {}).get("backend_stats", {})
+            r["ok"] = bool(during) and (bs.get("running_requests") or 0) >= 1
+            r["summary"] = (f"after 5 chunks: running_requests {bs.get('running_requests')}, kv_cache_usage "
+                            f"{bs.get('kv_cache_usage')}; the reply went on to {seen} chunks")
         with report.step(f"{label}: greedy reply") as r:
             text, done = collect(manager.generate(chat("What is the capital of France?", temperature=0,
                                                        max_new_tokens=32)))
@@ -316,6 +401,75 @@ def in_process_unload(report: Report, python: Path, model: str, util: float) -> 
                         f"ended: {freed / 2**20:.0f} MiB")
 
 
+def run_offload_engine(python: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([str(python), "-c", OFFLOAD_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=900)
+    time.sleep(2)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("OFFLOAD ")), None)
+    if line is None:
+        return {"settings": cfg, "error": f"the engine process died (exit {proc.returncode}): "
+                                          f"{proc.stderr.strip()[-1500:]}"}
+    got = json.loads(line.removeprefix("OFFLOAD "))
+    got["gpu_after_exit"] = gpu_used()
+    return got
+
+
+def offload_verdict(base: dict[str, Any], run: dict[str, Any], offload_bytes: int) -> dict[str, Any]:
+    """Did the offload happen (more KV cache blocks on the GPU, more host RAM), and is the output
+    the baseline's (the same greedy tokens, the same perplexity within 2 %)?"""
+    if "error" in run:
+        return {"started": False, "error": run["error"]}
+    out: dict[str, Any] = {"started": True, "v2_model_runner": run.get("v2_model_runner")}
+    host = run["rss_loaded"] - run["rss_before"] - (base.get("rss_loaded", 0) - base.get("rss_before", 0))
+    out["host_ram_above_baseline_bytes"] = host
+    if base.get("num_gpu_blocks") and run.get("num_gpu_blocks"):
+        out["kv_blocks_baseline"], out["kv_blocks_offload"] = base["num_gpu_blocks"], run["num_gpu_blocks"]
+        # the KV cache grows by the freed GPU memory: blocks x bytes per block, with bytes per block
+        # from the baseline's torch allocation being weights + KV cache (not separable here), so
+        # only the direction and the host RAM are judged
+    if "torch_allocated" in base and "torch_allocated" in run:
+        out["torch_allocated_baseline"], out["torch_allocated_offload"] = base["torch_allocated"], run["torch_allocated"]
+    out["offload_happened"] = (host >= offload_bytes * 0.5
+                               and (run.get("num_gpu_blocks") or 0) > (base.get("num_gpu_blocks") or 0))
+    out["same_greedy_tokens"] = run.get("greedy_ids") == base.get("greedy_ids")
+    pb, pr = base.get("perplexity"), run.get("perplexity")
+    out["perplexity_baseline"], out["perplexity_offload"] = pb, pr
+    out["same_perplexity"] = bool(pb and pr and abs(pr / pb - 1) < 0.02)
+    out["decode_tok_s_baseline"], out["decode_tok_s_offload"] = base.get("decode_tok_s"), run.get("decode_tok_s")
+    return out
+
+
+def offload_experiment(report: Report, python: Path, model: str, util: float, max_model_len: int,
+                       offload_gb: float) -> None:
+    """Weight offload on vLLM itself (no moechat gate in the way), on ``model``."""
+    common = {"model": model, "util": util, "max_model_len": max_model_len}
+    base: dict[str, Any] = {"error": "the baseline did not run"}
+    with report.step("vLLM alone, no offload (the baseline)") as r:
+        base = run_offload_engine(python, dict(common, offload_gb=0))
+        r["run"] = base
+        r["ok"] = "error" not in base
+        r["summary"] = base.get("error") or (f"started in {base.get('load_s')} s, {base.get('num_gpu_blocks')} KV "
+                                             f"blocks, V2 runner {base.get('v2_model_runner')}, perplexity "
+                                             f"{base.get('perplexity')}, {base.get('decode_tok_s')} tok/s")
+    config = json.loads((Path(model) / "config.json").read_text())
+    hybrid = is_hybrid(config)
+    for label, env in (("the runner vLLM picks", {}), ("the V2 model runner forced", {"VLLM_USE_V2_MODEL_RUNNER": "1"})):
+        with report.step(f"vLLM alone, cpu_offload_gb {offload_gb:g}, {label}"
+                         + (" (hybrid model)" if hybrid else "")) as r:
+            run = run_offload_engine(python, dict(common, offload_gb=offload_gb, env=env))
+            r["run"] = run
+            verdict = offload_verdict(base, run, int(offload_gb * 2**30))
+            r["verdict"] = verdict
+            r["ok"] = bool(verdict.get("started") and verdict.get("offload_happened") and verdict.get("same_greedy_tokens"))
+            r["summary"] = (f"did not start: {verdict['error'][:300]}" if not verdict["started"] else
+                            f"offload happened: {verdict['offload_happened']} (host RAM +"
+                            f"{verdict['host_ram_above_baseline_bytes'] / 2**30:.1f} GiB, KV blocks "
+                            f"{verdict.get('kv_blocks_baseline')} -> {verdict.get('kv_blocks_offload')}), same greedy "
+                            f"tokens: {verdict['same_greedy_tokens']}, perplexity {verdict['perplexity_baseline']} -> "
+                            f"{verdict['perplexity_offload']}, V2 runner {verdict['v2_model_runner']}, "
+                            f"{verdict['decode_tok_s_offload']} tok/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder for both backends (default: a tiny trained model built here)")
@@ -324,7 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--out", default=str(ROOT / "test-artifacts" / "vllm-gpu-check"))
+    parser.add_argument("--steps", choices=("all", "engine", "backends"), default="all",
+                        help="engine: vLLM alone (signatures, weight offload, in-process unload); backends: "
+                             "through moechat's manager; all: both")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture CUDA graphs (slower to load; default: enforce_eager, to save GPU time)")
     args = parser.parse_args(argv)
+    engine_steps, backend_steps = args.steps in ("all", "engine"), args.steps in ("all", "backends")
     report = Report(Path(args.out))
     python, source = vllm_python()
 
@@ -338,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         r["probes"] = {n: dataclasses.asdict(p) for n, p in probes.items()}
         r["ok"] = all(p.available for p in probes.values())
         r["summary"] = "both available" if r["ok"] else probes["vllm"].reason
-    check_signatures(report, python)
+    if engine_steps:
+        check_signatures(report, python)
 
     scratch = Path(tempfile.mkdtemp(prefix="vllm-check-models-"))
     scrambled = None
@@ -351,9 +512,22 @@ def main(argv: list[str] | None = None) -> int:
     weights = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
     offload_gb = args.offload_gb if args.offload_gb is not None else max(weights / 3 / 2**30, 0.001)
     common = {"model": str(model), "max_model_len": args.max_model_len,
-              "gpu_memory_utilization": args.gpu_memory_utilization}
+              "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": not args.cuda_graphs}
     VllmSettings.model_validate(common)
 
+    if engine_steps:
+        offload_experiment(report, python, str(model), args.gpu_memory_utilization, args.max_model_len, offload_gb)
+        in_process_unload(report, python, str(model), args.gpu_memory_utilization)
+    if backend_steps:
+        run_backends(report, common, offload_gb, scrambled)
+    VllmOffloadSettings.model_validate(dict(common, cpu_offload_gb=offload_gb))
+    shutil.rmtree(scratch, ignore_errors=True)
+    failed = [s["step"] for s in report.data["steps"] if not s["ok"]]
+    print(f"\nwrote {report.out / 'report.md'}; {len(failed)} step(s) failed" + (f": {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def run_backends(report: Report, common: dict[str, Any], offload_gb: float, scrambled: Path | None) -> None:
     run_backend(report, "vllm", dict(common), "vllm")
     run_backend(report, "vllm-offload", dict(common, cpu_offload_gb=offload_gb, pin_memory=True),
                 f"vllm-offload uva {offload_gb:.3g} GiB pinned")
@@ -363,13 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                                              offload_num_in_group=1), "vllm-offload prefetch 1 of 2 layers")
     if scrambled is not None:
         run_scrambled(report, "vllm-offload", dict(common, model=str(scrambled), cpu_offload_gb=offload_gb))
-    in_process_unload(report, python, str(model), args.gpu_memory_utilization)
     cancel_mid_load(report, "vllm", dict(common))
-    VllmOffloadSettings.model_validate(dict(common, cpu_offload_gb=offload_gb))
-    shutil.rmtree(scratch, ignore_errors=True)
-    failed = [s["step"] for s in report.data["steps"] if not s["ok"]]
-    print(f"\nwrote {report.out / 'report.md'}; {len(failed)} step(s) failed" + (f": {failed}" if failed else ""))
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
