@@ -31,7 +31,7 @@ done
 [ -f "$STORE/manifest.json" ] || { echo "no part stored yet: carry .whl-vllm/part-01 first"; exit 1; }
 
 if [ ! -f "$VENV/.installed" ]; then
-    missing=$("$PY" -c "import json,sys; sys.path.insert(0,'scripts'); import vllm_wheelhouse as w; from pathlib import Path; s=Path('$STORE'); print(' '.join(w.missing_parts(s, json.loads((s/'manifest.json').read_text()))))")
+    missing=$("$PY" scripts/vllm_wheelhouse.py missing "$STORE") || exit 1
     if [ -n "$missing" ]; then
         echo "waiting for parts: $missing"
         exit 0

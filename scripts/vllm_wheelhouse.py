@@ -20,14 +20,16 @@ keeps them), checks their SHA-256 against the index, and packs them into parts o
 ``--part-mib``: whole wheels where they fit, a big wheel cut into pieces. Every part holds a copy of
 ``manifest.json``; the manifest (format 1) is:
 
-    {"format": 1, "install": ["vllm==0.26.0", ...],        # what to pip install from the wheels
-     "files": [{"name": "vllm-...whl", "size": N, "sha256": "...",
+    {"format": 1,
+     "files": [{"name": "vllm-...whl", "size": N, "sha256": "...", "group": "core" or "optional",
                 "pieces": [{"part": "part-01", "file": "vllm-...whl.000", "size": N, "sha256": "..."}]}],
-     "parts": {"part-01": bytes, ...}}
+     "parts": {"part-01": bytes, ...},
+     "optional_parts": ["part-08", ...]}      # parts holding only wheels of OPTIONAL, packed last
 
 ``store`` copies one part's pieces into the store folder, checking each piece's hash; ``assemble``
 joins the pieces of every file, checks each file's hash and writes the wheels (it says which
-parts are still missing). Nothing here needs more than the standard library, except ``build``
+parts are still missing); ``missing`` prints the core parts not stored yet. ``build`` also writes
+.whl-vllm/lock.json (every carried wheel's version, URL and SHA-256). Nothing here needs more than the standard library, except ``build``
 (which needs ``packaging`` and pip).
 """
 
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("store", help="GPU machine: check one carried part and copy it into the store")
     s.add_argument("part")
     s.add_argument("store")
+    m = sub.add_parser("missing", help="GPU machine: print the core parts not stored yet (nothing: all are)")
+    m.add_argument("store")
     a = sub.add_parser("assemble", help="GPU machine: join the stored pieces into wheels")
     a.add_argument("store")
     a.add_argument("wheels")
@@ -370,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = store(Path(args.part), Path(args.store))
         print(f"stored {Path(args.part).name}; " + (f"still missing: {', '.join(missing)}" if missing else
                                                     "every part is stored"))
+    elif args.cmd == "missing":
+        store_dir = Path(args.store)
+        print(" ".join(missing_parts(store_dir, json.loads((store_dir / "manifest.json").read_text()))))
     else:
         manifest = assemble(Path(args.store), Path(args.wheels))
         print(f"assembled {len(manifest['files'])} wheels in {args.wheels}")

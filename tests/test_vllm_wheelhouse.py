@@ -151,3 +151,11 @@ def test_the_80b_layout_at_four_layers_has_the_release_shapes():
     assert tensors["lm_head.weight"] == ((151936, 2048), "bf16")
     fp8 = sum(s[0] * s[1] for s, k in tensors.values() if k == "fp8")
     assert 6.4e9 < fp8 < 6.8e9  # about 6.6 GB of FP8 weights, plus 1.2 GB of bf16 embeddings
+
+
+def test_the_docs_name_the_version_and_the_parts_the_script_builds():
+    w = wheelhouse()
+    doc = (ROOT / "docs" / "vllm.md").read_text()
+    assert f"**vLLM {w.DEFAULT_VERSION}**" in doc
+    run = (ROOT / "scripts" / "vllm-gpu-run.sh").read_text()
+    assert "vllm_wheelhouse.py store" in run and "--steps" in run and "zz_gpu_image.pth" in run
