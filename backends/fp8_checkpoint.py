@@ -13,8 +13,9 @@ bf16. Kept in bf16 (modules_to_not_convert): embeddings, lm_head, norms, the rou
 
 Random weights are drawn directly as FP8 values with one scale per block, on the GPU when there
 is one, and written shard by shard (host memory stays near one shard). The tokenizer is the demo
-tokenizer (a few hundred tokens); ``lm_head`` rows past it are zero and the rest are scaled up, so
-sampled tokens are almost always ones the tokenizer can turn into text.
+tokenizer (a few hundred tokens); ``lm_head`` rows past it and of its special tokens are zero and
+the rest are scaled up, so sampled tokens are almost always ones the tokenizer turns into text, and
+a reply runs to its token limit (as synthetic models drop the end-of-sequence token).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def random_tensors(name: str, shape: tuple[int, ...], kind: str, gen: Any, device: Any,
-                   vocab_in_tokenizer: int) -> dict[str, Any]:
+                   vocab_in_tokenizer: int, special_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     import torch
 
     if kind == "fp8":
@@ -90,7 +91,8 @@ def random_tensors(name: str, shape: tuple[int, ...], kind: str, gen: Any, devic
         t = torch.randn(shape, generator=gen, device=device) * WEIGHT_STD
         if name == "lm_head.weight":
             t[vocab_in_tokenizer:] = 0  # tokens the tokenizer lacks never win ...
-            t[:vocab_in_tokenizer] *= 10  # ... and the rest win sampling too
+            t[:vocab_in_tokenizer] *= 10  # ... and the rest win sampling too,
+            t[list(special_ids)] = 0  # except the end-of-turn and other special tokens: replies run to their limit
     return {name: t.to(torch.bfloat16).cpu()}
 
 
@@ -112,7 +114,9 @@ def write(spec: str, folder: str | Path, *, seed: int = 0, device: str | None = 
         if f.is_file():
             shutil.copy(f, part / f.name)
     from transformers import AutoTokenizer
-    vocab_in_tokenizer = len(AutoTokenizer.from_pretrained(str(part)))
+    tokenizer = AutoTokenizer.from_pretrained(str(part))
+    vocab_in_tokenizer = len(tokenizer)
+    special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
 
     tensors = list(checkpoint_tensors(spec))
     cfg = synthetic.config(spec)
@@ -140,7 +144,7 @@ def write(spec: str, folder: str | Path, *, seed: int = 0, device: str | None = 
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         out: dict[str, Any] = {}
         for name, shape, kind in shard:
-            out.update(random_tensors(name, shape, kind, gen, device, vocab_in_tokenizer))
+            out.update(random_tensors(name, shape, kind, gen, device, vocab_in_tokenizer, special_ids))
         save_file(out, str(part / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in out.values())
         weight_map.update({n: fname for n in out})

@@ -3,7 +3,8 @@
 
 Here (PyPI reachable):
 
-    python3 scripts/vllm_wheelhouse.py build            # resolve, download, split into .whl-vllm/part-NN
+    python3 scripts/vllm_wheelhouse.py build            # download the locked set, split into .whl-vllm/part-NN
+    python3 scripts/vllm_wheelhouse.py build --resolve  # resolve anew first and rewrite the lock
 
 On the GPU machine, one call per part (the machine keeps /root between calls only while warm):
 
@@ -14,8 +15,8 @@ On the GPU machine, one call per part (the machine keeps /root between calls onl
 pip's own resolver, from package metadata alone (no wheel is downloaded to resolve), against a
 stand-in of the GPU image (scripts/gpu-image-packages.txt): its packages of known version count as
 installed. What pip would install is carried, except image packages whose version is not known
-here, unless a requirement pins them exactly (``==``); image packages whose known version a
-requirement rules out are carried in the version pip chose. Then it downloads those wheels (pip's cache
+here, unless a requirement pins them exactly (``==``) or they are named in OPTIONAL; image
+packages whose known version a requirement rules out are carried in the version pip chose. Then it downloads those wheels (pip's cache
 keeps them), checks their SHA-256 against the index, and packs them into parts of at most
 ``--part-mib``: whole wheels where they fit, a big wheel cut into pieces. Every part holds a copy of
 ``manifest.json``; the manifest (format 1) is:
@@ -53,6 +54,7 @@ CARRY_LIMIT = 64 * MiB  # the device tool's limit on what one call sends: the wo
 DEFAULT_VERSION = "0.26.0"  # the newest vLLM whose wheel pins torch==2.11.0, the image's torch (0.27.0 pins 2.13.0)
 WORKER_NEEDS = ["loguru", "pydantic", "platformdirs", "pluggy", "psutil"]  # moechat's own dependencies
 IMAGE_LIST = ROOT / "scripts" / "gpu-image-packages.txt"
+LOCK = ROOT / "scripts" / "vllm-wheelhouse.lock.json"  # the set measured and committed: versions, URLs, SHA-256
 # Wheels vLLM 0.26.0 requires that a Qwen3-Next (FP8) model on an H100 should never import: vLLM's
 # source imports them inside functions of other models' or other GPUs' code paths only (checked in
 # the 0.26.0 wheel: no top-level import outside those paths). They go into the last parts
@@ -74,6 +76,10 @@ OPTIONAL = {
     "nvidia-cutlass-dsl-libs-cu12": "nvidia-cutlass-dsl only (CUDA 12 build; the image is CUDA 13)",
     "nvidia-cutlass-dsl-libs-cu13": "nvidia-cutlass-dsl only",
     "quack-kernels": "CuTe DSL kernels, imported lazily",
+    # vLLM pins numba==0.65.0 but imports numba only for n-gram speculative decoding and one model's
+    # processor; the image's numba serves. Carried (with the llvmlite it needs) only if needed.
+    "numba": "n-gram speculative decoding only (vLLM pins 0.65.0; the image has its own)",
+    "llvmlite": "numba 0.65.0 only",
 }
 
 def norm(name: str) -> str:
@@ -271,7 +277,7 @@ def resolve(roots: list[str], image: dict[str, str | None], env_python: Path) ->
         entry = {"name": meta["name"], "version": meta["version"], "url": dist["download_info"]["url"],
                  "sha256": hashes.get("sha256")}
         if name in image:
-            if image[name] is None and name not in pinned:
+            if image[name] is None and name not in pinned and name not in OPTIONAL:
                 notes.append(f"{name}: the image's (version not known here; pip resolved {meta['version']})")
                 continue
             entry["why"] = (f"the image has {image[name]}" if image[name] else "pinned, image version not known")
@@ -306,6 +312,17 @@ def tree_bytes() -> int:
 
 def build(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if not args.resolve:
+        lock = json.loads(Path(args.lock).read_text())
+        if lock["vllm"] != args.vllm:
+            raise SystemExit(f"{args.lock} holds vLLM {lock['vllm']}; pass --resolve to build {args.vllm}.")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lock.json").write_text(json.dumps(lock, indent=1) + "\n")
+        print(f"{len(lock['dists'])} distributions from {args.lock}; downloading (pip's cache first)...", flush=True)
+        shutil.rmtree(out / "image-standin", ignore_errors=True)
+        download(lock["dists"], out / "wheels", fake_image_env(out / "image-standin", {}, args.python312))
+        repack(out, args.part_mib)
+        return
     image = read_image_list(Path(args.image))
     roots = [f"vllm=={args.vllm}", *WORKER_NEEDS]
     print(f"resolving {roots} for CPython 3.12 manylinux x86-64 (metadata only)...", flush=True)
@@ -313,7 +330,10 @@ def build(args: argparse.Namespace) -> None:
     env_python = fake_image_env(out / "image-standin", image, args.python312)
     dists, notes = resolve(roots, image, env_python)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lock.json").write_text(json.dumps({"dists": dists, "image_relied_on": notes}, indent=1) + "\n")
+    lock = {"vllm": args.vllm, "dists": dists, "image_relied_on": notes}
+    (out / "lock.json").write_text(json.dumps(lock, indent=1) + "\n")
+    Path(args.lock).write_text(json.dumps(lock, indent=1) + "\n")
+    print(f"wrote {args.lock} (commit it: the next build downloads exactly this set)")
     print(f"{len(dists)} distributions to carry; image packages relied on without a known version:")
     for n in notes:
         print("   ", n)
@@ -351,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vllm", default=DEFAULT_VERSION)
     b.add_argument("--out", default=str(ROOT / ".whl-vllm"))
     b.add_argument("--image", default=str(IMAGE_LIST), help="the GPU image's packages (name or name==version a line)")
+    b.add_argument("--resolve", action="store_true",
+                   help="resolve anew (PyPI metadata) and rewrite --lock; default: download what --lock lists")
+    b.add_argument("--lock", default=str(LOCK))
     b.add_argument("--part-mib", type=float, default=60.0)
     b.add_argument("--python312", default=shutil.which("python3.12") or "python3.12",
                    help="a Python 3.12 here, for the stand-in of the image that pip resolves against")

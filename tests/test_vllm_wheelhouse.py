@@ -134,8 +134,10 @@ def test_the_tiny_fp8_checkpoint_reads_back_through_moechat_and_transformers(tmp
     assert AutoConfig.from_pretrained(str(folder)).num_hidden_layers == 4
     lm_head = ck.get("lm_head.weight").float()
     from transformers import AutoTokenizer
-    vocab = len(AutoTokenizer.from_pretrained(str(folder)))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    vocab = len(tokenizer)
     assert lm_head[vocab:].abs().sum() == 0 and lm_head[:vocab].abs().sum() > 0
+    assert lm_head[tokenizer.eos_token_id].abs().sum() == 0  # replies never end early
 
 
 def test_the_80b_layout_at_four_layers_has_the_release_shapes():
