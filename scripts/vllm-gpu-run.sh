@@ -6,8 +6,10 @@
 #                                             is stored: assemble, install, write the checkpoint
 #   bash scripts/vllm-gpu-run.sh engine       ... then the check's steps on vLLM itself (signatures, the
 #                                             weight-offload experiment on the hybrid model, in-process unload)
-#   bash scripts/vllm-gpu-run.sh backends     ... then the backends through moechat's manager (vllm: load,
-#                                             chat, Stop, stats, plan vs measured, unload; vllm-offload)
+#   bash scripts/vllm-gpu-run.sh backends,cancel  ... then the backends through moechat's manager (vllm:
+#                                             load, chat, Stop, stats, plan vs measured, unload; vllm-offload;
+#                                             cancel while loading)
+# (any --steps value of scripts/vllm_gpu_check.py works: e.g. "offload" alone if "engine" ran out of time)
 #
 # /root persists only while the machine stays warm (30 s after a call ends), so the calls go back to
 # back. What it prints and writes goes to $OUT (report.json, report.md, logs, pip freeze lists).
@@ -69,5 +71,6 @@ fi
 
 steps=${1:-}
 [ -n "$steps" ] || exit 0
-"$VENV/bin/python" scripts/vllm_gpu_check.py --model "$CKPT" --steps "$steps" --out "$OUT/check-$steps" \
-    2>&1 | tee "$OUT/check-$steps.log"
+name=${steps//,/-}
+"$VENV/bin/python" scripts/vllm_gpu_check.py --model "$CKPT" --steps "$steps" --out "$OUT/check-$name" \
+    2>&1 | tee "$OUT/check-$name.log"

@@ -24,9 +24,9 @@ What it does, each step recorded whether it passes or fails (nothing stops the r
    the offload happen (KV cache blocks and host RAM against the baseline), and is the output the
    same (greedy tokens, perplexity of the self-check paragraph)?
 
---steps picks groups: ``engine`` (1, 2, 7, 5: vLLM alone), ``backends`` (1, 3, 4, 6: through
-moechat's manager), ``all`` (default). On the lent GPU machine each group is one call
-(scripts/vllm-gpu-run.sh).
+--steps picks groups: signatures (2), offload (7), inprocess (5), backends (3, 4), cancel (6);
+``engine`` is the first three, ``all`` (default) everything; step 1 always runs. On the lent GPU
+machine ``engine`` and ``backends,cancel`` are one call each (scripts/vllm-gpu-run.sh).
 
 It writes report.json and report.md into --out (default test-artifacts/vllm-gpu-check).
 """
@@ -156,6 +156,10 @@ p = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, tempe
 out["perplexity"] = perplexity_from_prompt_logprobs(ids, p.prompt_logprobs)
 print("OFFLOAD " + json.dumps(out), flush=True)
 """
+
+
+STEP_GROUPS = {"all": {"signatures", "offload", "inprocess", "backends", "cancel"},
+               "engine": {"signatures", "offload", "inprocess"}}
 
 
 class Report:
@@ -478,13 +482,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--out", default=str(ROOT / "test-artifacts" / "vllm-gpu-check"))
-    parser.add_argument("--steps", choices=("all", "engine", "backends"), default="all",
-                        help="engine: vLLM alone (signatures, weight offload, in-process unload); backends: "
-                             "through moechat's manager; all: both")
+    parser.add_argument("--steps", default="all",
+                        help="comma-separated groups: signatures, offload (vLLM's own weight offload), inprocess "
+                             "(in-process unload), backends (through moechat's manager), cancel (cancel while "
+                             "loading); engine = signatures,offload,inprocess; all = everything")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="capture CUDA graphs (slower to load; default: enforce_eager, to save GPU time)")
     args = parser.parse_args(argv)
-    engine_steps, backend_steps = args.steps in ("all", "engine"), args.steps in ("all", "backends")
+    groups = set()
+    for g in args.steps.split(","):
+        groups |= STEP_GROUPS.get(g.strip(), {g.strip()})
+    unknown = groups - STEP_GROUPS["all"]
+    if unknown:
+        parser.error(f"unknown --steps {', '.join(sorted(unknown))}; known: {', '.join(sorted(STEP_GROUPS))}, "
+                     f"{', '.join(sorted(STEP_GROUPS['all']))}")
     report = Report(Path(args.out))
     python, source = vllm_python()
 
@@ -498,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         r["probes"] = {n: dataclasses.asdict(p) for n, p in probes.items()}
         r["ok"] = all(p.available for p in probes.values())
         r["summary"] = "both available" if r["ok"] else probes["vllm"].reason
-    if engine_steps:
+    if "signatures" in groups:
         check_signatures(report, python)
 
     scratch = Path(tempfile.mkdtemp(prefix="vllm-check-models-"))
@@ -515,11 +526,14 @@ def main(argv: list[str] | None = None) -> int:
               "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": not args.cuda_graphs}
     VllmSettings.model_validate(common)
 
-    if engine_steps:
+    if "offload" in groups:
         offload_experiment(report, python, str(model), args.gpu_memory_utilization, args.max_model_len, offload_gb)
+    if "inprocess" in groups:
         in_process_unload(report, python, str(model), args.gpu_memory_utilization)
-    if backend_steps:
+    if "backends" in groups:
         run_backends(report, common, offload_gb, scrambled)
+    if "cancel" in groups:
+        cancel_mid_load(report, "vllm", dict(common))
     VllmOffloadSettings.model_validate(dict(common, cpu_offload_gb=offload_gb))
     shutil.rmtree(scratch, ignore_errors=True)
     failed = [s["step"] for s in report.data["steps"] if not s["ok"]]
@@ -537,7 +551,6 @@ def run_backends(report: Report, common: dict[str, Any], offload_gb: float, scra
                                              offload_num_in_group=1), "vllm-offload prefetch 1 of 2 layers")
     if scrambled is not None:
         run_scrambled(report, "vllm-offload", dict(common, model=str(scrambled), cpu_offload_gb=offload_gb))
-    cancel_mid_load(report, "vllm", dict(common))
 
 
 if __name__ == "__main__":
