@@ -39,8 +39,14 @@ SHARD_BYTES = 2 * 10**9
 WEIGHT_STD = 0.02
 
 
+def module_name(param: str) -> str:
+    """The name the release's modules_to_not_convert uses: the module of a weight or bias, the full
+    name of a bare parameter (``linear_attn.A_log``; its module, linear_attn, also holds FP8 Linears)."""
+    return param.rsplit(".", 1)[0] if param.endswith((".weight", ".bias")) else param
+
+
 def quantization_config(names: list[str]) -> dict[str, Any]:
-    keep = sorted({n.rsplit(".", 1)[0] for n in names if KEEP.search(n)})
+    keep = sorted({module_name(n) for n in names if KEEP.search(n)})
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": list(BLOCK), "modules_to_not_convert": keep}
 

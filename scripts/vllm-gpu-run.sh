@@ -48,15 +48,16 @@ if [ ! -f "$VENV/.installed" ]; then
     image_site=$("$PY" -c 'import sysconfig; p=sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])')
     venv_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     printf '%s\n' $image_site > "$venv_site/zz_gpu_image.pth"
+    # the venv has no pip of its own: the image's pip (seen through the .pth) installs into the venv
     started=$(date +%s)
-    "$PY" -m pip --python "$VENV/bin/python" install --no-index --no-deps --no-compile -q "$WHEELS"/*.whl \
+    "$VENV/bin/python" -m pip install --no-index --no-deps --no-compile -q "$WHEELS"/*.whl \
         2>&1 | tee "$OUT/pip-install.log" || exit 1
-    "$PY" -m pip --python "$VENV/bin/python" install --no-index --no-deps --no-build-isolation -q . \
+    "$VENV/bin/python" -m pip install --no-index --no-deps --no-build-isolation -q . \
         2>&1 | tee -a "$OUT/pip-install.log" || exit 1
     echo "installed in $(( $(date +%s) - started )) s"
-    "$PY" -m pip --python "$VENV/bin/python" list --format=freeze --path "$venv_site" > "$OUT/venv-pip-freeze.txt"
+    "$VENV/bin/python" -m pip list --format=freeze --path "$venv_site" > "$OUT/venv-pip-freeze.txt"
     echo "installed into $VENV: $(wc -l < "$OUT/venv-pip-freeze.txt") packages ($OUT/venv-pip-freeze.txt)"
-    "$PY" -m pip --python "$VENV/bin/python" check > "$OUT/pip-check.txt" 2>&1
+    "$VENV/bin/python" -m pip check > "$OUT/pip-check.txt" 2>&1
     echo "pip check: $(wc -l < "$OUT/pip-check.txt") line(s), the first ones:"; head -20 "$OUT/pip-check.txt"
     "$VENV/bin/python" -c "import vllm, torch; print('vLLM', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
         || { echo "vLLM does not import: see above; carry the optional parts too"; exit 1; }

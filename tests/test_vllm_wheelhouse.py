@@ -116,6 +116,8 @@ def test_the_tiny_fp8_checkpoint_reads_back_through_moechat_and_transformers(tmp
     assert qcfg["weight_block_size"] == [128, 128] and "lm_head" in qcfg["modules_to_not_convert"]
     assert "model.layers.0.mlp.gate" in qcfg["modules_to_not_convert"]
     assert "model.layers.0.linear_attn.in_proj_ba" in qcfg["modules_to_not_convert"]
+    assert "model.layers.0.linear_attn.A_log" in qcfg["modules_to_not_convert"]
+    assert "model.layers.0.linear_attn" not in qcfg["modules_to_not_convert"]  # it holds FP8 Linears too
     assert len(list(folder.glob("*.safetensors"))) > 1  # sharded, with an index
     ck = Checkpoint(folder)
     names = set(ck.weight_map)
