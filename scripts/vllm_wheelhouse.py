@@ -30,8 +30,8 @@ keeps them), checks their SHA-256 against the index, and packs them into parts o
 ``store`` copies one part's pieces into the store folder, checking each piece's hash; ``assemble``
 joins the pieces of every file, checks each file's hash and writes the wheels (it says which
 parts are still missing); ``missing`` prints the core parts not stored yet. ``build`` also writes
-.whl-vllm/lock.json (every carried wheel's version, URL and SHA-256). Nothing here needs more than the standard library, except ``build``
-(which needs ``packaging`` and pip).
+.whl-vllm/lock.json (every carried wheel's version, file name and SHA-256). Nothing here needs
+more than the standard library, except ``build`` (which needs ``packaging`` and pip).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ CARRY_LIMIT = 64 * MiB  # the device tool's limit on what one call sends: the wo
 DEFAULT_VERSION = "0.26.0"  # the newest vLLM whose wheel pins torch==2.11.0, the image's torch (0.27.0 pins 2.13.0)
 WORKER_NEEDS = ["loguru", "pydantic", "platformdirs", "pluggy", "psutil"]  # moechat's own dependencies
 IMAGE_LIST = ROOT / "scripts" / "gpu-image-packages.txt"
-LOCK = ROOT / "scripts" / "vllm-wheelhouse.lock.json"  # the set measured and committed: versions, URLs, SHA-256
+LOCK = ROOT / "scripts" / "vllm-wheelhouse.lock.json"  # the set measured and committed: versions, files, SHA-256
 # Wheels vLLM 0.26.0 requires that a Qwen3-Next (FP8) model on an H100 should never import: vLLM's
 # source imports them inside functions of other models' or other GPUs' code paths only (checked in
 # the 0.26.0 wheel: no top-level import outside those paths). They go into the last parts
@@ -274,8 +274,8 @@ def resolve(roots: list[str], image: dict[str, str | None], env_python: Path) ->
         meta = dist["metadata"]
         name = norm(meta["name"])
         hashes = dist["download_info"].get("archive_info", {}).get("hashes", {})
-        entry = {"name": meta["name"], "version": meta["version"], "url": dist["download_info"]["url"],
-                 "sha256": hashes.get("sha256")}
+        entry = {"name": meta["name"], "version": meta["version"],
+                 "file": dist["download_info"]["url"].rsplit("/", 1)[1], "sha256": hashes.get("sha256")}
         if name in image:
             if image[name] is None and name not in pinned and name not in OPTIONAL:
                 notes.append(f"{name}: the image's (version not known here; pip resolved {meta['version']})")
@@ -293,7 +293,7 @@ def download(dists: list[dict], folder: Path, env_python: Path) -> list[Path]:
                    env=dict(os.environ, PIP_CONSTRAINT="", PIP_FIND_LINKS=""))
     files = []
     for d in dists:
-        fname = d["url"].rsplit("/", 1)[1]
+        fname = d["file"]
         path = folder / fname
         if not path.exists():
             raise SystemExit(f"pip did not download {fname}.")
@@ -343,7 +343,7 @@ def build(args: argparse.Namespace) -> None:
 
 def repack(out: Path, part_mib: float, tree: int | None = None) -> None:
     lock = json.loads((out / "lock.json").read_text())
-    files = [out / "wheels" / d["url"].rsplit("/", 1)[1] for d in lock["dists"]]
+    files = [out / "wheels" / d["file"] for d in lock["dists"]]
     tree = tree_bytes() if tree is None else tree
     part_bytes = int(part_mib * MiB)
     if tree + part_bytes + 64 * 1024 > CARRY_LIMIT:
