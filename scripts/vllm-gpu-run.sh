@@ -47,7 +47,8 @@ if [ ! -f "$VENV/.installed" ]; then
     "$PY" -m venv --without-pip --system-site-packages "$VENV" || exit 1
     image_site=$("$PY" -c 'import sysconfig; p=sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])')
     venv_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    printf '%s\n' $image_site > "$venv_site/zz_gpu_image.pth"
+    # addsitedir, not a bare path: the image's own .pth files are processed too
+    for d in $image_site; do echo "import site; site.addsitedir('$d')"; done > "$venv_site/zz_gpu_image.pth"
     # the venv has no pip of its own: the image's pip (seen through the .pth) installs into the venv
     started=$(date +%s)
     "$VENV/bin/python" -m pip install --no-index --no-deps --no-compile -q "$WHEELS"/*.whl \
