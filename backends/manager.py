@@ -577,10 +577,6 @@ class BackendManager:
         with self._turns:
             return len(self._queue)
 
-    def queue_position(self, gen: Generation) -> int:
-        with self._turns:
-            return self._queue.index(gen.id) if gen.id in self._queue else -1
-
     def _run(self, gen: Generation) -> Iterator[Event]:
         ticket = self._enqueue(gen.id)
         try:

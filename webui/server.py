@@ -34,15 +34,11 @@ def build_app(manager: BackendManager, options: ServeOptions):
     import gradio as gr
     from fastapi import FastAPI
 
+    from moechat.webui.api import router as api_router
     from moechat.webui.app import build_ui
 
     app = FastAPI(title="moechat")
-    try:
-        from moechat.webui.api import router as api_router
-    except ImportError:  # the API module is optional until it exists
-        api_router = None
-    if api_router is not None:
-        app.include_router(api_router(manager, options))
+    app.include_router(api_router(manager, options))
     blocks = build_ui(manager, options)
     auth = (lambda u, p: options.users.get(u) == p) if options.users else None
     return gr.mount_gradio_app(app, blocks, path="/", auth=auth, footer_links=[])
