@@ -161,6 +161,9 @@ class MemoryPlan:
     host_available: int | None = None
     advice: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Numbers the load's info must report as planned (e.g. ``cache_slots_per_layer``); the
+    # manager compares them after loading.
+    expect: dict[str, int] = field(default_factory=dict)
 
     @property
     def gpu_bytes(self) -> int:

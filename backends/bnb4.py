@@ -17,9 +17,16 @@ from moechat.backends.hookspecs import hookimpl
 from moechat.backends.transformers_ import load_pretrained
 
 # Modules kept in 16 bits: the router and gates are tiny and sensitive, and bitsandbytes'
-# CPU path fails on layers whose output is not a multiple of 32 (FACTS.md).
+# CPU path fails on layers whose output is not a multiple of 32 (docs/facts.md).
 SKIP_MODULES = ["lm_head", "mlp.gate", "shared_expert_gate", "in_proj_ba"]
 FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+NF4_BLOCK = 64   # weights per absmax
+
+
+def nf4_bytes(double_quant: bool = True) -> float:
+    """Bytes per weight of bitsandbytes 4-bit: half a byte plus one absmax per 64 weights (float32,
+    or with double quantization 8-bit plus a float32 per 256 absmax)."""
+    return 0.5 + (1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256) if double_quant else 4 / NF4_BLOCK)
 
 
 class Bnb4Settings(HFSettings):
@@ -59,8 +66,12 @@ class Bnb4Backend(HFBackend):
 
     @classmethod
     def plan(cls, model, settings, machine):
-        from moechat.backends.planning import plan_bnb4
-        return plan_bnb4(model, settings, machine)
+        """Every projection and expert matrix 4-bit (``nf4_bytes``; the routed experts only when
+        quantize_experts), embeddings, lm_head, router and norms in the compute dtype, placed
+        like the transformers backend's."""
+        from moechat.backends.hf_plan import plan_accelerate
+        return plan_accelerate(model, settings, machine, packed_bytes=nf4_bytes(settings.double_quant),
+                               packs_experts=settings.quantize_experts)
 
     def load(self, settings: Bnb4Settings, progress: ProgressCallback) -> dict[str, Any]:
         import bitsandbytes as bnb

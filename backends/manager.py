@@ -343,8 +343,9 @@ class BackendManager:
         return self.plugins.pm.hook.suggest_backend(model=model)
 
     # ---- loading ------------------------------------------------------------------------
-    def resolve_model(self, folder: str) -> ModelInfo:
-        """The ModelInfo of ``folder``; the demo model (created on first use) when empty."""
+    def resolve_model(self, folder: str, *, weights: bool = True) -> ModelInfo:
+        """The ModelInfo of ``folder``; the demo model (created on first use) when empty.
+        ``weights=False`` (a plan only): a folder with config.json alone will do."""
         from moechat.backends import synthetic
         if synthetic.is_synthetic(folder):
             return synthetic.model_info(folder)
@@ -359,7 +360,7 @@ class BackendManager:
                     check=True, capture_output=True,
                 )
             folder = str(demo)
-        return inspect(folder)
+        return inspect(folder, weights=weights)
 
     def probe(self, entry: BackendEntry, settings: BackendSettings | None = None) -> Probe:
         """``entry``'s probe for ``settings``, reused for ``PROBE_CACHE_S`` seconds (a probe may
@@ -387,15 +388,17 @@ class BackendManager:
         except ValidationError as exc:
             raise SettingsInvalid(settings_error(exc)) from exc
 
-    def check(self, backend: str, settings: dict[str, Any] | None = None, *, on_machine: Any = None) -> CheckResult:
+    def check(self, backend: str, settings: dict[str, Any] | None = None, *, on_machine: Any = None,
+              weights: bool = True) -> CheckResult:
         """Everything a load decides before it unloads anything, done once: find ``backend``,
         validate ``settings``, read the model folder, ask the backend's own ``check``, probe
-        (cached) and plan (for ``on_machine``, default this machine). Raises BackendError (a
+        (cached) and plan (for ``on_machine``, default this machine; ``weights=False`` for a plan
+        alone: the model folder may hold only config.json). Raises BackendError (a
         ``SettingsInvalid``, a ``ModelFolderError``, ...) with a sentence; whether the backend can
         run here and whether the plan fits are in the result (``refusal``)."""
         entry, parsed = self.parse_settings(backend, settings)
         cls = entry.cls
-        model = self.resolve_model(getattr(parsed, "model", "")) if cls.needs_model else None
+        model = self.resolve_model(getattr(parsed, "model", ""), weights=weights) if cls.needs_model else None
         try:
             cls.check(parsed, model)
         except ValidationError as exc:

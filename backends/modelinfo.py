@@ -20,8 +20,6 @@ KNOWN_MODEL_TYPES = {
     "deepseek_v3", "deepseek_v2", "gpt_oss", "olmoe", "granitemoe", "phi3", "gemma3", "gemma2",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-               "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U32": 4, "I4": 0.5, "U4": 0.5}
 
 
 class ModelFolderError(BackendError):
@@ -44,10 +42,6 @@ class ModelInfo:
     context_length: int | None
     shards: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.num_experts)
 
     def summary(self) -> str:
         quant = self.quantization or self.dtype
@@ -105,8 +99,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def inspect(folder: str | Path) -> ModelInfo:
-    """Read ``folder`` as a model, or raise ModelFolderError with one sentence naming the problem."""
+def inspect(folder: str | Path, *, weights: bool = True) -> ModelInfo:
+    """Read ``folder`` as a model, or raise ModelFolderError with one sentence naming the problem.
+
+    ``weights=False`` (for a memory plan): the folder may hold only config.json, and the index
+    file if present, so a person can ask "will it fit" before downloading the weights; the sizes
+    then come from the config's shapes (and the index's total size), see ``config_only``."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise ModelFolderError(f"The model folder {path} does not exist.")
@@ -125,6 +123,8 @@ def inspect(folder: str | Path) -> ModelInfo:
         raise ModelFolderError(
             f"{cfg_path.name} says model_type {model_type!r}, an architecture moechat's backends do not "
             f"know. Known: {', '.join(sorted(KNOWN_MODEL_TYPES))}.")
+    if not weights and not _has_all_weights(path):
+        return config_only(path, config)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise ModelFolderError(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files "
@@ -177,3 +177,42 @@ def inspect(folder: str | Path) -> ModelInfo:
         shards=shards,
         config=config,
     )
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _has_all_weights(path: Path) -> bool:
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        try:
+            shards = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            return True   # let inspect() name the broken index
+        return bool(shards) and all((path / shard).exists() for shard in shards)
+    return any(path.glob("*.safetensors"))
+
+
+def config_only(path: Path, config: dict[str, Any]) -> ModelInfo:
+    """The ModelInfo of a folder that has config.json but not (all) its weights: parameter
+    counts from the config's shapes; the weights' size from the index's ``total_size`` when
+    there is an index (right for quantized checkpoints too), else the parameters in the config's
+    dtype."""
+    from moechat.backends.shapes import model_from_config
+
+    try:
+        info = model_from_config(config, path=str(path))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelFolderError(
+            f"{path} has no weights, and its config.json lacks {exc} to size the model from; a memory "
+            "plan needs the weights or a complete config.json.") from exc
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        try:
+            total = json.loads(index_path.read_text()).get("metadata", {}).get("total_size")
+        except ValueError as exc:
+            raise ModelFolderError(f"{index_path.name} is not a valid safetensors index ({exc}).") from exc
+        if isinstance(total, int) and total > 0:
+            info.weight_bytes = total
+    return info
+

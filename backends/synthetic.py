@@ -2,7 +2,7 @@
 
 A model setting of the form ``synthetic:NAME[?layers=N]`` names one:
 
-- ``synthetic:qwen3-next-80b-a3b``: Qwen3-Next-80B-A3B's shapes (the release config, below);
+- ``synthetic:qwen3-next-80b-a3b``: Qwen3-Next-80B-A3B's shapes (the release config);
 - ``synthetic:tiny``: the demo model's tiny shapes (for tests);
 - ``synthetic:small``: a few hundred MB, for checking memory plans against measurement.
 
@@ -23,6 +23,7 @@ Parsing and configs are cheap (no torch); building imports torch and transformer
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,49 +34,14 @@ from moechat.backends.api import BackendError, Progress, ProgressCallback
 
 PREFIX = "synthetic:"
 
-# Qwen3-Next-80B-A3B-Instruct's config.json (a copy of the release's shapes; see
-# /work/shared/reference in the team's notes). 48 layers: 36 Gated DeltaNet + 12 gated attention.
-QWEN3_NEXT_80B_A3B: dict[str, Any] = {
-    "architectures": ["Qwen3NextForCausalLM"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "decoder_sparse_step": 1,
-    "eos_token_id": 151645,
-    "full_attention_interval": 4,
-    "head_dim": 256,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 5120,
-    "linear_conv_kernel_dim": 4,
-    "linear_key_head_dim": 128,
-    "linear_num_key_heads": 16,
-    "linear_num_value_heads": 32,
-    "linear_value_head_dim": 128,
-    "max_position_embeddings": 262144,
-    "mlp_only_layers": [],
-    "model_type": "qwen3_next",
-    "moe_intermediate_size": 512,
-    "norm_topk_prob": True,
-    "num_attention_heads": 16,
-    "num_experts": 512,
-    "num_experts_per_tok": 10,
-    "num_hidden_layers": 48,
-    "num_key_value_heads": 2,
-    "output_router_logits": False,
-    "partial_rotary_factor": 0.25,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 10000000,
-    "router_aux_loss_coef": 0.001,
-    "shared_expert_intermediate_size": 512,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.57.0.dev0",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
+# Qwen3-Next-80B-A3B-Instruct's config.json, a copy of the release's shapes (docs/facts.md):
+# 48 layers, 36 Gated DeltaNet + 12 gated attention, 512 experts. Read when asked for.
+QWEN3_NEXT_80B_A3B_FILE = Path(__file__).resolve().parent / "moe_offload" / "qwen3_next_80b.json"
+
+
+def qwen3_next_80b_a3b() -> dict[str, Any]:
+    return json.loads(QWEN3_NEXT_80B_A3B_FILE.read_text())
+
 
 # The demo model's shapes (moechat.backends.demo.tiny_config("qwen3_next")), as a plain dict.
 TINY: dict[str, Any] = {
@@ -98,7 +64,12 @@ SMALL: dict[str, Any] = dict(
     vocab_size=4096,
 )
 
-CONFIGS = {"qwen3-next-80b-a3b": QWEN3_NEXT_80B_A3B, "tiny": TINY, "small": SMALL}
+CONFIGS = {"qwen3-next-80b-a3b": qwen3_next_80b_a3b, "tiny": lambda: TINY, "small": lambda: SMALL}
+
+
+def known_config(name: str) -> dict[str, Any]:
+    """A fresh copy of a synthetic model's full config."""
+    return copy.deepcopy(CONFIGS[name]())
 
 
 @dataclass(frozen=True)
@@ -132,7 +103,7 @@ def parse(model: str) -> Spec:
             layers = int(params["layers"][-1])
         except ValueError:
             raise BackendError(f"{model}: layers must be a whole number.") from None
-        full = CONFIGS[name]["num_hidden_layers"]
+        full = known_config(name)["num_hidden_layers"]
         if not 1 <= layers <= full:
             raise BackendError(f"{model}: layers must be between 1 and {full}.")
     return Spec(name, layers)
@@ -141,7 +112,7 @@ def parse(model: str) -> Spec:
 def config(model: str | Spec) -> dict[str, Any]:
     """The config dict of a synthetic spec: depth cut to ``layers``, no end-of-sequence token."""
     spec = model if isinstance(model, Spec) else parse(model)
-    cfg = copy.deepcopy(CONFIGS[spec.name])
+    cfg = known_config(spec.name)
     if spec.layers:
         cfg["num_hidden_layers"] = spec.layers
         if cfg.get("model_type") == "qwen3_next" and spec.layers < cfg.get("full_attention_interval", 4):
@@ -149,18 +120,18 @@ def config(model: str | Spec) -> dict[str, Any]:
             cfg["layer_types"] = ["linear_attention"] * (spec.layers - 1) + ["full_attention"]
     cfg["eos_token_id"] = None
     cfg["moechat_synthetic"] = {"name": spec.name, "layers": spec.layers,
-                                "full_layers": CONFIGS[spec.name]["num_hidden_layers"]}
+                                "full_layers": known_config(spec.name)["num_hidden_layers"]}
     return cfg
 
 
 def full_layers(model: str | Spec) -> int:
     spec = model if isinstance(model, Spec) else parse(model)
-    return CONFIGS[spec.name]["num_hidden_layers"]
+    return known_config(spec.name)["num_hidden_layers"]
 
 
 def model_info(model: str) -> Any:
     """The ModelInfo of a synthetic spec (what ``BackendManager.resolve_model`` returns)."""
-    from moechat.backends.planning import model_from_config
+    from moechat.backends.shapes import model_from_config
     spec = parse(model)
     cfg = config(spec)
     return model_from_config(cfg, path=str(spec), dtype=cfg.get("torch_dtype"))

@@ -36,8 +36,8 @@ class TransformersBackend(HFBackend):
 
     @classmethod
     def plan(cls, model, settings, machine):
-        from moechat.backends.planning import plan_transformers
-        return plan_transformers(model, settings, machine)
+        from moechat.backends.hf_plan import plan_accelerate
+        return plan_accelerate(model, settings, machine)
 
     def load(self, settings: HFSettings, progress: ProgressCallback) -> dict[str, Any]:
         progress(Progress("Reading the tokenizer"))

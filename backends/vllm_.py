@@ -27,6 +27,7 @@ from pydantic import Field
 from moechat.backends.api import (Backend, BackendError, BackendSettings, Chunk, GenerateRequest, MemoryItem,
                           MemoryPlan, Probe, Progress, ProgressCallback, StopCheck)
 from moechat.backends.hookspecs import hookimpl
+from moechat.backends.shapes import text_config, try_shapes
 
 PYTHON_ENV = "MOECHAT_VLLM_PYTHON"
 DEFAULT_VENV = "vllm-venv"  # under the data folder (machine.data_dir), where `make vllm-env` builds it
@@ -34,7 +35,7 @@ WORKER_NEEDS = ("pluggy", "pydantic", "loguru", "psutil")
 GiB = 1024**3
 GB = 1e9
 
-# Facts about vLLM versions (FACTS.md): the hybrid-model offload assert is gone since 0.20.0
+# Facts about vLLM versions (docs/facts.md): the hybrid-model offload assert is gone since 0.20.0
 # (PR 36461); the V2 model runner honours cpu_offload_gb since 0.28.0 (PR 51413).
 HYBRID_OFFLOAD_FIXED = (0, 20, 0)
 V2_RUNNER_OFFLOAD_FIXED = (0, 28, 0)
@@ -165,10 +166,6 @@ def parse_version(text: str | None) -> tuple[int, int, int] | None:
         return None
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
     return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
 
 
 def is_hybrid(config: dict[str, Any]) -> bool:
@@ -338,34 +335,16 @@ def explain_engine_error(text: str, settings: VllmSettings) -> str | None:
 
 # ---- the memory plan ------------------------------------------------------------------------------
 def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str) -> int:
-    text = text_config(config)
-    layers = int(text.get("num_hidden_layers") or 0)
-    interval = text.get("full_attention_interval")
-    layer_types = text.get("layer_types")
-    if layer_types:
-        attn_layers = sum(1 for t in layer_types if t in ("full_attention", "attention", "sliding_attention"))
-    elif interval and text.get("model_type", config.get("model_type")) == "qwen3_next":
-        attn_layers = layers // int(interval)
-    else:
-        attn_layers = layers
-    heads = int(text.get("num_attention_heads") or 1)
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size") or 0) // heads))
-    elem = 1 if kv_cache_dtype.startswith("fp8") else 2
-    return attn_layers * 2 * kv_heads * head_dim * elem
+    """KV cache per token (the one formula, ``shapes``) in the cache's element size: one byte
+    for an fp8 cache, else two. 0 for a config whose shapes cannot be read."""
+    s = try_shapes(config)
+    return s.kv_bytes_per_token(1 if kv_cache_dtype.startswith("fp8") else 2) if s else 0
 
 
 def state_bytes_per_sequence(config: dict[str, Any]) -> int:
-    """Linear-attention (Gated DeltaNet) state of a hybrid model, per sequence."""
-    text = text_config(config)
-    if not is_hybrid(config) or not text.get("linear_num_value_heads"):
-        return 0
-    layers = int(text.get("num_hidden_layers") or 0)
-    interval = int(text.get("full_attention_interval") or 1)
-    linear_layers = layers - layers // interval
-    per_layer = (int(text["linear_num_value_heads"]) * int(text.get("linear_key_head_dim") or 0)
-                 * int(text.get("linear_value_head_dim") or 0) * 4)
-    return linear_layers * per_layer
+    """Linear-attention (Gated DeltaNet) state of a hybrid model, per sequence (``shapes``)."""
+    s = try_shapes(config) if is_hybrid(config) else None
+    return s.state_bytes_per_sequence(2) if s else 0
 
 
 def memory_plan(model: Any, settings: VllmSettings, machine: Any) -> MemoryPlan:

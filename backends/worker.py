@@ -158,10 +158,11 @@ class Worker:
             self.send(P.LoadProgress(p.stage, p.done, p.total, p.unit))
 
         try:
-            budget = os.environ.get("MOECHAT_VRAM_BUDGET_GB")
+            from moechat.backends.planning import VRAM_BUDGET_ENV
+            budget = os.environ.get(VRAM_BUDGET_ENV)
             if budget:  # the benchmark's VRAM budget: enforced, not only requested
-                from moechat.backends.planning import apply_vram_budget
-                apply_vram_budget(float(budget))
+                from moechat.backends.planning import cap_vram
+                cap_vram(float(budget))
             settings = self.backend_cls.Settings.model_validate(raw_settings)
             info = self.backend.load(settings, progress) or {}
         except BackendError as exc:

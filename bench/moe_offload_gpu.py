@@ -66,6 +66,7 @@ def run_offload(args) -> dict:
     from moechat.backends.moe_offload.build import random_resident
     from moechat.backends.moe_offload.engine import Engine, Options, Sampler
     from moechat.backends.moe_offload.store import ExpertStore
+    from moechat.backends.planning import cap_vram
 
     dev = args.device
     cfg = load_config(args.layers, args.experts)
@@ -94,14 +95,13 @@ def run_offload(args) -> dict:
            "null_experts": args.null_experts, "policy": args.policy,
            "experts_host_gb": round(store.total_bytes() / GiB, 2),
            "store_build_s": round(time.perf_counter() - t0, 1), "runs": []}
-    total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else None
     g = torch.Generator().manual_seed(0)
     for budget in args.budgets:
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
+            cap_vram(budget)
         opts = Options(expert_format="int4", device=dev, dtype=torch.bfloat16, vram_budget_gb=budget,
                        max_context=args.context, miss_policy=args.policy, cache_experts=args.cache_experts)
         t0 = time.perf_counter()
@@ -358,7 +358,7 @@ def main() -> None:
         return
     result = {"environment": environment(), "notes": [
         "Random weights, no checkpoint; routing of a random model is close to uniform, as Qwen3 routing is "
-        "(FACTS.md), so LRU hit rates sit near the cache's share of experts.",
+        "(docs/facts.md), so LRU hit rates sit near the cache's share of experts.",
         "Decode: sampled at temperature 1 (random model), batch 1, after warmup tokens; one host sync per token.",
         "Reduced depth: the GPU budget is scaled as embeddings + (budget - embeddings) * depth / 48.",
         "transformers-bnb4 runs without fla: with fla installed, the Gated DeltaNet layers that accelerate "

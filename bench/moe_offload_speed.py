@@ -152,8 +152,8 @@ def build(layers: int, budget: float, store=None, policy: str = "auto", context:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
+    from moechat.backends.planning import cap_vram
+    cap_vram(budget)
     opts = Options(expert_format="int4", device="cuda", dtype=dtype or torch.bfloat16, vram_budget_gb=budget,
                    max_context=context, miss_policy=policy)
     return Engine.assemble(cfg, adapter, store, opts, random_resident), store, cfg

@@ -114,11 +114,11 @@ def decode_full_depth(run: dict[str, Any]) -> float | None:
 
 
 # For runs that did not measure the machine (bench/moe_offload_gpu.py): the lent H200 machine as
-# FACTS.md measured it (pinned host-to-device 54.7 GB/s, CPU copy 50 GB/s) and the card's rated
+# measured on 2026-11-27 (docs/facts.md: pinned host-to-device 54.7 GB/s, CPU copy 50 GB/s) and the card's rated
 # memory bandwidth. Shown as such in the report.
 KNOWN_BANDWIDTH = {
     "NVIDIA H200": {"gpu_copy_gb_s": 4800.0, "cpu_copy_gb_s": 50.0, "h2d_pinned_gb_s": 54.7,
-                    "source": "FACTS.md's measurements of the lent H200 machine and the H200's rated 4.8 TB/s"},
+                    "source": "measurements of the lent H200 machine (docs/facts.md) and the H200's rated 4.8 TB/s"},
 }
 
 
@@ -137,8 +137,10 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
     PCIe, whichever is faster. None without the bandwidths it needs."""
     from types import SimpleNamespace
 
-    from moechat.backends import planning, synthetic
+    from moechat.backends import synthetic
     from moechat.backends.machine import Gpu, Machine
+    from moechat.backends.moe_offload import plan as moe_offload_plan
+    from moechat.backends.shapes import shapes
 
     gpu_bw = bandwidth.get("gpu_copy_gb_s")
     cpu_bw = bandwidth.get("cpu_copy_gb_s")
@@ -146,12 +148,12 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
         return None
     host_bw = max(2 * cpu_bw, bandwidth.get("h2d_pinned_gb_s") or 0) * 1e9
     model = synthetic.model_info(FULL_MODEL)
-    s = planning.shapes(model.config)
+    s = shapes(model.config)
     m = Machine([Gpu(0, "budget", int(budget_gib * GiB), 0)], 512 * GiB, 512 * GiB, 16)
-    plan = planning.plan_moe_offload(model, SimpleNamespace(max_context=4096), m)
-    note = next(i.note for i in plan.items if "expert cache" in i.what)
-    share = int(note.split()[0]) / s.num_experts
-    per_token = s.experts_per_token * s.moe_layers * s.one_expert * planning.int4_bytes()
+    plan = moe_offload_plan.plan(model, SimpleNamespace(max_context=4096, vram_budget_gb=budget_gib), m)
+    share = plan.expect["cache_slots_per_layer"] / s.num_experts
+    per_token = (s.experts_per_token * s.moe_layers
+                 * moe_offload_plan.expert_bytes("int4", s.hidden, s.expert_intermediate))
     resident_read = (s.resident - s.embed) * 2  # every resident weight but the embedding table
     seconds = (1 - share) * per_token / host_bw + (resident_read + share * per_token) / (gpu_bw * 1e9)
     return 1 / seconds

@@ -119,7 +119,7 @@ def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home, tmp_path):
 def test_synthetic_specs_parse_and_cut_depth_only():
     spec = synthetic.parse("synthetic:qwen3-next-80b-a3b?layers=4")
     cfg = synthetic.config(spec)
-    full = synthetic.QWEN3_NEXT_80B_A3B
+    full = synthetic.qwen3_next_80b_a3b()
     assert cfg["num_hidden_layers"] == 4 and cfg["hidden_size"] == full["hidden_size"]
     assert cfg["num_experts"] == 512 and cfg["eos_token_id"] is None
     info = synthetic.model_info(str(spec))
@@ -145,14 +145,29 @@ def test_random_weights_differ_per_expert_and_are_finite():
     assert not torch.equal(experts[0], experts[1])
 
 
-def test_scaled_budget_keeps_the_fixed_part():
-    from moechat.webui.commands.bench import FIXED_GPU_BYTES, scaled_budget
+@pytest.mark.parametrize("budget", [16, 24])
+@pytest.mark.parametrize("layers", [2, 4, 8])
+def test_a_scaled_budget_gives_each_layer_the_cache_share_of_the_full_model(budget, layers):
+    """What the scaling is for: moe-offload at N of 48 layers with the scaled budget caches the
+    same share of each layer's experts as the whole model with the whole budget (the slots the
+    engine computes, through the plan that computes them the same way)."""
+    from types import SimpleNamespace
 
-    info = synthetic.model_info("synthetic:qwen3-next-80b-a3b?layers=4")
-    fixed = FIXED_GPU_BYTES + 2 * 151936 * 2048 * 2
-    expect = (fixed + (16 * 1024**3 - fixed) * 4 / 48) / 1024**3
-    assert scaled_budget(16, info, 4, 48) == pytest.approx(expect)
-    assert scaled_budget(16, info, 48, 48) == 16
+    from moechat.backends.machine import Gpu, Machine
+    from moechat.backends.moe_offload import plan as moe_offload_plan
+    from moechat.webui.commands.bench import scaled_budget
+
+    def slots(spec, budget_gib):
+        machine = Machine([Gpu(0, "card", 80 * 1024**3, 0)], 512 * 1024**3, 512 * 1024**3, 16)
+        settings = SimpleNamespace(vram_budget_gb=budget_gib, max_context=4096)
+        return moe_offload_plan.plan(synthetic.model_info(spec), settings, machine).expect["cache_slots_per_layer"]
+
+    full = slots("synthetic:qwen3-next-80b-a3b", budget)
+    cut = f"synthetic:qwen3-next-80b-a3b?layers={layers}"
+    scaled = scaled_budget(budget, synthetic.model_info(cut), layers, 48)
+    assert scaled < budget
+    assert abs(slots(cut, scaled) - full) <= 1, (full, slots(cut, scaled))
+    assert scaled_budget(budget, synthetic.model_info(cut), 48, 48) == budget
 
 
 def test_report_builds_the_table_and_chart(results, tmp_path):
@@ -178,14 +193,14 @@ def test_physical_bound_follows_the_cached_share():
         sys.path.remove(str(ROOT / "bench"))
     bw = {"gpu_copy_gb_s": 1000.0, "cpu_copy_gb_s": 35.0, "h2d_pinned_gb_s": 25.0}
     b16, b24 = physical_bound(16, bw), physical_bound(24, bw)
-    # FACTS.md: experts on the CPU, memory-bound, int4: 77 to 116 tok/s on a 60-80 GB/s desktop
+    # docs/facts.md: experts on the CPU, memory-bound, int4: 77 to 116 tok/s on a 60-80 GB/s desktop
     assert 60 < b16 < b24 < 130
     assert physical_bound(24, {"cpu_copy_gb_s": 35.0}) is None   # no GPU bandwidth: no bound
 
 
 def test_report_reads_the_moe_offload_engine_files(tmp_path):
     """bench/moe_offload_gpu.py writes its own JSON; the report shows its runs under the card,
-    with the 4-layer ones extrapolated and the machine's bound from FACTS.md for that card."""
+    with the 4-layer ones extrapolated and the machine's bound from docs/facts.md for that card."""
     data = {
         "benchmark": "bench/moe_offload_gpu.py", "card": "NVIDIA H200", "commit": "a" * 40,
         "date_utc": "2026-11-27 22:58", "environment": {"gpu": "NVIDIA H200", "gpu_total_gb": 139.8,

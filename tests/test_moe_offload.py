@@ -285,7 +285,7 @@ def test_memory_plan_for_the_80b_model_on_a_24_gb_card():
                       host_available=120 * 1024**3, cpu_count=16)
     plan = MoeOffloadBackend.plan(info, MoeOffloadBackend.Settings(vram_budget_gb=24), machine)
     assert plan.fits
-    assert 39e9 < plan.host_bytes < 42e9            # int4 experts: about 40 GB (FACTS.md)
+    assert 39e9 < plan.host_bytes < 42e9            # int4 experts: about 40 GB (docs/facts.md)
     assert plan.gpu_bytes <= 24 * 1024**3
     cache = next(i for i in plan.items if i.what == "GPU expert cache")
     assert "of 512 experts per layer" in cache.note

@@ -19,7 +19,7 @@ from moechat.backends.moe_offload.loader import Checkpoint
 
 EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
-# Block-FP8 release: modules kept in bf16 (CHECKPOINTS.md section 2).
+# Block-FP8 release: modules kept in bf16 (docs/facts.md, checkpoint layouts).
 FP8_KEEP = re.compile(r"(lm_head|embed_tokens|layernorm|mlp\.gate\.|shared_expert_gate|linear_attn\.(A_log|conv1d|dt_bias|in_proj_ba|norm)|q_norm|k_norm|model\.norm)")
 # compressed-tensors recipe for Qwen3-Next: ignore lm_head, mlp.gate, shared_expert_gate, linear_attn.*
 CT_KEEP = re.compile(r"(lm_head|embed_tokens|norm|mlp\.gate\.|shared_expert_gate|linear_attn\.)")

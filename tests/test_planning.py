@@ -16,14 +16,17 @@ import pytest
 
 from moechat.backends import planning, synthetic
 from moechat.backends.api import BackendError, MemoryItem, MemoryPlan
+from moechat.backends.bnb4 import Bnb4Backend
+from moechat.backends.hf_plan import plan_accelerate
 from moechat.backends.machine import Gpu, Machine
+from moechat.backends.moe_offload import plan as moe_offload_plan
+from moechat.backends.shapes import shapes
 
 GiB = 1024**3
 GB = 1e9
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = Path("/work/shared/reference/qwen3-next-80b-a3b-instruct.config.json")
 
-# ---- the 80 B shapes, by hand from the release config -------------------------------------------
+# ---- the 80 B shapes, by hand from the release config (docs/facts.md) -------------------------------------------
 H, V, L, E, I_MOE, I_SHARED = 2048, 151936, 48, 512, 512, 512
 ATTN_LAYERS, LIN_LAYERS = 12, 36                       # every 4th layer is full attention
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 256
@@ -66,12 +69,12 @@ def item(plan: MemoryPlan, words: str) -> MemoryItem:
 
 
 def test_80b_shapes_match_hand_computed_numbers(big):
-    s = planning.shapes(big.config)
+    s = shapes(big.config)
     assert s.routed_experts == ROUTED == 77_309_411_328
     assert (s.embed, s.lm_head) == (EMBED, EMBED)
     assert (s.attention, s.linear_attention, s.router, s.shared_experts, s.norms) == (ATTN, LIN, ROUTER, SHARED, NORMS)
     assert s.total == big.param_count == TOTAL
-    assert round(TOTAL / 1e9, 1) == 79.7                           # FACTS.md: 79.7 B
+    assert round(TOTAL / 1e9, 1) == 79.7                           # docs/facts.md: 79.7 B
     assert s.one_expert == 3 * H * I_MOE == 3_145_728              # 3.15 M
     assert s.kv_bytes_per_token(2) == KV_PER_TOKEN_BF16 == 24 * 1024
     assert s.state_bytes_per_sequence(2) == STATE_PER_SEQUENCE
@@ -92,19 +95,13 @@ def test_shapes_agree_with_transformers_parameter_counts():
         hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-        assert planning.shapes(cfg).total == sum(p.numel() for p in model.parameters()), cfg.get("model_type")
-
-
-def test_the_repo_copy_of_the_80b_config_is_the_reference():
-    if not REFERENCE.exists():
-        pytest.skip("the team's reference folder is not on this machine")
-    assert json.loads(REFERENCE.read_text()) == synthetic.QWEN3_NEXT_80B_A3B
+        assert shapes(cfg).total == sum(p.numel() for p in model.parameters()), cfg.get("model_type")
 
 
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("ram", RAMS)
 def test_transformers_bf16_80b_never_fits_and_points_to_4bit(big, card, ram):
-    plan = planning.plan_transformers(big, SimpleNamespace(max_context=8192), machine(card, ram))
+    plan = plan_accelerate(big, SimpleNamespace(max_context=8192), machine(card, ram))
     weights = item(plan, "weights on the GPU").bytes + item(plan, "offloaded weights").bytes
     weights += sum(i.bytes for i in plan.items if "beyond" in i.what)
     assert weights == TOTAL * 2                                   # 159 GB of bf16
@@ -120,33 +117,114 @@ def test_transformers_bf16_80b_never_fits_and_points_to_4bit(big, card, ram):
 @pytest.mark.parametrize("card", CARDS)
 @pytest.mark.parametrize("ram", RAMS)
 def test_moe_offload_80b_fits_with_int4_and_sizes_the_cache(big, card, ram):
-    plan = planning.plan_moe_offload(big, SimpleNamespace(max_context=8192), machine(card, ram))
-    assert item(plan, "routed experts").bytes == int(ROUTED * INT4)  # 39.9 GB in host RAM (FACTS.md)
+    plan = moe_offload_plan.plan(big, SimpleNamespace(max_context=8192), machine(card, ram))
+    assert item(plan, "routed experts").bytes == int(ROUTED * INT4)  # 39.9 GB in host RAM (docs/facts.md)
     assert round(ROUTED * INT4 / 1e9, 1) == 39.9
     assert item(plan, "routed experts").device == "host"
     resident = (TOTAL - ROUTED) * 2
     assert item(plan, "resident weights").bytes == resident
     assert item(plan, "KV cache").bytes == KV_PER_TOKEN_BF16 * 8192
     assert plan.fits, planning.describe(plan)
-    left = card * GiB - resident - KV_PER_TOKEN_BF16 * 8192 - STATE_PER_SEQUENCE - int(1.5 * GiB)
+    # the budget: the card's free memory once the worker's CUDA context (0.5 GiB) exists; the
+    # engine's work area (2 GiB) stays out of the cache
+    left = card * GiB - GiB // 2 - resident - KV_PER_TOKEN_BF16 * 8192 - STATE_PER_SEQUENCE - 2 * GiB
     slots = left // (int(3 * H * I_MOE * INT4) * L)
+    assert item(plan, "work area").bytes == 2 * GiB
     assert item(plan, "expert cache").note.startswith(f"{slots} of 512")
-    # FACTS.md: a 24 GB card holds about 45 % of the int4 experts next to the rest, a 16 GB one 28 %
-    assert abs(slots / 512 - {16: 0.28, 24: 0.45}[card]) < 0.03
+    assert slots == {16: 121, 24: 232}[card]          # 24 % and 45 % of the experts (docs/memory-plan.md)
+    # with the budget set, the plan knows the slots the load must report
+    budgeted = moe_offload_plan.plan(big, SimpleNamespace(max_context=8192, vram_budget_gb=card), machine(card, ram))
+    assert budgeted.expect == {"cache_slots_per_layer": (left + GiB // 2) // (int(3 * H * I_MOE * INT4) * L)}
+
+
+@pytest.mark.parametrize("budget, slots", [(24, 240), (16, 130)])
+def test_moe_offload_plan_gives_the_slots_the_engine_made_on_a_gpu(big, budget, slots):
+    """The engine at the 80 B shapes on the H100 machine (2026-11-28, max_context 4096) made 240
+    cache slots per layer at a 24 GiB budget and 130 at 16 GiB (docs/facts.md); the plan says the
+    same before loading."""
+    settings = SimpleNamespace(vram_budget_gb=budget, max_context=4096)
+    plan = moe_offload_plan.plan(big, settings, machine(80, 128))
+    assert plan.expect == {"cache_slots_per_layer": slots}
+    assert item(plan, "expert cache").note.startswith(f"{slots} of 512")
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_moe"])
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "none"])
+def test_moe_offload_plan_and_engine_size_the_expert_cache_alike(tmp_path, family, fmt):
+    """The plan (from config.json alone) and the engine (after building the model) must agree on
+    every number the cache size comes from, and compute the slots with the same function: a real
+    engine's resident weights, expert size, KV and state equal the plan's, so the slots the plan
+    shows for a budget are the slots the engine makes for it."""
+    import torch
+
+    from moechat.backends.demo import build_tiny_model
+    from moechat.backends.moe_offload import engine as engine_module
+    from moechat.backends.moe_offload.build import load_engine
+    from moechat.backends.moe_offload.engine import Options
+
+    folder = build_tiny_model(tmp_path / "model", family, seed=1)
+    model = __import__("moechat.backends.modelinfo", fromlist=["inspect"]).inspect(folder)
+    eng = load_engine(folder, Options(expert_format=fmt, int4_group_size=16, device="cpu", dtype=torch.float32,
+                                      max_context=512, cache_dir=tmp_path / "cache"))
+    s = shapes(model.config)
+    engine_resident = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    assert s.resident * 4 == engine_resident
+    assert moe_offload_plan.expert_bytes(fmt, s.hidden, s.expert_intermediate, 16, 4) == eng.store.expert_bytes()
+    assert eng.info["cache_slots_per_layer"] == 0 and eng.info["miss_policy"] == "cpu"   # no GPU: no cache
+    # the engine sizes its cache with the plan's function, not a copy of it
+    assert engine_module.cache_slots is moe_offload_plan.cache_slots
+    kv, state = moe_offload_plan.kv_and_state_bytes(eng.config, 4, 512)
+    budget_gib = (engine_resident + kv + state + moe_offload_plan.WORKSPACE_BYTES
+                  + 3 * eng.store.expert_bytes() * s.moe_layers) / GiB + 1e-9
+    expected = moe_offload_plan.cache_slots(
+        cache_experts=None, budget_bytes=int(budget_gib * GiB), resident_bytes=engine_resident, kv_bytes=kv,
+        state_bytes=state, expert_bytes=eng.store.expert_bytes(), moe_layers=s.moe_layers,
+        num_experts=s.num_experts, top_k=s.experts_per_token, policy="copy")
+    assert expected == max(3, s.experts_per_token)
+    settings = SimpleNamespace(expert_format=fmt, int4_group_size=16, dtype="float32", max_context=512,
+                               vram_budget_gb=budget_gib)
+    plan = moe_offload_plan.plan(model, settings, machine(24, 64))
+    assert plan.expect == {"cache_slots_per_layer": expected}
+    assert item(plan, "expert cache").note.startswith(f"{expected} of {s.num_experts}")
+
+
+def test_one_kv_and_state_formula_for_every_backend(big):
+    """KV cache per token and linear-attention state come from ``shapes`` alone: the vLLM plan,
+    moe-offload's engine sizing and the transformers plan give the same bytes for the same config."""
+    from moechat.backends import vllm_
+    from moechat.backends.demo import tiny_config
+    from moechat.backends.moe_offload import adapters
+
+    configs = [big.config, synthetic.config("synthetic:qwen3-next-80b-a3b?layers=4"),
+               tiny_config("qwen3_moe").to_dict(), tiny_config("llama").to_dict()]
+    for cfg in configs:
+        s = shapes(cfg)
+        assert vllm_.kv_bytes_per_token(cfg, "auto") == s.kv_bytes_per_token(2)
+        assert vllm_.kv_bytes_per_token(cfg, "fp8") == s.kv_bytes_per_token(1)
+        assert vllm_.state_bytes_per_sequence(cfg) == s.state_bytes_per_sequence(2)
+        assert moe_offload_plan.kv_and_state_bytes(cfg, 2, 1000) == (s.kv_bytes_per_token(2) * 1000,
+                                                                     s.state_bytes_per_sequence(2))
+    # the 80 B numbers (docs/memory-plan.md): 24 KiB per token, 74.25 MiB of state per sequence
+    assert shapes(big.config).kv_bytes_per_token(2) == KV_PER_TOKEN_BF16
+    assert shapes(big.config).state_bytes_per_sequence(2) == STATE_PER_SEQUENCE == int(74.25 * 2**20)
+    plan = plan_accelerate(big, SimpleNamespace(max_context=1000), machine(24, 128))
+    assert item(plan, "KV cache").bytes == KV_PER_TOKEN_BF16 * 1000
+    # moe-offload's adapters say what a checkpoint holds, not what a sequence needs
+    assert not any(hasattr(cls, "kv_bytes_per_token") or hasattr(cls, "state_bytes") for cls in adapters.adapters())
 
 
 @pytest.mark.parametrize("card", CARDS)
 def test_moe_offload_fp8_needs_128_gb_and_bf16_never_fits(big, card):
     fp8 = SimpleNamespace(expert_format="fp8")
-    small_ram = planning.plan_moe_offload(big, fp8, machine(card, 64))
+    small_ram = moe_offload_plan.plan(big, fp8, machine(card, 64))
     assert not small_ram.fits and "Use expert_format int4 instead of fp8" in planning.describe(small_ram)
-    assert planning.plan_moe_offload(big, fp8, machine(card, 128)).fits
-    bf16 = planning.plan_moe_offload(big, SimpleNamespace(expert_format="none"), machine(card, 128))
+    assert moe_offload_plan.plan(big, fp8, machine(card, 128)).fits
+    bf16 = moe_offload_plan.plan(big, SimpleNamespace(expert_format="none"), machine(card, 128))
     assert item(bf16, "routed experts").bytes == ROUTED * 2 and not bf16.fits
 
 
 def test_moe_offload_long_context_on_16_gb_is_told_to_shorten(big):
-    plan = planning.plan_moe_offload(big, SimpleNamespace(max_context=262144, cache_experts=100), machine(16, 128))
+    plan = moe_offload_plan.plan(big, SimpleNamespace(max_context=262144, cache_experts=100), machine(16, 128))
     assert not plan.fits
     assert "Lower max_context to" in planning.describe(plan)
 
@@ -156,7 +234,7 @@ def test_moe_offload_long_context_on_16_gb_is_told_to_shorten(big):
 def test_bnb4_80b_does_not_fit_because_offloaded_layers_stay_16_bit(big, card, ram):
     """accelerate places by bitsandbytes' announced sizes (linear layers 4-bit, the fused experts
     still bf16: they are quantized after loading); what goes to the CPU is not quantized."""
-    plan = planning.plan_bnb4(big, SimpleNamespace(max_context=32768), machine(card, ram))
+    plan = Bnb4Backend.plan(big, bnb4_settings(big), machine(card, ram))
     placed = int((PACKED - ROUTED) * NF4) + (TOTAL - PACKED + ROUTED) * 2
     share = int(0.9 * card * GiB) / placed
     assert item(plan, "weights on the GPU").bytes == int((int(PACKED * NF4) + (TOTAL - PACKED) * 2) * share)
@@ -172,11 +250,15 @@ def test_bnb4_80b_does_not_fit_because_offloaded_layers_stay_16_bit(big, card, r
 def test_bnb4_fits_the_80b_widths_at_4_layers(card):
     """Where the whole model fits the card, everything is 4-bit on the GPU."""
     model = synthetic.model_info("synthetic:qwen3-next-80b-a3b?layers=4")
-    plan = planning.plan_bnb4(model, SimpleNamespace(max_context=32768), machine(card, 64))
-    s = planning.shapes(model.config)
+    plan = Bnb4Backend.plan(model, bnb4_settings(model), machine(card, 64))
+    s = shapes(model.config)
     assert item(plan, "weights on the GPU").bytes == int(s.linear_weights * NF4) + (s.total - s.linear_weights) * 2
     assert [i for i in plan.items if "offloaded" in i.what] == []
     assert plan.fits, planning.describe(plan)
+
+
+def bnb4_settings(model):
+    return Bnb4Backend.Settings(model=model.path, max_context=32768)
 
 
 def fp8_checkpoint(big):
@@ -307,6 +389,19 @@ def test_a_load_that_cannot_fit_is_refused_with_the_plan_sentence(manager, monke
     assert info["model_name"] == "synthetic:tiny" and manager.state.ready
 
 
+def test_after_a_moe_offload_load_the_planned_cache_slots_are_compared(manager):
+    """A real moe-offload load in a worker: the slots the plan computed are the slots the engine
+    reports, so no warning; a plan that computed others gets a sentence naming both numbers."""
+    info = manager.load("moe-offload", {"model": "synthetic:tiny", "device": "cpu", "cache_experts": 3})
+    plan = manager.state.plan
+    assert plan.expect == {"cache_slots_per_layer": 3} == {"cache_slots_per_layer": info["cache_slots_per_layer"]}
+    assert "plan_check" not in info
+    drifted = dataclasses.replace(plan, expect={"cache_slots_per_layer": 10})
+    warning = planning.check_after_load(drifted, info)
+    assert warning.startswith("Measured memory differs from the plan: cache slots per layer is 3 where the plan "
+                              "computed 10")
+
+
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moechat.webui.cli", *args], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, **env), timeout=120)
@@ -331,3 +426,35 @@ def test_cli_plan_refuses_with_the_sentence_and_bad_input_gets_one_too(tmp_path)
     assert "This does not fit. host RAM: needs 0.6 GB of 0.1 GB available." in out.stdout
     bad = run_cli("plan", "synthetic:nonesuch", "--backend", "transformers", MOECHAT_HOME=str(tmp_path))
     assert bad.returncode == 1 and "There is no synthetic model 'nonesuch'." in bad.stderr
+
+
+def test_cli_plan_on_a_folder_with_only_config_json(tmp_path):
+    """Will it fit, before downloading 80-160 GB: config.json alone gives the plan; with the
+    index file (the shards not downloaded) the weights' size is the index's total."""
+    folder = tmp_path / "Qwen3-Next-80B-A3B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(synthetic.qwen3_next_80b_a3b()))
+    args = ("--gpu-gb", "24", "--ram-gb", "128", "--json")
+    out = run_cli("plan", str(folder), "--backend", "moe-offload", *args, MOECHAT_HOME=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["fits"] and data["model"] == str(folder)
+    experts = next(i for i in data["items"] if i["what"] == "routed experts")
+    assert experts["bytes"] == int(ROUTED * INT4) and experts["device"] == "host"
+    # the FP8 release's index: 80 GB of weights, none of its shards here
+    fp8 = 80_000_000_000
+    (folder / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": fp8},
+        "weight_map": {"model.embed_tokens.weight": "model-00001-of-00041.safetensors"}}))
+    out = run_cli("plan", str(folder), "--backend", "vllm", *args, MOECHAT_HOME=str(tmp_path))
+    assert out.returncode == 3, out.stderr
+    data = json.loads(out.stdout)
+    assert next(i for i in data["items"] if i["what"] == "weights on the GPU")["bytes"] == fp8
+    # without the backend named, the suggestion for the model plans it
+    out = run_cli("plan", str(folder), *args, MOECHAT_HOME=str(tmp_path))
+    assert json.loads(out.stdout)["backend"] == "moe-offload"
+    # a folder whose config.json cannot size a model still gets a sentence
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_next"}))
+    bad = run_cli("plan", str(folder), "--backend", "moe-offload", MOECHAT_HOME=str(tmp_path))
+    assert bad.returncode == 1 and "has no weights, and its config.json lacks" in bad.stderr
+

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from moechat.backends import synthetic
 from moechat.backends.api import BackendError
 from moechat.backends.machine import GiB, Gpu, Machine
 from moechat.backends.manager import BackendManager
@@ -28,15 +29,10 @@ from moechat.backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, VllmO
 from moechat.backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
 
 GB = 1e9
-# Qwen3-Next-80B-A3B's shapes (FACTS.md and its config.json): the keys the plan reads.
-QWEN3_NEXT_80B = {
-    "model_type": "qwen3_next", "num_hidden_layers": 48, "full_attention_interval": 4,
-    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "hidden_size": 2048,
-    "linear_num_value_heads": 32, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-    "vocab_size": 151936, "max_position_embeddings": 262144,
-}
+# Qwen3-Next-80B-A3B's config.json (the repository's copy, docs/facts.md).
+QWEN3_NEXT_80B = synthetic.qwen3_next_80b_a3b()
 LLAMA = {"model_type": "llama", "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-         "hidden_size": 4096}
+         "hidden_size": 4096, "intermediate_size": 14336, "vocab_size": 128256}
 FP8_CKPT = dict(QWEN3_NEXT_80B, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
 
 
@@ -201,7 +197,9 @@ RTX_4090 = Machine(gpus=[Gpu(0, "RTX 4090", 24 * GiB, 0)], host_total=int(128 * 
 def test_kv_cache_and_linear_attention_state_match_the_measured_facts():
     assert kv_bytes_per_token(QWEN3_NEXT_80B, "auto") == 24 * 1024  # 12 attention layers
     assert kv_bytes_per_token(QWEN3_NEXT_80B, "fp8") == 12 * 1024
-    assert state_bytes_per_sequence(QWEN3_NEXT_80B) / 2**20 == pytest.approx(72, rel=0.01)
+    # 36 Gated DeltaNet layers x (2 MiB of float32 recurrent state + 64 KiB of bf16 conv state)
+    assert state_bytes_per_sequence(QWEN3_NEXT_80B) == 36 * (2 * 2**20 + 64 * 2**10)
+    assert kv_bytes_per_token(LLAMA, "auto") == 32 * 2 * 8 * 128 * 2
     assert state_bytes_per_sequence(LLAMA) == 0
     assert is_hybrid(QWEN3_NEXT_80B) and not is_hybrid(LLAMA)
     assert is_hybrid({"model_type": "x", "layer_types": ["full_attention", "linear_attention"]})

@@ -29,7 +29,6 @@ from moechat.backends.api import (
 )
 from moechat.backends.hookspecs import hookimpl
 
-GiB = 1024**3
 
 
 class MoeOffloadSettings(BackendSettings):
@@ -77,8 +76,8 @@ class MoeOffloadBackend(Backend):
 
     @classmethod
     def plan(cls, model: Any, settings: BackendSettings, machine: Any) -> MemoryPlan | None:
-        from moechat.backends.planning import plan_moe_offload
-        return plan_moe_offload(model, settings, machine)
+        from moechat.backends.moe_offload.plan import plan
+        return plan(model, settings, machine)
 
     # ---- in the worker --------------------------------------------------------------------------
     def load(self, settings: MoeOffloadSettings, progress: ProgressCallback) -> dict[str, Any]:
@@ -109,8 +108,8 @@ class MoeOffloadBackend(Backend):
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         if device == "cuda" and settings.vram_budget_gb:
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.vram_budget_gb * GiB / total))
+            from moechat.backends.planning import cap_vram
+            cap_vram(settings.vram_budget_gb)
         progress(Progress("Reading the tokenizer"))
         from transformers import AutoTokenizer
         try:

@@ -9,7 +9,7 @@ routing (the one small device-to-host copy per token), counts hits and misses, a
 
 Why not LRU: with misses read in place, admitting an expert costs its bytes over PCIe a second
 time, so a cache should only take an expert that will be used again soon. Qwen3 routing is close
-to uniform (FACTS.md), where LRU churns every miss in and gains nothing; where some experts are
+to uniform (docs/facts.md), where LRU churns every miss in and gains nothing; where some experts are
 hot (a real model on a topic), decayed use counts find them and keep them.
 """
 

@@ -1,8 +1,8 @@
 """The decode step of Qwen3-Next, one token at a time over static buffers.
 
 transformers' modules are written for any sequence length and a growing cache; at batch 1 and one
-token their Python and kernel launches cost about 2.7 ms per layer (FACTS.md), 130 ms per token
-for 48 layers. This step does the same arithmetic with the model's own parameters (no copies) and
+token their Python and kernel launches cost about 3.35 ms per layer (docs/facts.md), 160 ms per
+token for 48 layers. This step does the same arithmetic with the model's own parameters (no copies) and
 state that never moves: the KV cache is preallocated for ``max_context`` positions, the Gated
 DeltaNet conv and recurrent states are updated in place, and the position is a device tensor. So
 the whole step has fixed shapes and addresses, and on a GPU it is captured once as a CUDA graph and

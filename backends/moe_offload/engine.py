@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moechat.backends.moe_offload import quant
+from moechat.backends.moe_offload.plan import cache_slots, kv_and_state_bytes, resolve_policy
 from moechat.backends.moe_offload.store import ExpertStore, Proj
 
 GiB = 1024**3
 SMALL_BATCH_PAIRS = 64          # up to this many (token, expert) pairs: one gathered bmm
 DEQUANT_CHUNK = 32              # experts dequantized at once in the many-pairs (prefill) path
-WORKSPACE_BYTES = int(2.0 * GiB)  # activations, dequantized experts, allocator slack
 
 
 @dataclass
@@ -261,15 +261,6 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sizes: 
     return y
 
 
-def plan_slots(budget_bytes: int, resident_bytes: int, kv_bytes: int, state_bytes: int,
-               expert_bytes: int, moe_layers: int, num_experts: int) -> int:
-    """Cache slots per layer that fit in what the budget leaves after everything else."""
-    left = budget_bytes - resident_bytes - kv_bytes - state_bytes - WORKSPACE_BYTES
-    if left <= 0:
-        return 0
-    return max(0, min(num_experts, left // (expert_bytes * moe_layers)))
-
-
 class Engine:
     """Owns the resident model, the expert store and the caches; runs forward and generation."""
 
@@ -324,23 +315,17 @@ class Engine:
         model.eval()
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         dtype_bytes = torch.empty((), dtype=options.dtype).element_size()
-        kv = adapter.kv_bytes_per_token(config, dtype_bytes) * options.max_context
-        state = adapter.state_bytes(config, dtype_bytes)
+        kv, state = kv_and_state_bytes(config, dtype_bytes, options.max_context)
         expert_bytes = store.expert_bytes()
         n_layers = len(shapes.moe_layers)
-        policy = options.miss_policy
-        if policy == "auto":
-            policy = "copy" if dev.type == "cuda" else "cpu"
-        if options.cache_experts is not None:
-            slots = min(options.cache_experts, shapes.num_experts)
-        elif dev.type == "cuda":
-            budget = (options.vram_budget_gb * GiB if options.vram_budget_gb
-                      else torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev))
-            slots = plan_slots(int(budget), resident_bytes, kv, state, expert_bytes, n_layers, shapes.num_experts)
-        else:
-            slots = 0
-        if policy == "copy" and slots < shapes.top_k:
-            slots = min(shapes.top_k, shapes.num_experts)  # a staging area the size of one token's experts
+        policy = resolve_policy(options.miss_policy, dev.type == "cuda")
+        budget = None
+        if options.cache_experts is None and dev.type == "cuda":
+            budget = int(options.vram_budget_gb * GiB if options.vram_budget_gb
+                         else torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev))
+        slots = cache_slots(cache_experts=options.cache_experts, budget_bytes=budget, resident_bytes=resident_bytes,
+                            kv_bytes=kv, state_bytes=state, expert_bytes=expert_bytes, moe_layers=n_layers,
+                            num_experts=shapes.num_experts, top_k=shapes.top_k, policy=policy)
         experts = []
         for i in shapes.moe_layers:
             mod = OffloadedExperts(i, store, counters, act, dev, options.dtype, slots, policy)
@@ -372,10 +357,6 @@ class Engine:
         cache = out.past_key_values
         cache.moe_offload_pos = start + t
         return out.logits, cache
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], sampler: "Sampler", max_new_tokens: int,

@@ -81,14 +81,9 @@ class ExpertStore:
         for projs in self.layers.values():
             if all(projs.values()):
                 return sum(p.expert_bytes for p in projs.values())
-        r1, c1 = self.proj_shape("gate_up")
-        r2, c2 = self.proj_shape("down")
-        n = r1 * c1 + r2 * c2
-        if self.fmt == "int4":
-            return n // 2 + 2 * n // self.group
-        if self.fmt == "fp8":
-            return n + 4 * (math.ceil(r1 / 128) * math.ceil(c1 / 128) + math.ceil(r2 / 128) * math.ceil(c2 / 128))
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        from moechat.backends.moe_offload.plan import expert_bytes
+        return expert_bytes(self.fmt, self.hidden, self.intermediate, self.group,
+                            torch.empty((), dtype=self.dtype).element_size())
 
     def total_bytes(self) -> int:
         return self.expert_bytes() * self.num_experts * len(self.layers)

@@ -7,7 +7,8 @@ import sys
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model_dir", help="a model folder, or synthetic:qwen3-next-80b-a3b[?layers=N]")
+    p.add_argument("model_dir", help="a model folder (config.json alone will do: plan before downloading the "
+                                     "weights), or synthetic:qwen3-next-80b-a3b[?layers=N]")
     p.add_argument("--backend", help="backend to plan for (see `moechat plugins`); default: suggested for the model")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend setting, e.g. --set max_context=32768 (repeatable)")
@@ -43,9 +44,11 @@ def run(args) -> int:
 
     manager = BackendManager(get_plugin_manager())
     try:
-        backend = args.backend or manager.suggest(manager.resolve_model(args.model_dir)) or "transformers"
+        # weights=False: a folder with only config.json (and the index) will do
+        model = manager.resolve_model(args.model_dir, weights=False)
+        backend = args.backend or manager.suggest(model) or "transformers"
         checked = manager.check(backend, dict(parse_settings(args.settings), model=args.model_dir),
-                                on_machine=machine_for(args))
+                                on_machine=machine_for(args), weights=False)
     except BackendError as exc:
         print(f"moechat: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """One adapter per MoE family: what in a checkpoint is a routed expert, and how to build the rest.
 
 The engine (store, cache, dispatch, generation) knows nothing about a family. Adding a family
-means one module here with an ``Adapter`` subclass listed in ``ADAPTERS``.
+means one module here with an ``Adapter`` subclass listed in ``adapters()``.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
-
-PROJS = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -86,13 +84,6 @@ class Adapter:
         module, _, name = self.decoder.partition(":")
         return getattr(importlib.import_module(f"moechat.backends.moe_offload.{module}"), name)
 
-    def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
-        return 0
-
-    def state_bytes(self, config: Any, dtype_bytes: int) -> int:
-        """Per-sequence recurrent state that does not grow with context."""
-        return 0
-
 
 def _transformers_class(path: str) -> Any:
     import importlib
@@ -101,16 +92,23 @@ def _transformers_class(path: str) -> Any:
     return getattr(importlib.import_module(f"transformers.models.{module}"), name)
 
 
-def adapter_for(model_type: str) -> Adapter:
+def adapters() -> tuple[type[Adapter], ...]:
+    """Every family's adapter class (their modules import no torch)."""
     from moechat.backends.moe_offload.adapters.qwen3_moe import Qwen3MoeAdapter
     from moechat.backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
 
-    for cls in (Qwen3NextAdapter, Qwen3MoeAdapter):
+    return (Qwen3NextAdapter, Qwen3MoeAdapter)
+
+
+def model_types() -> set[str]:
+    """The model types moe-offload runs."""
+    return {t for cls in adapters() for t in cls.model_types}
+
+
+def adapter_for(model_type: str) -> Adapter:
+    for cls in adapters():
         if model_type in cls.model_types:
             return cls()
     from moechat.backends.api import BackendError
     raise BackendError(f"moe-offload does not know the model type {model_type!r} yet; it runs "
-                       "qwen3_next and qwen3_moe models. Pick another backend for this model.")
-
-
-SUPPORTED = ("qwen3_next", "qwen3_moe")
+                       f"{' and '.join(sorted(model_types()))} models. Pick another backend for this model.")

@@ -4,8 +4,6 @@ This file is the whole cost of a second family: the checkpoint names match the b
 
 from __future__ import annotations
 
-from typing import Any
-
 from moechat.backends.moe_offload.adapters import Adapter
 
 
@@ -13,7 +11,3 @@ class Qwen3MoeAdapter(Adapter):
     model_types = ("qwen3_moe",)
     causal_lm = "qwen3_moe.modeling_qwen3_moe:Qwen3MoeForCausalLM"
     rotary_embedding = "qwen3_moe.modeling_qwen3_moe:Qwen3MoeRotaryEmbedding"
-
-    def kv_bytes_per_token(self, config: Any, dtype_bytes: int) -> int:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype_bytes
