@@ -223,6 +223,12 @@ def test_moe_offload_fp8_needs_128_gb_and_bf16_never_fits(big, card):
     assert item(bf16, "routed experts").bytes == ROUTED * 2 and not bf16.fits
 
 
+def test_moe_offload_budget_above_the_card_is_told_to_lower_it(big):
+    plan = moe_offload_plan.plan(big, SimpleNamespace(vram_budget_gb=32), machine(24, 128))
+    assert not plan.fits
+    assert "Lower vram_budget_gb to at most 24.0: the GPU has 24.0 GiB" in planning.describe(plan)
+
+
 def test_moe_offload_long_context_on_16_gb_is_told_to_shorten(big):
     plan = moe_offload_plan.plan(big, SimpleNamespace(max_context=262144, cache_experts=100), machine(16, 128))
     assert not plan.fits

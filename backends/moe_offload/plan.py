@@ -155,7 +155,10 @@ def plan(model: Any, settings: Any, machine: Any) -> MemoryPlan | None:
     if gpu:
         result.notes.append(f"The expert cache holds {share:.0%} of the experts; with near-uniform routing "
                             f"about that share of expert uses hit it.")
-        if result.gpu_bytes > result.gpu_available:
+        if budget > total:
+            result.advice.append(f"Lower vram_budget_gb to at most {total / GiB:.1f}: the GPU has "
+                                 f"{total / GiB:.1f} GiB, and the cache is sized from the budget.")
+        elif result.gpu_bytes > result.gpu_available:
             fixed = resident + state + WORKSPACE_BYTES + slots * one_expert * s.moe_layers
             best = largest_fitting_context(result.gpu_available, fixed, kv_tok)
             if best and best < ctx:
