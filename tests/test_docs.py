@@ -58,7 +58,7 @@ class RecordingSettings(BackendSettings):
 
 
 class RecordingBackend(Backend):
-    """Registered by the recording plugin; its plan refuses, so a load emits events and stops."""
+    """Registered by the recording plugin; its plan refuses, so a load emits an event and stops."""
 
     name = "recording"
     label = "recording"
@@ -92,7 +92,7 @@ class RecordingPlugin:
 
 def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
     """A plugin implementing every hook: listing backends registers its backend, the app's
-    suggestion for a model is its answer, and a load sends it the events."""
+    suggestion for a model is its answer, and a refused load sends it the event."""
     from moechat.backends import synthetic
     from moechat.backends.manager import BackendManager
     from moechat.backends.plugins import get_plugin_manager
@@ -109,7 +109,7 @@ def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
         manager.close()
     assert set(plugin.called) == set(HOOKS)
     assert plugin.called["suggest_backend"] == ["synthetic:tiny"]
-    assert plugin.called["moechat_event"] == ["load_started", "load_failed"]
+    assert plugin.called["moechat_event"] == ["load_failed"]   # refused before anything starts
 
 
 def test_readme_starts_with_the_two_commands():
