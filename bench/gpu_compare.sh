@@ -79,7 +79,7 @@ fi
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
 stamp=$(date -u +%Y%m%d-%H%M)
-# one folder per comparison (bench/results/*moe* files belong to bench/moe_offload_gpu.py)
+# one folder per comparison
 OUT="$OUT/compare-${stamp}-${card}"
 mkdir -p "$OUT"
 "$PY" -m moechat.webui.cli plugins
@@ -96,10 +96,12 @@ echo "backends: $BACKENDS; budgets: $BUDGETS GB; $LAYERS of 48 layers"
 record_failure() {  # FILE BACKEND BUDGET LAYERS SENTENCE
   "$PY" -c "
 import json, sys
+from argparse import Namespace
+from moechat.backends import benchmark
 from moechat.webui.commands.bench import failure_record
 path, backend, budget, layers, sentence = sys.argv[1:]
-json.dump(failure_record(backend, 'synthetic:qwen3-next-80b-a3b?layers=' + layers, float(budget), sentence),
-          open(path, 'w'), indent=2)" "$@"
+args = Namespace(backend=backend, model='synthetic:qwen3-next-80b-a3b', layers=int(layers), vram_budget_gb=float(budget))
+benchmark.write(path, failure_record(args, sentence))" "$@"
 }
 layers_of() { case " $SLOW " in *" $1 "*) echo "$SLOW_LAYERS" ;; *) echo "$LAYERS" ;; esac; }
 

@@ -1,7 +1,11 @@
 """moe-offload's decode and prefill speed at the full Qwen3-Next-80B shapes, with the bound.
 
-Random weights, no checkpoint: the resident part in bf16 on the GPU, 48 x 512 routed experts as
-random int4 bytes in pinned host memory (37 GiB). One JSON object with:
+The engine-level profile: the engine is built by the backend's own load (MoeOffloadBackend.load
+on ``synthetic:qwen3-next-80b-a3b``: random weights, no checkpoint, the resident part in bf16 on
+the GPU, 48 x 512 routed experts as random int4 bytes in pinned host memory, 37 GiB), then
+measured part by part. It writes the one benchmark schema (moechat.backends.benchmark, kind
+"engine-profile"; docs/benchmarks.md): one case per budget and routing, with what is measured
+here in each case's ``detail`` and the run's ``detail``:
 
 * ``machine``: the bandwidths that bound a token: pinned host-to-device copies, the int4 kernel
   reading experts in place over PCIe (all misses) and from GPU memory (all hits);
@@ -16,6 +20,11 @@ random int4 bytes in pinned host memory (37 GiB). One JSON object with:
 * ``policy``: the decode routing traces replayed through LRU and through the engine's policy.
 
     python bench/moe_offload_speed.py --out bench/results/moe_offload_speed_CARD_DATE.json
+    python bench/moe_offload_speed.py --model synthetic:tiny --budgets 1 --prompt 8 --decode 4 \
+        --skip check uniform machine prefill --out /tmp/x.json          # a CPU check of the harness
+
+With ``--layers N`` below the model's depth, each budget stands for a card of that size and is
+scaled to the depth by moechat.backends.benchmark.scaled_budget (the formula ``moechat bench`` uses).
 """
 
 from __future__ import annotations
@@ -25,19 +34,34 @@ import contextlib
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 GiB = 1024**3
+MODEL = "synthetic:qwen3-next-80b-a3b"
+PRODUCER = "bench/moe_offload_speed.py"
+
+
+def peak_host_bytes() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def peak_host_gb() -> float:
-    import moe_offload_gpu
-    return round((moe_offload_gpu.peak_host_bytes() or 0) / GiB, 2)
+    return round((peak_host_bytes() or 0) / GiB, 2)
+
+
+def sync() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def rss_gb() -> float:
@@ -69,29 +93,24 @@ def timed_graph(fn, iters: int = 50) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def environment() -> dict:
+def versions() -> dict:
     import torch
     import transformers
 
-    p = torch.cuda.get_device_properties(0)
-    env = {"gpu": p.name, "gpu_total_gb": round(p.total_memory / GiB, 1), "torch": torch.__version__,
-           "transformers": transformers.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "commit": os.environ.get("MOECHAT_GIT_COMMIT", ""), "cpu_count": os.cpu_count()}
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import triton
-        env["triton"] = triton.__version__
+        out["triton"] = triton.__version__
     except ImportError:
-        env["triton"] = None
-    with open("/proc/meminfo") as f:
-        env["host_ram_gb"] = round(int(f.readline().split()[1]) * 1024 / GiB, 1)
-    return env
+        out["triton"] = None
+    return out
 
 
 def machine(store) -> dict:
     """Bandwidths: pinned copies (hwprobe) and the int4 kernel reading in place / from HBM."""
     import torch
 
-    import hwprobe
+    from moechat.backends import hwprobe
     from moechat.backends.moe_offload import kernels
 
     out = hwprobe.measure(256, 5)
@@ -134,29 +153,32 @@ def machine(store) -> dict:
     return out
 
 
-def build(layers: int, budget: float, store=None, policy: str = "auto", context: int = 4096, dtype=None):
+def depth(model: str, layers: int) -> tuple[str, int]:
+    """``model`` cut to ``layers`` (a synthetic: spec), and the model's full depth."""
+    from moechat.backends import synthetic
+
+    spec = synthetic.parse(model)
+    return str(synthetic.Spec(spec.name, layers)), synthetic.full_layers(spec)
+
+
+def build(layers: int, budget: float, policy: str = "auto", context: int = 4096, dtype: str = "auto",
+          model: str = MODEL, device: str = "auto"):
+    """The engine exactly as the moe-offload backend loads it (MoeOffloadBackend.load: its options,
+    its synthetic build, its VRAM cap), for ``model`` cut to ``layers``, with ``budget`` GiB."""
     import torch
 
-    import moe_offload_gpu as old
-    from moechat.backends.moe_offload.adapters.qwen3_next import Qwen3NextAdapter
-    from moechat.backends.moe_offload.build import random_resident
-    from moechat.backends.moe_offload.engine import Engine, Options
-    from moechat.backends.moe_offload.store import ExpertStore
+    from moechat.backends.moe_offload import MoeOffloadBackend
 
-    cfg = old.load_config(layers)
-    adapter = Qwen3NextAdapter()
-    sh = adapter.shapes(cfg)
-    if store is None:
-        store = ExpertStore.random("int4", sh.moe_layers, sh.num_experts, sh.hidden, sh.intermediate,
-                                   torch.bfloat16, 128, pin=True)
+    spec, _ = depth(model, layers)
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    from moechat.backends.planning import cap_vram
-    cap_vram(budget)
-    opts = Options(expert_format="int4", device="cuda", dtype=dtype or torch.bfloat16, vram_budget_gb=budget,
-                   max_context=context, miss_policy=policy)
-    return Engine.assemble(cfg, adapter, store, opts, random_resident), store, cfg
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    backend = MoeOffloadBackend()
+    backend.load(MoeOffloadBackend.Settings(model=spec, vram_budget_gb=budget, max_context=context,
+                                            miss_policy=policy, dtype=dtype, device=device), lambda p: None)
+    eng = backend.engine
+    return eng, eng.store, eng.config
 
 
 def parts(eng) -> dict:
@@ -193,7 +215,7 @@ def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16") -> dict:
     """Teacher-forced logits of the graphed step against transformers' modules, same weights."""
     import torch
 
-    eng, store, cfg = build(layers, 12.0, dtype=getattr(torch, dtype))
+    eng, store, cfg = build(layers, 12.0, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
     follow = torch.randint(0, cfg.vocab_size, (tokens,), generator=g).tolist()
@@ -243,11 +265,11 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
         next(gen)
     c.reset()
     trace_start = len(trace)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(decode):
         next(gen)
-    torch.cuda.synchronize()
+    sync()
     dec_s = time.perf_counter() - t0
     lookups = max(c.hits + c.misses, 1)
     out = {
@@ -263,6 +285,7 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
         "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / GiB, 2),
         "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GiB, 2),
         "host_rss_gb": rss_gb(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
     out["_trace"] = torch.stack(trace[trace_start:]) if len(trace) > trace_start else None
     return out
@@ -396,12 +419,17 @@ def one_run(args) -> dict:
     from moechat.backends.moe_offload.cache import simulate
     from moechat.backends.moe_offload.engine import DecodePath
 
+    from moechat.backends import benchmark, synthetic
+
+    spec, full = depth(args.model, args.layers)
+    applied = benchmark.scaled_budget(args.budget, synthetic.model_info(spec).config, args.layers, full)
     t0 = time.perf_counter()
-    eng, store, cfg = build(args.layers, args.budget)
-    rec = {"vram_budget_gb": args.budget, "layers": args.layers,
+    eng, store, cfg = build(args.layers, applied, model=args.model, device=args.device)
+    rec = {"vram_budget_gb": args.budget, "vram_budget_applied_gb": round(applied, 3), "layers": args.layers,
+           "full_layers": full, "model": spec,
            "routing": "uniform random (forced)" if args.uniform else "the random model's router",
            "cache_slots_per_layer": eng.info["cache_slots_per_layer"],
-           "cache_share": round(eng.info["cache_slots_per_layer"] / 512, 3),
+           "cache_share": round(eng.info["cache_slots_per_layer"] / store.num_experts, 3),
            "resident_gb": eng.info["resident_gb"], "experts_host_gb": round(store.total_bytes() / 1e9, 2),
            "build_s": round(time.perf_counter() - t0, 1)}
     if args.uniform:    # the step is captured with the switch on
@@ -419,21 +447,78 @@ def one_run(args) -> dict:
     if args.prefill_detail:
         rec["prefill_detail"] = prefill_detail(eng, cfg, args.prompt)
     if trace is not None:
-        rec["policy"] = [simulate(trace, 512, eng.info["cache_slots_per_layer"], p) for p in ("lru", "lfu")]
+        rec["policy"] = [simulate(trace, store.num_experts, eng.info["cache_slots_per_layer"], p)
+                         for p in ("lru", "lfu")]
     rec["host_peak_gb"] = peak_host_gb()
+    rec["peak_host_bytes"] = peak_host_bytes()
+    rec["engine_info"] = dict(eng.info)
     return rec
 
 
 def phase(argv: list[str], timeout: int) -> dict:
-    """One part of this script in its own process (bench/moe_offload_gpu.py's runner)."""
-    import moe_offload_gpu
-    return moe_offload_gpu.phase(argv, timeout, script=__file__)
+    """One part of this script in its own process (clean peak-memory numbers, and a crash stays
+    contained); its last JSON line is the result."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+        sys.stderr.write(p.stderr[-4000:])
+        lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+        if p.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        return {"error": f"exit {p.returncode}", "stderr_tail": p.stderr[-1500:], "partial": lines}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return {"error": f"timed out after {timeout} s", "partial": [ln for ln in out.splitlines() if ln.startswith("{")],
+                "elapsed_s": round(time.perf_counter() - t0)}
+
+
+# ---- the one benchmark schema ----------------------------------------------------------------------
+
+MAPPED = {"vram_budget_gb", "vram_budget_applied_gb", "layers", "full_layers", "model", "prompt_tokens",
+          "decode_tokens", "build_s", "prefill_tok_s", "decode_tok_s", "peak_gpu_bytes", "peak_host_bytes",
+          "engine_info", "error"}
+
+
+def case_of(rec: dict, args) -> dict:
+    """One run of one_run (or its failure) as a case of the benchmark schema: the fields every
+    benchmark has at the top, everything measured only here in ``detail``."""
+    from moechat.backends import benchmark
+
+    budget = rec.get("vram_budget_gb")
+    case = {"name": f"{budget:g} GB, {rec.get('routing', '?')}", "backend": "moe-offload",
+            "model": rec.get("model") or depth(args.model, args.layers)[0],
+            "layers": rec.get("layers", args.layers), "full_layers": rec.get("full_layers"),
+            "vram_budget_gb": budget, "vram_budget_applied_gb": rec.get("vram_budget_applied_gb"),
+            "detail": {k: v for k, v in rec.items() if k not in MAPPED}}
+    if rec.get("error"):
+        return dict(case, error=rec["error"])
+    dec, pre = rec["decode_tok_s"], rec["prefill_tok_s"]
+    return dict(case, prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["decode_tokens"],
+                load_time_s=rec["build_s"], decode_tok_s=benchmark.one(dec), prefill_tok_s=benchmark.one(pre),
+                peak_gpu_bytes=rec.get("peak_gpu_bytes"),
+                peak_gpu_source="torch peak allocated" if rec.get("peak_gpu_bytes") is not None else None,
+                peak_host_bytes=rec.get("peak_host_bytes"), backend_stats=rec.get("engine_info") or {},
+                extrapolated=benchmark.extrapolate(dec, pre, None, rec.get("layers"), rec.get("full_layers")))
+
+
+def to_result(raw: dict, args, machine_facts: dict):
+    """What main() gathered, as a validated benchmark Result of kind "engine-profile"."""
+    from moechat.backends import benchmark
+
+    bandwidth = raw.get("machine") or {}
+    run = benchmark.run_info("engine-profile", PRODUCER, dict(machine_facts, bandwidth=bandwidth),
+                             raw.get("versions"))
+    detail = {k: v for k, v in raw.items() if k not in ("runs", "machine", "versions", "note")}
+    return benchmark.result(run, raw["args"], [case_of(r, args) for r in raw["runs"]],
+                            notes=[raw["note"]] if raw.get("note") else [], detail=detail)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", choices=["all", "check", "run"], default="all")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[24.0, 16.0])
+    ap.add_argument("--model", default=MODEL, help="a synthetic: model (default: the 80 B shapes)")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[24.0, 16.0], help="cards, GiB")
     ap.add_argument("--budget", type=float, default=24.0)
     ap.add_argument("--uniform", action="store_true")
     ap.add_argument("--machine", action="store_true")
@@ -443,9 +528,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--base-layers", type=int, default=4, help="depth of the transformers-bnb4 comparison "
-                    "(at least 4: transformers' cache needs one attention layer)")
-    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--skip", nargs="*", default=[], help="any of: check uniform machine prefill")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.phase == "check":
@@ -454,24 +537,26 @@ def main() -> None:
     if args.phase == "run":
         print(json.dumps(one_run(args)))
         return
-    result: dict = {"benchmark": "bench/moe_offload_speed.py", "environment": environment(),
+    from moechat.backends import benchmark
+
+    facts = benchmark.machine_facts(0)
+    result: dict = {"versions": versions(),
                     "note": "Uniform random routing is forced in prefill and in decode: in those rows the prompt "
                             "touches every expert of every layer, as a trained model's prompt does.",
-                    "args": {k: v for k, v in vars(args).items() if k not in ("phase", "out")}}
+                    "args": {k: v for k, v in vars(args).items() if k not in ("phase", "out")}, "runs": []}
     out_path = Path(args.out) if args.out else None
 
     def save(last=None):
-        if out_path:
-            out_path.write_text(json.dumps(result, indent=1))
+        if out_path and result["runs"]:
+            benchmark.write(out_path, to_result(result, args, facts))
         if last is not None:
             print(json.dumps(last), flush=True)
 
     if "check" not in args.skip:
         result["check"] = phase(["--phase", "check"], 150)
         save(result["check"])
-    result["runs"] = []
-    common = ["--layers", str(args.layers), "--prompt", str(args.prompt), "--decode", str(args.decode),
-              "--warmup", str(args.warmup)]
+    common = ["--model", args.model, "--device", args.device, "--layers", str(args.layers), "--prompt",
+              str(args.prompt), "--decode", str(args.decode), "--warmup", str(args.warmup)]
     for i, budget in enumerate(args.budgets):        # each budget whole before the next
         for uniform in (False, True):
             if uniform and "uniform" in args.skip:
@@ -487,21 +572,6 @@ def main() -> None:
                 result["machine"] = rec.pop("machine")
             result["runs"].append(rec)
             save(rec)
-    if "bnb" not in args.skip:
-        # the same depth and scaled budget for both (as bench/moe_offload_gpu.py does)
-        emb = 2 * 151936 * 2048 * 2 / GiB
-        scaled = round(emb + (24.0 - emb) * args.base_layers / 48, 2)
-        base = {"layers": args.base_layers, "vram_budget_gb": scaled}
-        base["moe_offload"] = phase(["--phase", "run", "--budget", str(scaled), "--layers", str(args.base_layers),
-                                     "--prompt", "64", "--decode", "32", "--warmup", "4"], 150)
-        import moe_offload_gpu   # transformers-bnb4 through its phase there (writes a random checkpoint)
-        base["transformers_bnb4"] = moe_offload_gpu.phase(
-            ["bnb", "--layers", str(args.base_layers), "--budget", str(scaled), "--prompt", "16", "--decode", "2"], 300)
-        b = base["transformers_bnb4"].get("decode_tok_s")
-        m = base["moe_offload"].get("decode_tok_s")
-        base["moe_offload_over_bnb4"] = round(m / b, 1) if b and m else None
-        result["same_depth_comparison"] = base
-        save(base)
     save()
 
 

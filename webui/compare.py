@@ -245,11 +245,12 @@ class CompareRunner:
 
     # ---- the run ----
     def run(self) -> CompareRun:
-        from moechat.webui.commands.bench import git_commit, machine_facts
+        from moechat.backends.benchmark import git_commit, machine_facts
         manager = self.manager
         previous = (manager.state.backend, dict(manager.state.settings)) if manager.state.ready else None
+        commit, dirty = git_commit()
         with self._lock:
-            self.result.commit = git_commit()
+            self.result.commit = {"git_commit": commit, "git_dirty": dirty}
             self.result.machine = machine_facts(0)
         for preset, entry in zip(self.presets, self.result.entries):
             if self.cancelled:

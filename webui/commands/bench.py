@@ -5,33 +5,24 @@ Loads through the real BackendManager and worker process, then runs ``--warmup``
 reports load time, time to first token, prefill and decode speed (median, min, max), peak GPU
 memory (torch's peak allocation in the worker), peak host memory of the worker (its VmHWM),
 every stat the backend reports, the card, the CPU, this machine's measured bandwidths, the
-date and the git commit. ``--json FILE`` writes all of it.
+date and the git commit. ``--json FILE`` writes all of it in the one benchmark schema
+(moechat.backends.benchmark, kind "product"; docs/benchmarks.md).
 
 ``--model synthetic:qwen3-next-80b-a3b --layers N`` benchmarks the full widths at N layers and
 extrapolates to the full depth (time per token scales with the layers; it says so).
 ``--vram-budget-gb G`` makes the worker behave like a G GiB card: torch's per-process memory
 cap is enforced in the worker, and budget-sized settings of the backend are derived from it.
 With fewer layers than the model has, the part of the budget that scales with depth is
-scaled too (see docs/benchmarks.md).
+scaled too (moechat.backends.benchmark.scaled_budget, the one formula; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[2]
-SCHEMA = 1
-# GPU memory outside the layers that a budget must still cover: CUDA context and a work area.
-FIXED_GPU_BYTES = 2 * 1024**3
 
 
 def add_arguments(p) -> None:
@@ -55,53 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-# ---- facts about this machine and this checkout ------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("MOECHAT_GIT_COMMIT"):
-        # a copy of the tree without .git (as on the lent GPU machine): the caller says which commit
-        return {"git_commit": os.environ["MOECHAT_GIT_COMMIT"], "git_dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
-
-
-def bandwidth(mb: int) -> dict[str, Any]:
-    """Run bench/hwprobe.py in its own process; {} with an error note if it cannot run."""
-    if mb <= 0:
-        return {}
-    try:
-        out = subprocess.run([sys.executable, str(ROOT / "bench" / "hwprobe.py"), "--mb", str(mb)],
-                             capture_output=True, text=True, timeout=300, check=True, cwd=ROOT)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-        return {"error": f"bandwidth probe failed: {exc}"}
-
-
-def machine_facts(mb: int) -> dict[str, Any]:
-    from moechat.backends.machine import this_machine
-    m = this_machine()
-    return {"gpus": [{"name": g.name, "total_bytes": g.total} for g in m.gpus],
-            "cpu": cpu_name(), "cpu_count": m.cpu_count, "host_total_bytes": m.host_total,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "bandwidth": bandwidth(mb)}
-
+# ---- facts about the worker -------------------------------------------------------------------
 
 def peak_rss(pid: int | None) -> int | None:
     """The most resident memory ``pid`` has had (Linux VmHWM), else its current RSS."""
@@ -151,18 +96,6 @@ def prompt_text(model_path: str, tokens: int) -> str:
 
 # ---- settings derived from the budget -----------------------------------------------------------
 
-def scaled_budget(budget_gib: float, model: Any, layers: int | None, full: int | None) -> float:
-    """The budget for a model cut to ``layers`` of ``full`` layers: the fixed part (embeddings,
-    lm_head, CUDA context and work area) stays, the rest scales with the depth."""
-    if not layers or not full or layers >= full:
-        return budget_gib
-    from moechat.backends.shapes import try_shapes
-    s = try_shapes(model.config)
-    fixed = FIXED_GPU_BYTES + ((s.embed + s.lm_head) * 2 if s else 0)
-    budget = budget_gib * 1024**3
-    return (fixed + max(budget - fixed, 0) * layers / full) / 1024**3
-
-
 def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: float | None,
                     context: int) -> dict[str, Any]:
     """Settings the person did not give, sized for the benchmark: a context just long enough, and
@@ -196,13 +129,6 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def spread(values: list[float | None]) -> dict[str, Any]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"median": None, "min": None, "max": None, "values": []}
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
-
-
 class Bar:
     """A one-line progress bar on stderr (tqdm), quiet when asked."""
 
@@ -231,27 +157,46 @@ class Bar:
             self.bar.close()
 
 
-def measure(args) -> dict[str, Any]:
-    """Run the benchmark described by ``args``; raises BackendError with a sentence."""
+def _depth(args) -> tuple[str, int | None, int | None]:
+    """The model spec with --layers applied, its layers and the model's full depth."""
     from moechat.backends import synthetic
-    from moechat.backends.api import BackendError, GenerateRequest, SamplingParams
-    from moechat.backends.manager import BackendManager
-    from moechat.backends.planning import VRAM_BUDGET_ENV, to_dict
-    from moechat.backends.plugins import get_plugin_manager
-    from moechat.webui.cli import parse_settings
+    from moechat.backends.api import BackendError
 
     model_spec = args.model
-    full_layers = None
     if args.layers is not None:
         if not synthetic.is_synthetic(model_spec):
             raise BackendError("--layers works only with synthetic models (--model synthetic:NAME).")
         model_spec = str(synthetic.Spec(synthetic.parse(model_spec).name, args.layers))
     if synthetic.is_synthetic(model_spec):
         spec = synthetic.parse(model_spec)
-        full_layers = synthetic.full_layers(spec)
-        layers = spec.layers or full_layers
-    else:
-        layers = None
+        full = synthetic.full_layers(spec)
+        return model_spec, spec.layers or full, full
+    return model_spec, None, None
+
+
+def asked(args) -> dict[str, Any]:
+    """The run's settings as the person gave them."""
+    names = {"backend": "backend", "model": "model", "layers": "layers", "vram_budget_gb": "vram_budget_gb",
+             "prompt_tokens": "prompt_tokens", "gen_tokens": "gen_tokens", "repeat": "repeat", "warmup": "warmup",
+             "set": "settings", "force": "force", "bandwidth_mb": "bandwidth_mb"}
+    return {key: getattr(args, attr, None) for key, attr in names.items()}
+
+
+def case_name(backend: str, budget: float | None) -> str:
+    return f"{backend} at {budget:g} GB" if budget else backend
+
+
+def measure(args):
+    """Run the benchmark described by ``args``: a validated benchmark Result (kind "product");
+    raises BackendError with a sentence."""
+    from moechat.backends import benchmark
+    from moechat.backends.api import BackendError, GenerateRequest, SamplingParams
+    from moechat.backends.manager import BackendManager
+    from moechat.backends.planning import VRAM_BUDGET_ENV, to_dict
+    from moechat.backends.plugins import get_plugin_manager
+    from moechat.webui.cli import parse_settings
+
+    model_spec, layers, full_layers = _depth(args)
     for name, value in (("--prompt-tokens", args.prompt_tokens), ("--gen-tokens", args.gen_tokens),
                         ("--repeat", args.repeat)):
         if value < 1:
@@ -267,7 +212,7 @@ def measure(args) -> dict[str, Any]:
     model = manager.resolve_model(model_spec)
     budget = None
     if args.vram_budget_gb is not None:
-        budget = scaled_budget(args.vram_budget_gb, model, layers, full_layers)
+        budget = benchmark.scaled_budget(args.vram_budget_gb, model.config, layers, full_layers)
         os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
     context = args.prompt_tokens + args.gen_tokens + 64
     given = parse_settings(args.settings)
@@ -281,10 +226,9 @@ def measure(args) -> dict[str, Any]:
         frac = (p.done / p.total) if p.total else 0.0
         bar.show(f"load: {p.stage}", frac / steps)
 
-    facts: dict[str, Any] = {}
     try:
         bar.show("measuring bandwidth", 0.0)
-        facts = machine_facts(args.bandwidth_mb)
+        facts = benchmark.machine_facts(args.bandwidth_mb)
         started = time.perf_counter()
         info = manager.load(args.backend, settings, on_progress=on_progress, force=args.force)
         load_wall = time.perf_counter() - started
@@ -314,89 +258,70 @@ def measure(args) -> dict[str, Any]:
 
     measured = [r for r in runs if not r["warmup"]]
     peak_gpu, peak_gpu_source = gpu_peak(backend_stats.get("gpus") or info.get("gpus") or [])
-    result: dict[str, Any] = {
-        "schema": SCHEMA,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **git_commit(),
-        "backend": args.backend,
-        "model": model_spec,
-        "model_summary": model.summary(),
-        "layers": layers,
-        "full_layers": full_layers,
-        "settings": state.settings,
+    decode = benchmark.spread([r.get("decode_tok_s") for r in measured])
+    prefill = benchmark.spread([r.get("prefill_tok_s") for r in measured])
+    ttft = benchmark.spread([r.get("ttft_s") for r in measured])
+    plan_check = state.info.get("plan_check")
+    case = {
+        "name": case_name(args.backend, args.vram_budget_gb),
+        "backend": args.backend, "model": model_spec, "layers": layers, "full_layers": full_layers,
         "vram_budget_gb": args.vram_budget_gb,
         "vram_budget_applied_gb": round(budget, 3) if budget is not None else None,
-        "prompt_tokens_requested": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens,
-        "repeat": args.repeat,
-        "warmup": args.warmup,
+        "prompt_tokens": benchmark.spread([r.get("prompt_tokens") for r in measured])["median"],
+        "completion_tokens": benchmark.spread([r.get("completion_tokens") for r in measured])["median"],
         "load_time_s": info.get("load_time_s"),
-        "load_wall_s": load_wall,
-        "prompt_tokens": spread([r.get("prompt_tokens") for r in measured])["median"],
-        "completion_tokens": spread([r.get("completion_tokens") for r in measured])["median"],
-        "ttft_s": spread([r.get("ttft_s") for r in measured]),
-        "prefill_tok_s": spread([r.get("prefill_tok_s") for r in measured]),
-        "decode_tok_s": spread([r.get("decode_tok_s") for r in measured]),
-        "peak_gpu_bytes": peak_gpu,
-        "peak_gpu_source": peak_gpu_source,
-        "peak_host_bytes": peak_host,
+        "ttft_s": ttft, "prefill_tok_s": prefill, "decode_tok_s": decode,
+        "peak_gpu_bytes": peak_gpu, "peak_gpu_source": peak_gpu_source, "peak_host_bytes": peak_host,
         "backend_stats": backend_stats,
-        "load_info": state.info,
-        "plan": to_dict(state.plan) if state.plan is not None else None,
-        "plan_check": state.info.get("plan_check"),
-        "machine": facts,
-        "runs": runs,
-        "extrapolated": None,
+        "extrapolated": benchmark.extrapolate(decode["median"], prefill["median"], ttft["median"], layers,
+                                              full_layers),
+        "notes": [plan_check] if plan_check else [],
+        "detail": {"model_summary": model.summary(), "load_wall_s": load_wall, "settings": state.settings,
+                   "load_info": state.info, "plan": to_dict(state.plan) if state.plan is not None else None,
+                   "runs": runs},
     }
-    if layers and full_layers and layers < full_layers:
-        factor = layers / full_layers
-        dec, pre, ttft = (result["decode_tok_s"]["median"], result["prefill_tok_s"]["median"],
-                          result["ttft_s"]["median"])
-        result["extrapolated"] = {
-            "layers": full_layers,
-            "decode_tok_s": dec * factor if dec else None,
-            "prefill_tok_s": pre * factor if pre else None,
-            "ttft_s": ttft / factor if ttft else None,
-            "note": (f"Measured with {layers} of {full_layers} layers at full width; time per token scaled by "
-                     f"{full_layers}/{layers}, which counts the embeddings and lm_head once per layer too "
-                     "(slightly pessimistic)."),
-        }
-    return result
+    return benchmark.result(benchmark.run_info("product", "moechat bench", facts), asked(args), [case])
 
 
-def summary(r: dict[str, Any]) -> str:
+def summary(result) -> str:
     def num(v, fmt="{:.2f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    gpus = ", ".join(g["name"] for g in r["machine"].get("gpus", [])) or "no GPU"
+    c, m = result.cases[0], result.run.machine
+    gpus = ", ".join(g.name for g in m.gpus) or "no GPU"
     lines = [
-        f"{r['backend']} on {r['model']} ({gpus}; {r['machine'].get('cpu', '?')})",
-        f"load {num(r['load_time_s'], '{:.1f}')} s; prompt {num(r['prompt_tokens'], '{:.0f}')} tokens, "
-        f"{num(r['completion_tokens'], '{:.0f}')} generated, {r['repeat']} runs",
-        f"time to first token {num(r['ttft_s']['median'], '{:.3f}')} s; "
-        f"prefill {num(r['prefill_tok_s']['median'], '{:.1f}')} tok/s; "
-        f"decode {num(r['decode_tok_s']['median'])} tok/s "
-        f"(min {num(r['decode_tok_s']['min'])}, max {num(r['decode_tok_s']['max'])})",
-        f"peak GPU {num((r['peak_gpu_bytes'] or 0) / 1e9 if r['peak_gpu_bytes'] is not None else None, '{:.2f}')} GB; "
-        f"peak worker RSS {num((r['peak_host_bytes'] or 0) / 1e9, '{:.2f}')} GB",
+        f"{c.backend} on {c.model} ({gpus}; {m.cpu or '?'})",
+        f"load {num(c.load_time_s, '{:.1f}')} s; prompt {num(c.prompt_tokens, '{:.0f}')} tokens, "
+        f"{num(c.completion_tokens, '{:.0f}')} generated, {len(c.decode_tok_s.values)} runs",
+        f"time to first token {num(c.ttft_s.median, '{:.3f}')} s; "
+        f"prefill {num(c.prefill_tok_s.median, '{:.1f}')} tok/s; "
+        f"decode {num(c.decode_tok_s.median)} tok/s "
+        f"(min {num(c.decode_tok_s.min)}, max {num(c.decode_tok_s.max)})",
+        f"peak GPU {num(c.peak_gpu_bytes / 1e9 if c.peak_gpu_bytes is not None else None, '{:.2f}')} GB; "
+        f"peak worker RSS {num((c.peak_host_bytes or 0) / 1e9, '{:.2f}')} GB",
     ]
-    if r.get("extrapolated"):
-        e = r["extrapolated"]
-        lines.append(f"extrapolated to {e['layers']} layers: decode {num(e['decode_tok_s'])} tok/s, "
-                     f"prefill {num(e['prefill_tok_s'], '{:.1f}')} tok/s. {e['note']}")
-    if r.get("plan_check"):
-        lines.append(r["plan_check"])
+    if c.extrapolated:
+        e = c.extrapolated
+        lines.append(f"extrapolated to {e.layers} layers: decode {num(e.decode_tok_s)} tok/s, "
+                     f"prefill {num(e.prefill_tok_s, '{:.1f}')} tok/s. {e.note}")
+    lines += c.notes
     return "\n".join(lines)
 
 
-def failure_record(backend: str, model: str, budget: float | None, error: str) -> dict[str, Any]:
-    """What a run that did not finish leaves in its JSON file, so the report can say so."""
-    return {"schema": SCHEMA, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            **git_commit(), "backend": backend, "model": model, "vram_budget_gb": budget, "error": error,
-            "machine": machine_facts(0)}
+def failure_record(args, error: str):
+    """What a run that did not finish leaves in its JSON file (the same schema, a case with the
+    error), so the report can say so."""
+    from moechat.backends import benchmark
+
+    model = str(args.model) + (f"?layers={args.layers}" if args.layers else "")
+    case = {"name": case_name(args.backend, args.vram_budget_gb), "backend": args.backend, "model": model,
+            "layers": args.layers, "vram_budget_gb": args.vram_budget_gb, "error": error}
+    return benchmark.result(benchmark.run_info("product", "moechat bench", benchmark.machine_facts(0)),
+                            asked(args), [case])
 
 
 def run(args) -> int:
+    from moechat.backends import benchmark
     from moechat.backends.api import BackendError
 
     try:
@@ -404,16 +329,9 @@ def run(args) -> int:
     except BackendError as exc:
         print(f"moechat: {exc}", file=sys.stderr)
         if args.json_path:
-            path = Path(args.json_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            model = str(args.model) + (f"?layers={args.layers}" if args.layers else "")
-            path.write_text(json.dumps(failure_record(args.backend, model, args.vram_budget_gb, str(exc)),
-                                       indent=2) + "\n")
+            benchmark.write(args.json_path, failure_record(args, str(exc)))
         return 1
     print(summary(result))
     if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {benchmark.write(args.json_path, result)}")
     return 0

@@ -2,7 +2,7 @@
 device copy. Prints one JSON object. Run in its own process by ``moechat bench`` so the
 allocations do not linger in the bench process:
 
-    python bench/hwprobe.py [--mb 256] [--repeat 5]
+    python -m moechat.backends.hwprobe [--mb 256] [--repeat 5]
 
 Every number is GB/s (10^9 bytes per second) of bytes moved one way; a copy reads and writes
 each byte, so ``cpu_copy_gb_s`` counts the bytes copied (read + write is twice that).
