@@ -158,7 +158,8 @@ def depth(model: str, layers: int) -> tuple[str, int]:
     from moechat.backends import synthetic
 
     spec = synthetic.parse(model)
-    return str(synthetic.Spec(spec.name, layers)), synthetic.full_layers(spec)
+    full = synthetic.full_layers(spec)
+    return str(synthetic.Spec(spec.name, layers if layers < full else None)), full
 
 
 def build(layers: int, budget: float, policy: str = "auto", context: int = 4096, dtype: str = "auto",

@@ -95,3 +95,17 @@ def test_installed_server_answers_a_chat(installed, tmp_path):
         server.stop()
     # the worker ran from the wheel too: the server's log names no checkout path
     assert str(ROOT) not in server.tail(400)
+
+
+def test_installed_bench_measures_and_writes_the_schema(installed, tmp_path):
+    """`moechat bench` from the wheel: its bandwidth probe is part of the package, not a checkout path."""
+    out = tmp_path / "fake.json"
+    proc = run([str(installed / "moechat"), "bench", "--backend", "fake", "--model", "synthetic:tiny", "--no-progress",
+                "--prompt-tokens", "4", "--gen-tokens", "2", "--repeat", "1", "--bandwidth-mb", "8", "--json", str(out)],
+               cwd=tmp_path, env=clean_env(tmp_path))
+    assert "fake on synthetic:tiny" in proc.stdout
+    check = ("import json, sys; from moechat.backends import benchmark; r = benchmark.read(sys.argv[1]); "
+             "print(json.dumps([r.run.kind, r.run.machine.bandwidth.get('cpu_copy_gb_s'), benchmark.__file__]))")
+    kind, copy_rate, where = json.loads(run([str(installed / "python"), "-c", check, str(out)], cwd=tmp_path,
+                                            env=clean_env(tmp_path)).stdout)
+    assert kind == "product" and copy_rate > 0 and str(ROOT) not in where
