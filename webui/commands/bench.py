@@ -62,7 +62,6 @@ def peak_rss(pid: int | None) -> int | None:
     return process_rss(pid)
 
 
-
 def gpu_peak(gpus: list[dict[str, Any]]) -> tuple[int | None, str | None]:
     """Peak GPU bytes and where the number comes from, from a backend's ``gpus`` stats: torch's
     peak allocation in the worker; where the worker holds no CUDA context (vLLM's front end), what
