@@ -174,14 +174,14 @@ def read(path: str | Path) -> Result:
 
 # ---- the one budget formula and the one extrapolation --------------------------------------------
 
-def scaled_budget(budget_gib: float, config: dict[str, Any], layers: int | None, full: int | None) -> float:
-    """The budget (GiB) for a model cut to ``layers`` of ``full`` layers that stands for a card of
-    ``budget_gib``: the part that does not depend on depth (CUDA context and work area, embeddings
-    and lm_head in bf16) stays, the rest scales with the depth. Every producer uses this one."""
+def scaled_budget(budget_gib: float, model: Any, layers: int | None, full: int | None) -> float:
+    """The budget (GiB) for ``model`` (a ModelInfo) cut to ``layers`` of ``full`` layers that stands
+    for a card of ``budget_gib``: the part that does not depend on depth (CUDA context and work area,
+    embeddings and lm_head in bf16) stays, the rest scales with the depth. Every producer uses this one."""
     if not layers or not full or layers >= full:
         return budget_gib
     from moechat.backends.planning import try_shapes
-    s = try_shapes(config)
+    s = try_shapes(model.config)
     fixed = FIXED_GPU_BYTES + ((s.embed + s.lm_head) * 2 if s else 0)
     budget = budget_gib * GiB
     return (fixed + max(budget - fixed, 0) * layers / full) / GiB

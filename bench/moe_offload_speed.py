@@ -422,7 +422,7 @@ def one_run(args) -> dict:
     from moechat.backends import benchmark, synthetic
 
     spec, full = depth(args.model, args.layers)
-    applied = benchmark.scaled_budget(args.budget, synthetic.model_info(spec).config, args.layers, full)
+    applied = benchmark.scaled_budget(args.budget, synthetic.model_info(spec), args.layers, full)
     t0 = time.perf_counter()
     eng, store, cfg = build(args.layers, applied, model=args.model, device=args.device)
     rec = {"vram_budget_gb": args.budget, "vram_budget_applied_gb": round(applied, 3), "layers": args.layers,

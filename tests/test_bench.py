@@ -129,7 +129,7 @@ def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     # the budget is scaled to the depth (and is harmless without a GPU)
     assert c.vram_budget_gb == 16
     assert c.vram_budget_applied_gb == round(
-        benchmark.scaled_budget(16, synthetic.model_info("synthetic:tiny").config, 2, 4), 3) < 16
+        benchmark.scaled_budget(16, synthetic.model_info("synthetic:tiny"), 2, 4), 3) < 16
     assert c.model == "synthetic:tiny?layers=2" and (c.layers, c.full_layers) == (2, 4)
     assert c.detail["load_info"]["model_name"] == "synthetic:tiny?layers=2"
     ext = c.extrapolated
@@ -180,7 +180,7 @@ def test_one_budget_formula_for_every_producer(home, tmp_path, profile):
     [engine] = profile.cases
     assert (product.vram_budget_gb, product.layers) == (engine.vram_budget_gb, engine.layers) == (16, 2)
     assert product.vram_budget_applied_gb == engine.vram_budget_applied_gb < 16
-    big = synthetic.model_info("synthetic:qwen3-next-80b-a3b").config
+    big = synthetic.model_info("synthetic:qwen3-next-80b-a3b")
     fixed = benchmark.FIXED_GPU_BYTES + 2 * 151936 * 2048 * 2          # work area, embeddings, lm_head in bf16
     assert benchmark.scaled_budget(16, big, 4, 48) == pytest.approx((fixed + (16 * 1024**3 - fixed) * 4 / 48) / 1024**3)
     assert benchmark.scaled_budget(16, big, 48, 48) == 16

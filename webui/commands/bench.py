@@ -211,7 +211,7 @@ def measure(args):
     model = manager.resolve_model(model_spec)
     budget = None
     if args.vram_budget_gb is not None:
-        budget = benchmark.scaled_budget(args.vram_budget_gb, model.config, layers, full_layers)
+        budget = benchmark.scaled_budget(args.vram_budget_gb, model, layers, full_layers)
         os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
     context = args.prompt_tokens + args.gen_tokens + 64
     given = parse_settings(args.settings)
