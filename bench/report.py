@@ -417,17 +417,19 @@ def render_archive(folder: Path) -> list[str]:
     found = []
     for path in sorted((folder / ARCHIVE).glob("moe_offload_speed_*.json")):
         data = json.loads(path.read_text())
-        found.append((data.get("environment", {}), path.name, data.get("runs", [])))
+        found.append((data.get("environment", {}), path.name, data.get("runs", []), data.get("note")))
     if not found:
         return []
     lines = ["## Archived engine runs (history, not current)", "",
              "Results written before the benchmark schema, kept as they are in `bench/results/archive/` (its README "
              "says what each file is and which were edited by hand). Engine-level runs of `bench/moe_offload_speed.py` "
              "at the full 80 B shapes with random weights; not the product path, and not regenerated since.", ""]
-    for env, name, runs in sorted(found, key=lambda f: f[0].get("date_utc", ""), reverse=True):
+    for env, name, runs, note in sorted(found, key=lambda f: f[0].get("date_utc", ""), reverse=True):
         lines += [f"### {env.get('gpu', '?')}, {env.get('date_utc', '?')} UTC, commit {env.get('commit', '?')} "
-                  f"(archive/{name})", "",
-                  "| budget | routing | decode tok/s | ms/token | hit rate | prefill tok/s |", "|---|---|---|---|---|---|"]
+                  f"(archive/{name})", ""]
+        if note:
+            lines += [f"The file's note (written or extended by hand after the run): {note}", ""]
+        lines += ["| budget | routing | decode tok/s | ms/token | hit rate | prefill tok/s |", "|---|---|---|---|---|---|"]
         for r in runs:
             if r.get("error"):
                 continue
