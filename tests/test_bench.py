@@ -152,6 +152,12 @@ def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home, tmp_path):
     assert f"- transformers on synthetic:tiny: {sentence}" in out.read_text()
     proc = bench(home, "--backend", "transformers", "--model", str(home), "--layers", "2")
     assert proc.returncode == 1 and "--layers works only with synthetic models" in proc.stderr
+    # the manager's check: the backend and its settings, each with its sentence
+    proc = bench(home, "--backend", "nope", "--model", "synthetic:tiny", "--bandwidth-mb", "0")
+    assert proc.returncode == 1 and "moechat: There is no backend named 'nope'." in proc.stderr
+    proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--bandwidth-mb", "0",
+                 "--set", "max_context=-5")
+    assert proc.returncode == 1 and "max_context" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_engine_profile_builds_through_the_backend_and_writes_the_schema(profile):

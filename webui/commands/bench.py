@@ -204,19 +204,25 @@ def measure(args):
         raise BackendError("--warmup must be 0 or more.")
 
     manager = BackendManager(get_plugin_manager())
-    backends = manager.backends()
-    if args.backend not in backends:
-        raise BackendError(f"There is no backend named {args.backend!r}. Installed: {', '.join(sorted(backends))}.")
-    entry = backends[args.backend]
-    model = manager.resolve_model(model_spec)
-    budget = None
-    if args.vram_budget_gb is not None:
-        budget = benchmark.scaled_budget(args.vram_budget_gb, model, layers, full_layers)
-        os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
-    context = args.prompt_tokens + args.gen_tokens + 64
     given = parse_settings(args.settings)
     given["model"] = model_spec
-    settings = derive_settings(entry, model, given, budget, context)
+    try:
+        # the person's settings first (the backend, the settings, the model folder: a sentence for each
+        # mistake before anything is measured); the settings sized below are checked once more, and
+        # that check is the load's
+        first = manager.check(args.backend, given)
+        entry = first.entry
+        model = first.model if first.model is not None else manager.resolve_model(model_spec)
+        budget = None
+        if args.vram_budget_gb is not None:
+            budget = benchmark.scaled_budget(args.vram_budget_gb, model, layers, full_layers)
+            os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
+        context = args.prompt_tokens + args.gen_tokens + 64
+        settings = derive_settings(entry, model, given, budget, context)
+        checked = manager.check(args.backend, settings)
+    except BaseException:
+        manager.close()
+        raise
 
     bar = Bar(args.no_progress)
     steps = args.repeat + args.warmup + 1  # load, warm-ups, runs
@@ -229,7 +235,7 @@ def measure(args):
         bar.show("measuring bandwidth", 0.0)
         facts = benchmark.machine_facts(args.bandwidth_mb)
         started = time.perf_counter()
-        info = manager.load(args.backend, settings, on_progress=on_progress, force=args.force)
+        info = manager.load(args.backend, settings, on_progress=on_progress, force=args.force, checked=checked)
         load_wall = time.perf_counter() - started
         text = prompt_text(model_spec, args.prompt_tokens)
         runs: list[dict[str, Any]] = []
