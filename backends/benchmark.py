@@ -180,7 +180,7 @@ def scaled_budget(budget_gib: float, model: Any, layers: int | None, full: int |
     embeddings and lm_head in bf16) stays, the rest scales with the depth. Every producer uses this one."""
     if not layers or not full or layers >= full:
         return budget_gib
-    from moechat.backends.planning import try_shapes
+    from moechat.backends.shapes import try_shapes
     s = try_shapes(model.config)
     fixed = FIXED_GPU_BYTES + ((s.embed + s.lm_head) * 2 if s else 0)
     budget = budget_gib * GiB

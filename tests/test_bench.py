@@ -318,3 +318,27 @@ def test_random_weights_differ_per_expert_and_are_finite():
     assert not torch.equal(experts[0], experts[1])
 
 
+
+
+@pytest.mark.parametrize("budget", [16, 24])
+@pytest.mark.parametrize("layers", [2, 4, 8])
+def test_a_scaled_budget_gives_each_layer_the_cache_share_of_the_full_model(budget, layers):
+    """What the scaling is for: moe-offload at N of 48 layers with the scaled budget caches the
+    same share of each layer's experts as the whole model with the whole budget (the slots the
+    engine computes, through the plan that computes them the same way)."""
+    from types import SimpleNamespace
+
+    from moechat.backends.machine import Gpu, Machine
+    from moechat.backends.moe_offload import plan as moe_offload_plan
+
+    def slots(spec, budget_gib):
+        machine = Machine([Gpu(0, "card", 80 * 1024**3, 0)], 512 * 1024**3, 512 * 1024**3, 16)
+        settings = SimpleNamespace(vram_budget_gb=budget_gib, max_context=4096)
+        return moe_offload_plan.plan(synthetic.model_info(spec), settings, machine).expect["cache_slots_per_layer"]
+
+    full = slots("synthetic:qwen3-next-80b-a3b", budget)
+    cut = f"synthetic:qwen3-next-80b-a3b?layers={layers}"
+    scaled = benchmark.scaled_budget(budget, synthetic.model_info(cut), layers, 48)
+    assert scaled < budget
+    assert abs(slots(cut, scaled) - full) <= 1, (full, slots(cut, scaled))
+    assert benchmark.scaled_budget(budget, synthetic.model_info(cut), 48, 48) == budget
