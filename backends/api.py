@@ -94,7 +94,7 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 keeps all.")
     max_new_tokens: int = Field(512, ge=1, le=262144, description="Most tokens to generate.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Above 1 discourages repeating tokens.")
-    seed: int | None = Field(None, description="Fix the random seed for repeatable sampling.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Fix the random seed for repeatable sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop generating when one of these strings appears.")
 
 

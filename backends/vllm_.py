@@ -53,7 +53,9 @@ MIN_JUDGED_OFFLOAD = 4 * GiB  # below this, host RAM growth cannot tell whether 
 # ---- settings ---------------------------------------------------------------------------------
 class VllmSettings(BackendSettings):
     python: str = Field("", description=f"Python interpreter that has vLLM installed. Empty: ${PYTHON_ENV}, "
-                                        f"else the environment `make vllm-env` builds ({DEFAULT_VENV}).")
+                                        f"else the environment `make vllm-env` builds ({DEFAULT_VENV}). Operator-only "
+                                        "(moechat serve --set python=...): it names a program to run.",
+                        json_schema_extra={"operator_only": True})
     gpu_memory_utilization: float = Field(
         0.90, gt=0.05, le=1.0, description="Share of the GPU's memory vLLM may take for weights, activations "
                                            "and KV cache. vLLM reserves all of it at load.")

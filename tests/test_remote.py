@@ -24,6 +24,16 @@ UPSTREAM = f"http://127.0.0.1:{UPSTREAM_PORT}/v1"
 UPSTREAM_ARGS = ("--backend", "fake", "--set", "delay_s=0.02")
 FRONT_KEY = "sk-front"
 LONG = " ".join(f"w{i}" for i in range(200))  # echoed back by the fake upstream in about 4 s
+DEAD = f"http://127.0.0.1:{free_port()}/v1"    # nothing listens there
+
+
+@pytest.fixture(scope="module", autouse=True)
+def allowed_urls():
+    """The operator allows the upstream and the dead address (every server started here inherits it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOECHAT_REMOTE_ALLOWED_URLS", f"{UPSTREAM},{DEAD}")
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +96,34 @@ def test_load_refusals_are_sentences_and_the_key_can_come_from_the_environment(u
         cases = [({"api_key": "wrong"}, "refused the API key"),
                  ({}, "needs an API key"),
                  ({"api_key": KEY, "model_name": "nope"}, "does not serve 'nope'; it serves fake-echo"),
-                 ({"base_url": f"127.0.0.1:{free_port()}"}, "Cannot reach the server")]
+                 ({"base_url": DEAD.removeprefix("http://").removesuffix("/v1")}, "Cannot reach the server")]
         for settings, sentence in cases:
             with pytest.raises(BackendError, match=sentence):
                 mgr.load("remote", {"base_url": UPSTREAM, **settings})
             assert mgr.state.status == "failed" and sentence.split(";")[0] in mgr.state.error
         monkeypatch.setenv("MOECHAT_REMOTE_API_KEY", KEY)  # kept out of the settings (and the page's form)
         mgr.load("remote", {"base_url": UPSTREAM})
-        assert mgr.state.settings["api_key"] == ""
+        assert mgr.state.settings["api_key"].get_secret_value() == ""
         assert collect(mgr.generate(chat("hello there")))[0] == "hello there"
+    finally:
+        mgr.close()
+
+
+def test_a_base_url_the_operator_did_not_allow_is_refused_before_any_connection(upstream, tmp_path, monkeypatch):
+    mgr = BackendManager(get_plugin_manager(), tmp_path)
+    try:
+        other = f"127.0.0.1:{free_port()}"
+        for url in ("http://" + other + "/v1", other, "http://user@" + UPSTREAM[7:]):
+            with pytest.raises(BackendError, match="Some settings are not valid. .*(is not one the operator allowed"
+                                                   "|not a plain http)"):
+                mgr.load("remote", {"base_url": url, "api_key": KEY})
+            assert mgr.state.status != "loading" and mgr.state.settings.get("base_url") != url
+        # the operator's list (the environment or `moechat serve --set allowed_urls=...`) decides
+        monkeypatch.delenv("MOECHAT_REMOTE_ALLOWED_URLS")
+        with pytest.raises(BackendError, match="is not one the operator allowed"):
+            mgr.load("remote", {"base_url": UPSTREAM, "api_key": KEY})
+        mgr.load("remote", {"base_url": UPSTREAM, "api_key": KEY, "allowed_urls": [UPSTREAM]})
+        assert mgr.state.status == "ready"
     finally:
         mgr.close()
 

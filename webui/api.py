@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from moechat.backends.api import GenerateRequest, Message, PromptTooLong, SamplingParams
 from moechat.backends.manager import BackendManager, Event, Generation
+from moechat.webui.security import MAX_JSON_DEPTH, Access, bad_text, json_depth
 
 DISCONNECT_POLL_S = 0.5
 
@@ -161,6 +162,34 @@ def validation_failure(exc: ValidationError) -> APIFailure:
     return APIFailure(400, "The request has bad parameters: " + "; ".join(parts) + ".", param=first)
 
 
+def parse_request(raw: bytes) -> ChatCompletionRequest:
+    """The request body as a ChatCompletionRequest: valid UTF-8 JSON, nested at most
+    MAX_JSON_DEPTH deep, with the exact types OpenAI documents (``true`` is not a number, ``"yes"``
+    not a boolean) and text that is valid Unicode; else a 400 with a sentence."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIFailure(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.") from None
+    except ValueError:
+        raise APIFailure(400, "The request body is not valid JSON.") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise APIFailure(400, f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
+    if not isinstance(body, dict):
+        raise APIFailure(400, "The request body must be a JSON object with model and messages.")
+    try:
+        req = ChatCompletionRequest.model_validate(body, strict=True)
+    except ValidationError as exc:
+        raise validation_failure(exc) from None
+    for i, m in enumerate(req.messages):
+        problem = bad_text(m.content or "")
+        if problem:
+            raise APIFailure(400, f"messages.{i}.content: {problem}", param=f"messages.{i}.content")
+    for s in req.stop or []:
+        if bad_text(s):
+            raise APIFailure(400, f"stop: {bad_text(s)}", param="stop")
+    return req
+
+
 def to_generate_request(req: ChatCompletionRequest) -> GenerateRequest:
     """The backend request: messages as they are (developer counts as system), sampling
     parameters mapped to moechat's; those left out keep the backend's defaults."""
@@ -191,6 +220,7 @@ class EventPump:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.finished = False
+        self.check_at = 0.0
         threading.Thread(target=self._run, daemon=True, name=f"api-{gen.id}").start()
 
     def _run(self) -> None:
@@ -213,14 +243,17 @@ class EventPump:
             self.gen.stop()
 
     async def next(self, request: Request | None = None) -> Event | None:
-        """The next event; None when ``request``'s client went away first (the generation is stopped)."""
+        """The next event; None when ``request``'s client went away first (the generation is
+        stopped). The client is looked at every DISCONNECT_POLL_S, also while events keep coming."""
         while True:
-            try:
-                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S if request else None)
-            except asyncio.TimeoutError:
+            if request is not None and self.loop.time() >= self.check_at:
+                self.check_at = self.loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     self.stop()
                     return None
+            try:
+                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S if request else None)
+            except asyncio.TimeoutError:
                 continue
             if event.kind == "done":
                 self.finished = True
@@ -266,29 +299,25 @@ def timings_of(event: Event, received: float, first_token: float | None) -> dict
 def router(manager: BackendManager, options) -> APIRouter:
     """The /v1 routes, served with the page by moechat.webui.server.build_app."""
     api = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["OpenAI-compatible API"])
-    # Who may call: an API key names no user; with page logins (--auth) and no key, a login's
-    # USER:PASSWORD is the key, so the API is never an open door beside a locked page.
-    keys: dict[str, str | None] = {k: None for k in options.api_keys}
-    what = "an API key: send it as 'Authorization: Bearer KEY'"
-    if not keys:
-        keys = {f"{user}:{password}": user for user, password in options.users.items()}
-        what = "your login as the API key: send 'Authorization: Bearer USER:PASSWORD'"
+    access = Access.from_options(options)   # the one rule, shared with the page
+    what = ("an API key: send it as 'Authorization: Bearer KEY'" if access.api_keys
+            else "your login as the API key: send 'Authorization: Bearer USER:PASSWORD'")
     started = int(time.time())
 
     def caller(request: Request) -> str | None:
         """The user a request's key belongs to (None for a plain API key); 401 without a good key."""
-        if not keys:
+        if not access.locked:
             return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
             raise APIFailure(401, f"This server needs {what} (the openai client's api_key).",
                              code="invalid_api_key")
-        for key, user in keys.items():
-            if secrets.compare_digest(given.encode(), key.encode()):
-                return user
-        raise APIFailure(401, "The API key is not one this server accepts; ask its operator for a valid key.",
-                         code="invalid_api_key")
+        accepted, user = access.api_caller(given)
+        if not accepted:
+            raise APIFailure(401, "The API key is not one this server accepts; ask its operator for a valid key.",
+                             code="invalid_api_key")
+        return user
 
     def loaded_model() -> dict[str, Any] | None:
         state = manager.state
@@ -350,14 +379,7 @@ def router(manager: BackendManager, options) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
         user = caller(request)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise APIFailure(400, "The request body is not valid JSON.") from None
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise validation_failure(exc) from None
+        req = parse_request(await request.body())
         model = require_model(req.model)
         pump = EventPump(manager.generate(to_generate_request(req), user=user or req.user or "api"))
         first = await pump.next(request)

@@ -13,7 +13,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
+
+from moechat.webui.security import operator_only
 
 # Fields the page shows elsewhere (the model folder has its own picker, shared by every backend).
 SHARED_FIELDS = ("model",)
@@ -22,7 +24,7 @@ SHARED_FIELDS = ("model",)
 @dataclass
 class FieldSpec:
     name: str
-    kind: str                      # bool | int | float | choice | text | json
+    kind: str                      # bool | int | float | choice | text | secret | json
     label: str
     default: Any
     help: str = ""
@@ -56,9 +58,12 @@ def _bounds(metadata: list[Any]) -> tuple[float | None, float | None]:
 
 
 def fields_of(settings_cls: type[BaseModel], skip: tuple[str, ...] = SHARED_FIELDS) -> list[FieldSpec]:
+    """The form's fields: every setting but those in ``skip`` and the operator-only ones (those
+    come from ``moechat serve --set`` only, never from the page)."""
     specs = []
+    fixed = operator_only(settings_cls)
     for name, info in settings_cls.model_fields.items():
-        if name in skip:
+        if name in skip or name in fixed:
             continue
         annotation, optional = _unwrap_optional(info.annotation)
         default = info.get_default(call_default_factory=True)
@@ -76,6 +81,9 @@ def fields_of(settings_cls: type[BaseModel], skip: tuple[str, ...] = SHARED_FIEL
             spec = FieldSpec(name, "float", label, default, help_text, optional, minimum=lo, maximum=hi)
         elif annotation is str:
             spec = FieldSpec(name, "text", label, default or "", help_text, optional)
+        elif annotation is SecretStr:
+            # write-only: the form starts empty and never shows a value, not even the default
+            spec = FieldSpec(name, "secret", label, "", help_text, optional)
         else:
             spec = FieldSpec(name, "json", label, default, help_text + " (JSON)" if help_text else "JSON", optional)
         specs.append(spec)
@@ -85,6 +93,8 @@ def fields_of(settings_cls: type[BaseModel], skip: tuple[str, ...] = SHARED_FIEL
 def to_setting(spec: FieldSpec, value: Any) -> Any:
     """One component value as the setting's value. Empty optional boxes become None; whole
     numbers typed into an int field become ints; JSON fields are parsed (a sentence if not)."""
+    if spec.kind == "secret":
+        return (value or "").strip()
     if value is None or (isinstance(value, str) and not value.strip() and spec.kind != "text"):
         return None if spec.optional else spec.default
     if spec.kind in ("int", "float") and isinstance(value, str):
@@ -107,7 +117,10 @@ def to_setting(spec: FieldSpec, value: Any) -> Any:
 
 
 def to_component(spec: FieldSpec, value: Any) -> Any:
-    """A setting's value as its component shows it (the inverse of ``to_setting``)."""
+    """A setting's value as its component shows it (the inverse of ``to_setting``); a secret
+    never: its box stays empty, and says whether a value is set."""
+    if spec.kind == "secret":
+        return secret_box(bool(value.get_secret_value() if isinstance(value, SecretStr) else value))
     if spec.kind == "json":
         return "" if value is None else json.dumps(value)
     if spec.kind in ("int", "float") and spec.optional:
@@ -115,6 +128,16 @@ def to_component(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "text":
         return value or ""
     return spec.default if value is None else value
+
+
+def secret_box(is_set: bool) -> Any:
+    """A secret's box: always empty; its placeholder says whether the loaded model has a value."""
+    import gradio as gr
+    return gr.update(value="", placeholder=SECRET_SET if is_set else SECRET_EMPTY)
+
+
+SECRET_SET = "set (hidden); leave empty to keep it, or type a new one"
+SECRET_EMPTY = "not set; type it here (it is never shown again)"
 
 
 def collect(specs: list[FieldSpec], values: list[Any]) -> dict[str, Any]:
@@ -142,6 +165,8 @@ def build_components(specs: list[FieldSpec], elem_prefix: str = "") -> list[Any]
                                    precision=0 if spec.kind == "int" else None, **common))
         elif spec.kind == "text":
             comps.append(gr.Textbox(value=spec.default, max_lines=1, **common))
+        elif spec.kind == "secret":
+            comps.append(gr.Textbox(value="", type="password", max_lines=1, placeholder=SECRET_EMPTY, **common))
         else:
             comps.append(gr.Textbox(value="" if spec.default is None else json.dumps(spec.default), **common))
     return comps

@@ -53,7 +53,9 @@ class MoeOffloadSettings(BackendSettings):
         "auto", description="Compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.")
     max_context: int = Field(8192, ge=16, description="Most tokens per chat (prompt + reply); sizes the KV cache.")
     cache_dir: str = Field("", description="Folder for converted experts (reused by the next load). Empty: "
-                                           "$MOECHAT_HOME/cache/moe-offload or the user cache folder.")
+                                           "$MOECHAT_HOME/cache/moe-offload or the user cache folder. Operator-only "
+                                           "(moechat serve --set cache_dir=...): a path it writes to.",
+                        json_schema_extra={"operator_only": True})
     cpu_threads: int | None = Field(None, ge=1, description="Threads for experts computed on the CPU. "
                                                             "Empty: torch's default.")
 

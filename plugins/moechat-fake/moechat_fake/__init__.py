@@ -18,7 +18,9 @@ class FakeSettings(BackendSettings):
     crash_after: int | None = Field(None, ge=0, description="Kill the worker process after this many tokens (to test crash handling).")
     fail_load: str = Field("", description="If set, loading fails with this sentence.")
     context_length: int = Field(4096, ge=8, description="Most tokens per chat (prompt + reply).")
-    python: str = Field("", description="Run the worker under this Python interpreter instead of the app's.")
+    python: str = Field("", description="Run the worker under this Python interpreter instead of the app's. "
+                                        "Operator-only: it names a program to run.",
+                        json_schema_extra={"operator_only": True})
 
 
 def words(text: str) -> list[str]:

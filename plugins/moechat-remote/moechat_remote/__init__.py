@@ -22,7 +22,7 @@ from queue import Empty, Queue
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from moechat.backends.api import (
     Backend,
@@ -38,20 +38,49 @@ from moechat.backends.hookspecs import hookimpl
 
 URL_ENV = "MOECHAT_REMOTE_URL"
 KEY_ENV = "MOECHAT_REMOTE_API_KEY"
+ALLOWED_ENV = "MOECHAT_REMOTE_ALLOWED_URLS"
 PROBE_TIMEOUT_S = 3.0
 POLL_S = 0.05
+
+
+def env_allowed_urls() -> list[str]:
+    """The operator's allow-list from the environment: $MOECHAT_REMOTE_URL and the comma-separated
+    $MOECHAT_REMOTE_ALLOWED_URLS."""
+    urls = [os.environ.get(URL_ENV, "")] + os.environ.get(ALLOWED_ENV, "").split(",")
+    return [u.strip() for u in urls if u.strip()]
 
 
 class RemoteSettings(BackendSettings):
     model: str = Field("", description="Not used: the remote server holds the model. Leave empty.")
     base_url: str = Field(default_factory=lambda: os.environ.get(URL_ENV, "http://127.0.0.1:8000/v1"),
                           description="Address of the OpenAI-compatible server, e.g. http://gpu-box:8000/v1 "
-                                      f"(vllm serve, llama-server, moechat serve). Default: ${URL_ENV}.")
-    api_key: str = Field("", description=f"The server's API key. Empty: ${KEY_ENV} (read where the backend "
-                                         "runs, so it never shows in a form), or no key.")
+                                      f"(vllm serve, llama-server, moechat serve). Default: ${URL_ENV}. It must be "
+                                      "one the operator allowed (allowed_urls).")
+    allowed_urls: list[str] = Field(
+        default_factory=env_allowed_urls, json_schema_extra={"operator_only": True},
+        description=f"The servers moechat may send chats (and the API key) to. Operator-only: "
+                    f"moechat serve --set 'allowed_urls=[\"http://gpu-box:8000/v1\"]', or ${ALLOWED_ENV} "
+                    f"(comma-separated); ${URL_ENV} is always allowed. Default: those two, else only "
+                    "http://127.0.0.1:8000/v1.")
+    api_key: SecretStr = Field(SecretStr(""), description=f"The server's API key (write-only: never shown again). "
+                                                          f"Empty: ${KEY_ENV} (read where the backend runs), or no key.")
     model_name: str = Field("", description="Which of the server's models to chat with; empty: the first it lists.")
     timeout_s: float = Field(120.0, gt=0, le=3600,
                              description="Seconds to wait for the server to answer, and between two tokens.")
+
+    @model_validator(mode="after")
+    def allowed(self):
+        """base_url must be one the operator allowed: the key and the chats go only there."""
+        try:
+            allowed = {api_root(u) for u in (self.allowed_urls or ["http://127.0.0.1:8000/v1"])}
+            url = api_root(self.base_url)
+        except BackendError as exc:
+            raise ValueError(str(exc)) from None
+        if url not in allowed:
+            raise ValueError(f"base_url {self.base_url!r} is not one the operator allowed "
+                             f"({', '.join(sorted(allowed))}); the operator adds servers with ${ALLOWED_ENV} "
+                             "or moechat serve --set allowed_urls=[...].")
+        return self
 
 
 # ---- talking to the server --------------------------------------------------------------------
@@ -61,6 +90,9 @@ def api_root(url: str) -> str:
     url = url.strip().rstrip("/")
     if not url:
         raise BackendError("Set base_url to the server's address, e.g. http://gpu-box:8000/v1.")
+    if any(c in url for c in "@?# ") or any(ord(c) < 32 for c in url):
+        raise BackendError(f"base_url {url!r} is not a plain http(s) address like http://gpu-box:8000/v1 "
+                           "(no user, query or fragment).")
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
@@ -238,7 +270,7 @@ class RemoteBackend(Backend):
         import httpx
 
         self.url = api_root(settings.base_url)
-        self.api_key = settings.api_key or os.environ.get(KEY_ENV, "")
+        self.api_key = settings.api_key.get_secret_value() or os.environ.get(KEY_ENV, "")
         self.timeout = settings.timeout_s
         progress(Progress(f"Asking {self.url} for its models"))
         models = list_models(self.url, self.api_key, min(self.timeout, 30.0))
