@@ -28,7 +28,7 @@ from pydantic import BaseModel, SecretStr
 OPERATOR_ONLY = "operator_only"
 MAX_FAILURES = 10              # wrong logins or keys from one address within FAILURE_WINDOW_S ...
 FAILURE_WINDOW_S = 60.0        # ... and that address gets 429 until the oldest failure is this old
-DEFAULT_MAX_REQUEST_MB = 8.0   # a request body larger than this is refused (413) before it is read
+DEFAULT_MAX_REQUEST_MB = 4.0   # a request body larger than this is refused (413) before it is read
 MAX_JSON_DEPTH = 32            # deeper JSON in an API request is refused (400)
 
 

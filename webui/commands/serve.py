@@ -23,12 +23,14 @@ def add_arguments(p) -> None:
     p.add_argument("--allow-folder", action="append", default=[], metavar="DIR",
                    help="another folder whose model folders may be loaded from the page (repeatable); "
                         "by default only --models-dir and the Hugging Face cache")
-    p.add_argument("--auth", help="require login: USER:PASSWORD, or a file with one USER:PASSWORD a line")
+    p.add_argument("--auth", default=os.environ.get("MOECHAT_AUTH") or None,
+                   help="require login: USER:PASSWORD, or a file with one USER:PASSWORD a line (or $MOECHAT_AUTH)")
     p.add_argument("--admin", action="append", default=[],
                    help="a login allowed to load, unload and plan models (repeatable; needs --auth); "
                         "default: everyone who may log in")
-    p.add_argument("--api-key", help="require this key on the API and the page, or a file with one key a line; "
-                                     "without it, --auth logins (USER:PASSWORD) are the API keys")
+    p.add_argument("--api-key", default=os.environ.get("MOECHAT_API_KEY") or None,
+                   help="require this key on the API and the page, or a file with one key a line (or $MOECHAT_API_KEY); "
+                        "without it, --auth logins (USER:PASSWORD) are the API keys")
     p.add_argument("--max-request-mb", type=float,
                    default=float(os.environ.get("MOECHAT_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)),
                    help=f"refuse request bodies larger than this (HTTP 413; default {DEFAULT_MAX_REQUEST_MB:g})")
