@@ -92,3 +92,31 @@ def find_model_folders(models_dir: str | os.PathLike | None, hf_cache: str | os.
     if cache is not None and cache.is_dir():
         add(_scan_hf_cache(cache))
     return sorted(found, key=lambda m: m.label.lower())
+
+
+def folder_roots(models_dir: str | os.PathLike | None, allowed: list[str] | tuple[str, ...] = (),
+                 operator_model: str | None = None) -> list[Path]:
+    """The folders a model may be loaded from on the page: the models directory, the Hugging Face
+    cache, the operator's ``--allow-folder`` ones and the operator's own ``--model`` folder."""
+    roots = [Path(p).expanduser() for p in (models_dir, *allowed, operator_model) if p]
+    cache = hf_cache_dir()
+    if cache is not None:
+        roots.append(cache)
+    return [Path(os.path.realpath(r)) for r in roots]
+
+
+def folder_refusal(folder: str | None, roots: list[Path]) -> str | None:
+    """None when ``folder`` may be loaded (empty: the demo model; a ``synthetic:`` spec; a path in
+    one of ``roots``), else the sentence saying why not. It reads no file, so the sentence is the
+    same whether the path exists or not."""
+    from moechat.backends.synthetic import is_synthetic
+
+    folder = (folder or "").strip()
+    if not folder or is_synthetic(folder):
+        return None
+    real = Path(os.path.realpath(Path(folder).expanduser()))
+    if any(real == root or root in real.parents for root in roots):
+        return None
+    where = ", ".join(str(r) for r in roots) or "no folder"
+    return (f"Models can be loaded only from the models folders ({where}). Pick a folder from the list, or ask "
+            "the operator to add the folder (moechat serve --models-dir or --allow-folder).")
