@@ -22,7 +22,7 @@ from queue import Empty, Queue
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from moechat.backends.api import (
     Backend,
@@ -39,6 +39,7 @@ from moechat.backends.hookspecs import hookimpl
 URL_ENV = "MOECHAT_REMOTE_URL"
 KEY_ENV = "MOECHAT_REMOTE_API_KEY"
 ALLOWED_ENV = "MOECHAT_REMOTE_ALLOWED_URLS"
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
 PROBE_TIMEOUT_S = 3.0
 POLL_S = 0.05
 
@@ -52,35 +53,35 @@ def env_allowed_urls() -> list[str]:
 
 class RemoteSettings(BackendSettings):
     model: str = Field("", description="Not used: the remote server holds the model. Leave empty.")
-    base_url: str = Field(default_factory=lambda: os.environ.get(URL_ENV, "http://127.0.0.1:8000/v1"),
-                          description="Address of the OpenAI-compatible server, e.g. http://gpu-box:8000/v1 "
-                                      f"(vllm serve, llama-server, moechat serve). Default: ${URL_ENV}. It must be "
-                                      "one the operator allowed (allowed_urls).")
     allowed_urls: list[str] = Field(
         default_factory=env_allowed_urls, json_schema_extra={"operator_only": True},
         description=f"The servers moechat may send chats (and the API key) to. Operator-only: "
                     f"moechat serve --set 'allowed_urls=[\"http://gpu-box:8000/v1\"]', or ${ALLOWED_ENV} "
                     f"(comma-separated); ${URL_ENV} is always allowed. Default: those two, else only "
-                    "http://127.0.0.1:8000/v1.")
+                    f"{DEFAULT_URL}.")
+    base_url: str = Field(default_factory=lambda: os.environ.get(URL_ENV, DEFAULT_URL),
+                          description="Address of the OpenAI-compatible server, e.g. http://gpu-box:8000/v1 "
+                                      f"(vllm serve, llama-server, moechat serve). Default: ${URL_ENV}. It must be "
+                                      "one the operator allowed.")
     api_key: SecretStr = Field(SecretStr(""), description=f"The server's API key (write-only: never shown again). "
                                                           f"Empty: ${KEY_ENV} (read where the backend runs), or no key.")
     model_name: str = Field("", description="Which of the server's models to chat with; empty: the first it lists.")
     timeout_s: float = Field(120.0, gt=0, le=3600,
                              description="Seconds to wait for the server to answer, and between two tokens.")
 
-    @model_validator(mode="after")
-    def allowed(self):
-        """base_url must be one the operator allowed: the key and the chats go only there."""
+    @field_validator("base_url")
+    @classmethod
+    def allowed(cls, value: str, info: ValidationInfo) -> str:
+        """base_url must be one the operator allowed: the chats and the key go only there."""
         try:
-            allowed = {api_root(u) for u in (self.allowed_urls or ["http://127.0.0.1:8000/v1"])}
-            url = api_root(self.base_url)
+            allowed = {api_root(u) for u in (info.data.get("allowed_urls") or [DEFAULT_URL])}
+            url = api_root(value)
         except BackendError as exc:
             raise ValueError(str(exc)) from None
         if url not in allowed:
-            raise ValueError(f"base_url {self.base_url!r} is not one the operator allowed "
-                             f"({', '.join(sorted(allowed))}); the operator adds servers with ${ALLOWED_ENV} "
-                             "or moechat serve --set allowed_urls=[...].")
-        return self
+            raise ValueError(f"base_url {value!r} is not one the operator allowed ({', '.join(sorted(allowed))}); "
+                             f"the operator adds servers with ${ALLOWED_ENV} or moechat serve --set allowed_urls=[...].")
+        return value
 
 
 # ---- talking to the server --------------------------------------------------------------------
