@@ -319,9 +319,10 @@ def test_a_plan_that_does_not_fit_is_refused_before_unloading_unless_forced(ctx,
 def test_only_admins_may_load_when_admins_are_named(ctx):
     limited = h.Context(ctx.manager, ctx.store, admins={"alice"})
     assert list(h.load_steps(limited, "bob", "fake", "", {})) == [
-        "Only alice can load or unload models here; ask them to change the model."]
+        "Only alice can load, unload or plan models here; ask them to change the model."]
     assert h.unload(limited, "bob").startswith("Only alice")
     assert h.cancel_load(limited, "bob").startswith("Only alice")
+    assert h.plan_preview(limited, "bob", "transformers", "/etc", {}).startswith("Only alice")
     assert h.may_manage(limited, "alice") and h.may_manage(ctx, "anyone")
 
 
@@ -359,11 +360,63 @@ def test_chats_of_one_user_are_invisible_to_another_and_export_import(ctx, tmp_p
 
 
 def test_the_plan_is_shown_before_loading_and_bad_settings_get_a_sentence(ctx):
-    preview = h.plan_preview(ctx, "transformers", "", {"device": "cpu"})
+    preview = h.plan_preview(ctx, "", "transformers", "", {"device": "cpu"})
     assert "| RAM |" in preview and "This fits." in preview
-    assert h.plan_preview(ctx, "fake", "", {}) == "The fake backend gives no memory plan for this model."
+    assert h.plan_preview(ctx, "", "fake", "", {}) == "The fake backend gives no memory plan for this model."
     assert list(h.load_steps(ctx, "", "fake", "", {"delay_s": -1}))[-1].startswith(
         "Load failed: Some settings are not valid. delay_s:")
+
+
+def test_model_folders_outside_the_models_folders_are_refused_without_saying_whether_they_exist(ctx, tmp_path):
+    models = tmp_path / "models"
+    (models / "m").mkdir(parents=True)
+    (models / "m" / "config.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    limited = h.Context(ctx.manager, ctx.store, folder_roots=[models])
+    answers = set()
+    for folder in (tmp_path / "elsewhere", tmp_path / "missing", "/etc", str(models / ".." / "elsewhere")):
+        load = list(h.load_steps(limited, "", "transformers", str(folder), {"device": "cpu"}))
+        plan = h.plan_preview(limited, "", "transformers", str(folder), {"device": "cpu"})
+        assert load == [f"Load failed: {plan}"] and "only from the models folders" in plan
+        answers.add(plan)
+    assert len(answers) == 1                       # the same sentence for a folder that exists and one that does not
+    inside = h.plan_preview(limited, "", "transformers", str(models / "m"), {"device": "cpu"})
+    assert "only from the models folders" not in inside
+    assert "only from the models folders" not in h.plan_preview(limited, "", "transformers", "", {"device": "cpu"})
+
+
+def test_a_loader_cannot_set_operator_only_settings(ctx):
+    """The fake backend's ``python`` names a program: only the operator's value counts."""
+    import sys
+    operator = h.Context(ctx.manager, ctx.store, operator_settings={"python": sys.executable})
+    specs = [s.name for s in forms.fields_of(ctx.manager.backends()["fake"].cls.Settings)]
+    assert "python" not in specs and "delay_s" in specs
+    lines = list(h.load_steps(operator, "", "fake", "", {"python": "/bin/false", "delay_s": 0.0}, poll_s=0.05))
+    assert lines[-1].startswith("Loaded **fake-echo**"), lines
+    assert ctx.manager.state.settings["python"] == sys.executable
+    lines = list(h.load_steps(ctx, "", "fake", "", {"python": "/bin/false"}, poll_s=0.05))
+    assert lines[-1].startswith("Loaded **fake-echo**") and ctx.manager.state.settings["python"] == ""
+
+
+def test_a_secret_setting_is_write_only_in_the_form():
+    from moechat_remote import RemoteSettings
+    from pydantic import SecretStr
+
+    specs = {s.name: s for s in forms.fields_of(RemoteSettings)}
+    assert "allowed_urls" not in specs and specs["api_key"].kind == "secret" and specs["api_key"].default == ""
+    shown = forms.to_component(specs["api_key"], SecretStr("sk-hidden"))
+    assert shown["value"] == "" and shown["placeholder"] == forms.SECRET_SET
+    assert forms.to_component(specs["api_key"], SecretStr(""))["placeholder"] == forms.SECRET_EMPTY
+    assert forms.to_setting(specs["api_key"], " sk-new ") == "sk-new"
+
+
+def test_text_that_is_not_valid_unicode_is_refused_before_a_chat_is_made(ctx):
+    load_fake(ctx, delay_s=0.0)
+    before = len(ctx.store.list("", ""))
+    views = turn(ctx, "s-surrogate", None, "send", text="hello \ud800 there")
+    assert len(views) == 1 and not views[0].accepted and "lone UTF-16 surrogate" in views[0].notice
+    assert views[0].chat_id is None and len(ctx.store.list("", "")) == before
 
 
 def test_load_warnings_reach_the_person():

@@ -58,8 +58,8 @@ def import_chat(ctx: Context, user: str, path: str | None) -> int:
         raise ChatError("Choose a JSON file exported from moechat.")
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ChatError(f"The file could not be read as text ({exc.__class__.__name__}).") from exc
+    except (OSError, UnicodeDecodeError) as exc:   # one sentence, whatever the reason: it says nothing of the path
+        raise ChatError("The file could not be read as UTF-8 text; import a chat exported as JSON.") from exc
     return ctx.store.import_json(user, text)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from moechat.backends.manager import BackendManager, Generation
 from moechat.webui.chats import ChatStore
+from moechat.webui.security import Access
 
 if TYPE_CHECKING:
     from moechat.webui.compare import CompareStore
@@ -28,6 +29,9 @@ class Context:
     users: dict[str, str] = field(default_factory=dict)
     admins: set[str] = field(default_factory=set)
     models_dir: str | None = None
+    access: Access = field(default_factory=Access)
+    operator_settings: dict[str, Any] = field(default_factory=dict)   # moechat serve --set
+    folder_roots: list[Path] | None = None   # where the page may load models from; None: anywhere
     sessions: dict[str, Generation] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     compare_runner: Any = None     # the comparison running now (one at a time: it owns the model)
@@ -46,17 +50,21 @@ class Context:
 
     @classmethod
     def from_options(cls, manager: BackendManager, options: Any) -> Context:
+        from moechat.webui.models import folder_roots
+
         data_dir = Path(options.data_dir) if getattr(options, "data_dir", None) else manager.data_dir
+        roots = folder_roots(options.models_dir, getattr(options, "allowed_folders", ()), options.model or None)
         return cls(manager, ChatStore.in_data_dir(data_dir), dict(options.users or {}),
-                   set(options.admins or ()), options.models_dir)
+                   set(options.admins or ()), options.models_dir, Access.from_options(options),
+                   dict(options.settings or {}), roots)
 
 
 def may_manage(ctx: Context, user: str) -> bool:
-    """Whether ``user`` may load and unload models: everyone unless admins are named."""
-    return not ctx.admins or user in ctx.admins
+    """Whether ``user`` may load, unload and ask for memory plans (the one rule: Access)."""
+    return Access(admins=frozenset(ctx.admins)).may_manage(user)
 
 
 def not_allowed(ctx: Context) -> str:
-    return f"Only {', '.join(sorted(ctx.admins))} can load or unload models here; ask them to change the model."
+    return Access(admins=frozenset(ctx.admins)).not_allowed()
 
 

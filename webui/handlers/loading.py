@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+
 from moechat.backends.api import BackendError, Cancelled
 from moechat.backends.manager import BackendManager
 from moechat.webui.handlers.context import Context, may_manage, not_allowed
-
+from moechat.webui.models import folder_refusal
+from moechat.webui.security import loader_settings, secret_fields
 
 COMPARING = ("A comparison is running: it loads each of its presets in turn. Wait for it to finish, "
              "or press Cancel under Compare.")
@@ -102,8 +104,12 @@ def load_steps(ctx: Context, user: str, backend: str | None, folder: str | None,
     if manager.state.status == "loading":
         yield "A model is already loading; wait for it or press Cancel load."
         return
+    entry = manager.backends().get(backend)
+    if entry is not None and (refusal := folder_refusal_of(ctx, entry, folder)):
+        yield f"Load failed: {refusal}"
+        return
     try:   # the folder, the settings, the probe and the plan, once; unloads nothing
-        checked = manager.check(backend, dict(settings, model=(folder or "").strip()))
+        checked = manager.check(backend, page_settings(ctx, backend, dict(settings, model=(folder or "").strip())))
     except BackendError as exc:
         yield f"Load failed: {exc}"
         return
@@ -158,14 +164,44 @@ def load_warnings(info: dict[str, Any]) -> list[str]:
     return out
 
 
-def plan_preview(ctx: Context, backend: str | None, folder: str | None, settings: dict[str, Any]) -> str:
+def page_settings(ctx: Context, backend: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a load or plan asked for on the page: operator-only ones from the operator
+    (``moechat serve --set``) whatever the page sent, and a secret left empty kept from the
+    loaded model when it is the same backend (the form never holds it)."""
+    entry = ctx.manager.backends().get(backend)
+    if entry is None:            # the check that follows says so
+        return settings
+    cls = entry.cls.Settings
+    out = loader_settings(cls, settings, ctx.operator_settings)
+    state = ctx.manager.state
+    if state.backend == backend and state.settings:
+        for name in secret_fields(cls):
+            if not out.get(name) and state.settings.get(name):
+                out[name] = state.settings[name]
+    return out
+
+
+def folder_refusal_of(ctx: Context, entry: Any, folder: str | None) -> str | None:
+    """Why ``folder`` may not be loaded from the page (outside the models folders), or None."""
+    if not entry.cls.needs_model or ctx.folder_roots is None:
+        return None
+    return folder_refusal(folder, ctx.folder_roots)
+
+
+def plan_preview(ctx: Context, user: str, backend: str | None, folder: str | None, settings: dict[str, Any]) -> str:
     """The memory plan for loading ``folder`` with ``backend`` and ``settings``, as Markdown,
-    before anything is loaded; or the sentence that says why there is none."""
+    before anything is loaded; or the sentence that says why there is none. Only for those who
+    may load (a plan reads the folder)."""
+    if not may_manage(ctx, user):
+        return not_allowed(ctx)
     if not backend:
         return "Choose a backend first."
+    entry = ctx.manager.backends().get(backend)
+    if entry is not None and (refusal := folder_refusal_of(ctx, entry, folder)):
+        return refusal
     from moechat.backends.planning import markdown
     try:
-        plan = ctx.manager.check(backend, dict(settings, model=(folder or "").strip())).plan
+        plan = ctx.manager.check(backend, page_settings(ctx, backend, dict(settings, model=(folder or "").strip()))).plan
     except BackendError as exc:
         return str(exc)
     if plan is None:

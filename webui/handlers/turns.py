@@ -15,6 +15,7 @@ from moechat.backends.manager import Generation, settings_error
 from moechat.webui.chats import ChatError
 from moechat.webui.handlers.chats import display
 from moechat.webui.handlers.context import Context
+from moechat.webui.security import bad_text
 
 SAVE_EVERY_S = 0.3            # a streaming reply is written to the database at least this often
 NOTHING_TO_STOP = "Nothing to stop."
@@ -71,6 +72,10 @@ def run_turn(ctx: Context, user: str, session: str, chat_id: int | None, action:
         return
     if action == "send" and not text.strip():
         yield view("Type a message first.", accepted=False)
+        return
+    problem = bad_text(text) or bad_text(system_prompt)   # checked before a chat row is made
+    if problem:
+        yield view(problem, accepted=False)
         return
     if not manager.state.ready:
         yield view(manager.not_ready_message(), accepted=False)

@@ -66,7 +66,7 @@ def layout(ctx: Context, options: Any) -> LoadingPart:
     manager = ctx.manager
     backends = manager.backends()
     chosen = default_backend(ctx, options)
-    admin_note = f" Only {', '.join(sorted(ctx.admins))} can load or unload models." if ctx.admins else ""
+    admin_note = f" Only {', '.join(sorted(ctx.admins))} can load, unload or plan models." if ctx.admins else ""
     gr.Markdown("### Model" + (f"\n{admin_note}" if admin_note else ""))
     backend = gr.Dropdown(choices=hl.backend_choices(manager), value=chosen, label="Backend", elem_id="backend")
     backend_info = gr.Markdown(hl.backend_help(manager, chosen), elem_id="backend-info")
@@ -75,7 +75,7 @@ def layout(ctx: Context, options: Any) -> LoadingPart:
     folder = gr.Dropdown(choices=folder_choices(ctx), value=options.model or "", allow_custom_value=True,
                          label="Model folder", elem_id="model-folder",
                          info="Pick a folder found under the models directory or the Hugging Face "
-                              "cache, or type the path of a model folder.")
+                              "cache, or type the path of a model folder in one of them.")
     names = sorted(backends)
     groups: dict[str, Any] = {}
     form_specs: dict[str, list[forms.FieldSpec]] = {}
@@ -112,7 +112,7 @@ def wire(ctx: Context, blocks: Any, part: LoadingPart, model_status: Any) -> Non
     def on_page_load(request: gr.Request):
         """Load buttons for those who may use them, and the form showing what is loaded now."""
         manage = gr.update(interactive=may_manage(ctx, user_of(request)))
-        out = [manage, manage, manage, hl.progress_text(manager)]
+        out = [manage, manage, manage, manage, hl.progress_text(manager)]
         loaded, settings = manager.state.backend, manager.state.settings or {}
         if loaded in part.form_specs and settings:
             model = settings.get("model") or ""
@@ -125,7 +125,7 @@ def wire(ctx: Context, blocks: Any, part: LoadingPart, model_status: Any) -> Non
             out += [gr.skip(), gr.skip()] + [gr.skip()] * len(all_form_comps)
         return out
 
-    blocks.load(on_page_load, None, [part.load_btn, part.cancel_btn, part.unload_btn, model_status,
+    blocks.load(on_page_load, None, [part.load_btn, part.cancel_btn, part.unload_btn, part.plan_btn, model_status,
                                      part.backend, part.folder] + all_form_comps)
 
     def on_backend(name):
@@ -134,12 +134,12 @@ def wire(ctx: Context, blocks: Any, part: LoadingPart, model_status: Any) -> Non
     part.backend.change(on_backend, part.backend, [part.backend_info] + [part.groups[n] for n in names],
                         show_progress="hidden")
 
-    def on_plan(name, folder_value, *values):
+    def on_plan(request: gr.Request, name, folder_value, *values):
         try:
             settings = part.settings_of(name, values)
         except ValueError as exc:
             return str(exc)
-        return hl.plan_preview(ctx, name, folder_value, settings)
+        return hl.plan_preview(ctx, user_of(request), name, folder_value, settings)
 
     def on_load(request: gr.Request, name, folder_value, force_value, *values):
         try:

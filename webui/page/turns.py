@@ -48,8 +48,8 @@ def layout(ctx: Context) -> TurnsPart:
                          buttons=["copy"], feedback_options=None)
     notice = gr.Markdown(elem_id="notice")
     with gr.Row():
-        msg = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
-                         lines=2, max_lines=10, scale=5, elem_id="message", submit_btn=False)
+        msg = gr.Textbox(show_label=False, placeholder="Type a message; Enter sends, Shift+Enter adds a line",
+                         lines=1, max_lines=10, scale=5, elem_id="message", submit_btn=False)
         with gr.Column(scale=1, min_width=90):
             send_btn = gr.Button("Send", variant="primary", elem_id="send")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
