@@ -107,6 +107,19 @@ def chromium():
             browser.close()
 
 
+def log_in(browser, url: str, user: str, password: str, timeout_ms: int):
+    """A new browser context logged in to the page at ``url``: (context, page), the chat shown."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(timeout_ms)
+    page = ctx.new_page()
+    page.goto(url, wait_until="load")
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector("#chatbot")
+    return ctx, page
+
+
 def shot(page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"

@@ -13,6 +13,7 @@ if not Path("/usr/bin/chromium").exists():
     pytest.skip("Debian's chromium is not installed", allow_module_level=True)
 
 from browser_helpers import Server, chromium, free_port, shot  # noqa: E402
+from browser_helpers import log_in as browser_log_in  # noqa: E402
 from test_browser import TIMEOUT_MS, bubbles, choose, fill, wait_reply, wait_text  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -54,14 +55,7 @@ def browser():
 
 
 def log_in(browser, server: Server, user: str, password: str):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    ctx.set_default_timeout(TIMEOUT_MS)
-    page = ctx.new_page()
-    page.goto(server.url, wait_until="load")
-    page.get_by_label("username").fill(user)
-    page.get_by_label("password").fill(password)
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_selector("#chatbot")
+    ctx, page = browser_log_in(browser, server.url, user, password, TIMEOUT_MS)
     wait_text(page, "#history-note", f"Signed in as {user}")
     return ctx, page
 
