@@ -45,7 +45,7 @@ def test_the_cli_saves_presets_runs_them_in_turn_and_writes_json_markdown_and_sq
     moechat(home, "--save", "echo", "--backend", "fake")
     moechat(home, "--save", "broken", "--backend", "fake", "--set", f"fail_load={FAIL}")
     moechat(home, "--save", "keyed", "--backend", "remote", "--set", "base_url=http://127.0.0.1:9/v1",
-            "--set", "api_key=sk-123")
+            "--set", 'allowed_urls=["http://127.0.0.1:9/v1"]', "--set", "api_key=sk-123")
     refused = moechat(home, "--save", "bad", "--backend", "fake", "--set", "delay_s=-1", check=False)
     assert refused.returncode == 2 and "delay_s: Input should be greater than or equal to 0" in refused.stderr
     unknown = moechat(home, "tiny", "nosuch", "--prompt", "hi", check=False)
@@ -106,12 +106,12 @@ def ctx(tmp_path, contract_model_dir):
 
 def test_only_those_who_may_load_may_compare_and_the_previous_backend_comes_back(ctx):
     assert hcmp.save_preset(ctx, "guest", "echo", "fake", "", {}) == (
-        "Only boss can load or unload models here; ask them to change the model.")
+        "Only boss can load, unload or plan models here; ask them to change the model.")
     assert hcmp.save_preset(ctx, "boss", "echo", "fake", "", {}) == "Saved the preset echo (fake)."
     assert hcmp.save_preset(ctx, "boss", "slow", "fake", "", {"delay_s": 0.01}) == "Saved the preset slow (fake)."
     assert hcmp.save_preset(ctx, "boss", "no good", "fake", "", {}).startswith("Give the preset a name")
     refused = list(hcmp.run_compare(ctx, "guest", ["echo", "slow"], "hi"))
-    assert refused == [("Only boss can load or unload models here; ask them to change the model.", None)]
+    assert refused == [("Only boss can load, unload or plan models here; ask them to change the model.", None)]
     assert hcmp.cancel_compare(ctx, "guest").startswith("Only boss")
     assert list(hcmp.run_compare(ctx, "boss", ["echo"], "  ")) == [("Type a prompt (or use the open chat) first.", None)]
 

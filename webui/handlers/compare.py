@@ -17,6 +17,7 @@ from loguru import logger
 from moechat.webui import compare as cmp
 from moechat.webui.chats import ChatError
 from moechat.webui.handlers.context import Context, may_manage, not_allowed
+from moechat.webui.handlers.loading import folder_refusal_of, page_settings
 
 POLL_S = 0.5       # the page's view of a running comparison is redrawn this often
 
@@ -39,6 +40,11 @@ def save_preset(ctx: Context, user: str, name: str, backend: str | None, folder:
     if not backend:
         return "Choose a backend in the model panel first."
     entry = ctx.manager.backends().get(backend)
+    if entry is not None:   # the same folder and operator-only rules as Load
+        refusal = folder_refusal_of(ctx, entry, folder)
+        if refusal:
+            return refusal
+        settings = page_settings(ctx, backend, settings)
     if entry is not None and entry.cls.needs_model:
         settings = dict(settings, model=(folder or "").strip())
     preset = cmp.Preset((name or "").strip(), backend, dict(settings))

@@ -29,7 +29,6 @@ class Context:
     users: dict[str, str] = field(default_factory=dict)
     admins: set[str] = field(default_factory=set)
     models_dir: str | None = None
-    access: Access = field(default_factory=Access)
     operator_settings: dict[str, Any] = field(default_factory=dict)   # moechat serve --set
     folder_roots: list[Path] | None = None   # where the page may load models from; None: anywhere
     sessions: dict[str, Generation] = field(default_factory=dict)
@@ -55,8 +54,8 @@ class Context:
         data_dir = Path(options.data_dir) if getattr(options, "data_dir", None) else manager.data_dir
         roots = folder_roots(options.models_dir, getattr(options, "allowed_folders", ()), options.model or None)
         return cls(manager, ChatStore.in_data_dir(data_dir), dict(options.users or {}),
-                   set(options.admins or ()), options.models_dir, Access.from_options(options),
-                   dict(options.settings or {}), roots)
+                   set(options.admins or ()), options.models_dir, operator_settings=dict(options.settings or {}),
+                   folder_roots=roots)
 
 
 def may_manage(ctx: Context, user: str) -> bool:
