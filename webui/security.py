@@ -327,16 +327,3 @@ def loader_settings(settings_cls: type[BaseModel], given: dict[str, Any], operat
     out = {k: v for k, v in given.items() if k not in fixed}
     out.update({k: v for k, v in operator.items() if k in fixed})
     return out
-
-
-def redacted(settings_cls: type[BaseModel] | None, settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with secret values replaced by "set" (or "" when empty), for logs and the page."""
-    secret = secret_fields(settings_cls) if settings_cls is not None else set()
-    out = {}
-    for k, v in settings.items():
-        if k in secret or isinstance(v, SecretStr):
-            raw = v.get_secret_value() if isinstance(v, SecretStr) else v
-            out[k] = "set" if raw else ""
-        else:
-            out[k] = v
-    return out
