@@ -162,7 +162,7 @@ def depth(model: str, layers: int) -> tuple[str, int]:
 
 
 def build(layers: int, budget: float, policy: str = "auto", context: int = 4096, dtype: str = "auto",
-          model: str = MODEL, device: str = "auto"):
+          model: str = MODEL, device: str = "auto", cpu_threads: int | None = None):
     """The engine exactly as the moe-offload backend loads it (MoeOffloadBackend.load: its options,
     its synthetic build, its VRAM cap), for ``model`` cut to ``layers``, with ``budget`` GiB."""
     import torch
@@ -176,7 +176,8 @@ def build(layers: int, budget: float, policy: str = "auto", context: int = 4096,
         torch.cuda.reset_peak_memory_stats()
     backend = MoeOffloadBackend()
     backend.load(MoeOffloadBackend.Settings(model=spec, vram_budget_gb=budget, max_context=context,
-                                            miss_policy=policy, dtype=dtype, device=device), lambda p: None)
+                                            miss_policy=policy, dtype=dtype, device=device,
+                                            cpu_threads=cpu_threads), lambda p: None)
     eng = backend.engine
     return eng, eng.store, eng.config
 
@@ -190,8 +191,11 @@ def parts(eng) -> dict:
     shapes = eng.adapter.shapes(eng.config)
 
     class NoExperts:   # the routed experts cost nothing and add nothing
-        def experts_out(self, moe, x, ids):
+        def experts_out(self, moe, x, ids, w=None):
             return torch.zeros(shapes.top_k, shapes.hidden, device=x.device, dtype=torch.float32)
+
+        def cpu_out(self, moe):
+            return None
 
     dec = Qwen3NextDecoder(eng.model, eng.config, 1024, NoExperts(), shapes.moe_layers, fused=True)
     dec.pos.fill_(512)
@@ -282,6 +286,16 @@ def run(eng, cfg, prompt: int, decode: int, warmup: int) -> dict:
         "pcie_mb_per_token": round(c.bytes_h2d / decode / 1e6, 1),
         "zero_copy_experts_per_token": round(c.zero_copy_experts / decode, 2),
         "experts_swapped_per_token": round(c.copied / decode, 2),
+        # the two pipes of missed experts (hybrid decode, docs/moe-offload.md)
+        "decode_miss_policy": eng.info.get("decode_miss_policy"),
+        "cpu_experts_per_token": round(c.cpu_experts / decode, 2),
+        "hybrid_token_share": round(c.hybrid_tokens / decode, 3),
+        "cpu_expert_gb_s": round(c.cpu_bytes / c.cpu_s / 1e9, 1) if c.cpu_s else None,
+        "pcie_expert_gb_s": round(c.zero_copy_experts * eng.store.expert_bytes() / c.pcie_s / 1e9, 1) if c.pcie_s else None,
+        "token_split_ms": {
+            "gpu experts (hits + PCIe reads), from hand-over to wait": round(1e3 * c.pcie_s / decode, 2),
+            "gpu waiting for the cpu": round(1e3 * c.gpu_wait_s / decode, 2),
+            "cpu experts (overlapped with the gpu's)": round(1e3 * c.cpu_s / decode, 2)} if c.pcie_s else None,
         "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / GiB, 2),
         "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GiB, 2),
         "host_rss_gb": rss_gb(),
@@ -424,7 +438,8 @@ def one_run(args) -> dict:
     spec, full = depth(args.model, args.layers)
     applied = benchmark.scaled_budget(args.budget, synthetic.model_info(spec), args.layers, full)
     t0 = time.perf_counter()
-    eng, store, cfg = build(args.layers, applied, model=args.model, device=args.device)
+    eng, store, cfg = build(args.layers, applied, model=args.model, device=args.device, policy=args.miss_policy,
+                            cpu_threads=args.cpu_threads)
     rec = {"vram_budget_gb": args.budget, "vram_budget_applied_gb": round(applied, 3), "layers": args.layers,
            "full_layers": full, "model": spec,
            "routing": "uniform random (forced)" if args.uniform else "the random model's router",
@@ -434,6 +449,9 @@ def one_run(args) -> dict:
            "build_s": round(time.perf_counter() - t0, 1)}
     if args.uniform:    # the step is captured with the switch on
         eng._decode = DecodePath(eng, uniform_routing=True)
+        eng.info["decode_path"] = eng._decode.kind
+    rec["miss_policy"] = args.miss_policy
+    rec["cpu_threads"] = args.cpu_threads
     path = eng.decode_path
     rec["decode_path"] = path.kind + (f" ({path.note})" if path.note else "")
     if args.machine:
@@ -521,6 +539,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[24.0, 16.0], help="cards, GiB")
     ap.add_argument("--budget", type=float, default=24.0)
     ap.add_argument("--uniform", action="store_true")
+    ap.add_argument("--miss-policy", choices=["auto", "hybrid", "pcie", "cpu", "copy"], default="auto",
+                    help="decode's missed experts (docs/moe-offload.md); one policy per run")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert kernel")
     ap.add_argument("--machine", action="store_true")
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--prefill-detail", action="store_true")
@@ -556,7 +577,8 @@ def main() -> None:
         result["check"] = phase(["--phase", "check"], 150)
         save(result["check"])
     common = ["--model", args.model, "--device", args.device, "--layers", str(args.layers), "--prompt",
-              str(args.prompt), "--decode", str(args.decode), "--warmup", str(args.warmup)]
+              str(args.prompt), "--decode", str(args.decode), "--warmup", str(args.warmup),
+              "--miss-policy", args.miss_policy] + (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else [])
     for i, budget in enumerate(args.budgets):        # each budget whole before the next
         for uniform in (False, True):
             if uniform and "uniform" in args.skip:

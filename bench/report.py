@@ -410,6 +410,45 @@ def render_prefill(case: Case, kernels: int = 6) -> list[str]:
 
 # ---- archived results (written before the schema; not current) ----------------------------------
 
+def render_policies(runs: list[dict[str, Any]], machine: dict[str, Any], projection: dict | None) -> list[str]:
+    """The uniform-routing runs per miss policy: each pipe's experts and bandwidth, the token's
+    split, and the projection for a desktop box."""
+    rows = [(r, p) for r in runs for p in r.get("by_policy", []) if len(r.get("by_policy", [])) > 1]
+    if not rows:
+        return []
+    lines = []
+    ck = machine.get("cpu_kernel") or {}
+    if ck and not ck.get("error"):
+        lines += ["The CPU kernel alone (one layer's 10 experts, different experts each call): " + "; ".join(
+            f"{k.removeprefix('threads_')} threads {v['gb_s']:.1f} GB/s ({v['layer_10_experts_us']:.0f} us)"
+            for k, v in ck.items()) + f", against a host copy of {machine['cpu_copy_gb_s']:.1f} GB/s (so about "
+            f"{2 * machine['cpu_copy_gb_s']:.0f} GB/s of memory traffic).", ""]
+    head = ("| budget | routing | miss policy | CPU threads | decode tok/s | ms/token | experts on CPU | experts over PCIe | "
+            "CPU GB/s | PCIe GB/s | GPU experts ms | GPU waits ms | CPU work ms | CPU share of misses |")
+    lines += ["Per miss policy, on one engine per budget and routing (each pipe's GB/s is what it achieved inside "
+              "the tokens; the times are per token, summed over layers):", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r, p in rows:
+        sp = p.get("token_split_ms") or {}
+        vals = list(sp.values()) + [None] * 3
+        routing = "uniform" if r["routing"].startswith("uniform") else "router"
+        lines.append(f"| {r['vram_budget_gb']:g} GB | {routing} | {p['miss_policy']} ({p.get('decode_miss_policy')}) | "
+                     f"{p.get('cpu_threads')} | **{p['decode_tok_s']:.1f}** | {p['decode_ms_per_token']:.1f} | "
+                     f"{p.get('cpu_experts_per_token', 0):.0f} | {p.get('zero_copy_experts_per_token', 0):.0f} | "
+                     f"{fmt(p.get('cpu_expert_gb_s'), '{:.1f}')} | {fmt(p.get('pcie_expert_gb_s'), '{:.1f}')} | "
+                     f"{fmt(vals[0], '{:.2f}')} | {fmt(vals[1], '{:.2f}')} | {fmt(vals[2], '{:.2f}')} | "
+                     f"{fmt(p.get('cpu_share_of_misses_at_end'), '{:.2f}')} |")
+    lines.append("")
+    if projection:
+        lines += [f"**{projection['label']}.** Assumptions: " + "; ".join(projection["assumptions"]) + ".", "",
+                  "| box (projection) | budget | misses/token | PCIe only | CPU only | hybrid |", "|---|---|---|---|---|---|"]
+        for row in projection["rows"]:
+            lines.append(f"| {row['box']} | {row['vram_budget_gb']:g} GB | {row['misses_per_token']:.0f} | "
+                         f"{row['pcie_tok_s']:.0f} | {row['cpu_tok_s']:.0f} | **{row['hybrid_tok_s']:.0f}** |")
+        lines.append("")
+    return lines
+
+
+
 def render_archive(folder: Path) -> list[str]:
     """The decode and prefill table of each archived bench/moe_offload_speed.py file, newest
     first, marked as history (the files are as the old producer wrote them, see
@@ -417,14 +456,16 @@ def render_archive(folder: Path) -> list[str]:
     found = []
     for path in sorted((folder / ARCHIVE).glob("moe_offload_speed_*.json")):
         data = json.loads(path.read_text())
-        found.append((data.get("environment", {}), path.name, data.get("runs", []), data.get("note")))
+        found.append((data.get("environment", {}), path.name, data.get("runs", []), data.get("note"),
+                      data.get("machine") or {}, data.get("projection")))
     if not found:
         return []
     lines = ["## Archived engine runs (history, not current)", "",
              "Results written before the benchmark schema, kept as they are in `bench/results/archive/` (its README "
              "says what each file is and which were edited by hand). Engine-level runs of `bench/moe_offload_speed.py` "
              "at the full 80 B shapes with random weights; not the product path, and not regenerated since.", ""]
-    for env, name, runs, note in sorted(found, key=lambda f: f[0].get("date_utc", ""), reverse=True):
+    for env, name, runs, note, machine, projection in sorted(found, key=lambda f: f[0].get("date_utc", ""),
+                                                              reverse=True):
         lines += [f"### {env.get('gpu', '?')}, {env.get('date_utc', '?')} UTC, commit {env.get('commit', '?')} "
                   f"(archive/{name})", ""]
         if note:
@@ -436,6 +477,7 @@ def render_archive(folder: Path) -> list[str]:
             lines.append(f"| {r['vram_budget_gb']:g} GB | {r['routing']} | {r['decode_tok_s']:.1f} | "
                          f"{r['decode_ms_per_token']:.1f} | {r['decode_hit_rate']:.1%} | {r['prefill_tok_s']:.0f} |")
         lines.append("")
+        lines += render_policies([r for r in runs if not r.get("error")], machine, projection)
     return lines
 
 

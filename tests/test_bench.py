@@ -342,3 +342,29 @@ def test_a_scaled_budget_gives_each_layer_the_cache_share_of_the_full_model(budg
     assert scaled < budget
     assert abs(slots(cut, scaled) - full) <= 1, (full, slots(cut, scaled))
     assert benchmark.scaled_budget(budget, synthetic.model_info(cut), 48, 48) == budget
+
+
+def test_archived_hybrid_runs_show_each_miss_policy_and_the_labelled_projection():
+    """The archived engine runs of hybrid decode: BENCHMARKS.md shows every miss policy's row with
+    what each pipe carried and achieved, and the desktop projection under a PROJECTION label with
+    its assumptions; using both pipes never projects slower than either alone."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import render_archive
+
+    text = "\n".join(render_archive(ROOT / "bench" / "results"))
+    files = sorted((ROOT / "bench" / "results" / "archive").glob("moe_offload_speed_*.json"))
+    hybrid = [json.loads(f.read_text()) for f in files]
+    hybrid = [d for d in hybrid if any(len(r.get("by_policy", [])) > 1 for r in d["runs"])]
+    assert hybrid, "an archived run measures decode per miss policy"
+    for data in hybrid:
+        for run in data["runs"]:
+            routing = "uniform" if run["routing"].startswith("uniform") else "router"
+            for p in run["by_policy"] if len(run["by_policy"]) > 1 else []:
+                assert (f"| {run['vram_budget_gb']:g} GB | {routing} | {p['miss_policy']} ({p['decode_miss_policy']}) | "
+                        f"{p['cpu_threads']} | **{p['decode_tok_s']:.1f}** |") in text
+        proj = data["projection"]
+        assert proj["label"].startswith("PROJECTION (not measured)") and proj["label"] in text
+        for a in proj["assumptions"]:
+            assert a in text
+        for row in proj["rows"]:
+            assert row["hybrid_tok_s"] >= max(row["pcie_tok_s"], row["cpu_tok_s"])

@@ -43,10 +43,12 @@ class MoeOffloadSettings(BackendSettings):
                                 "Empty: the GPU's free memory.")
     cache_experts: int | None = Field(
         None, ge=0, description="GPU cache slots per layer, overriding the budget (0: none).")
-    miss_policy: Literal["auto", "copy", "cpu"] = Field(
-        "auto", description="An expert not in the GPU cache: copy it to the GPU (copy), compute it on the "
-                            "CPU (cpu), or let the backend choose (auto: with a GPU, the CUDA-graph decode "
-                            "step reads it in place over PCIe; without one, the CPU computes it).")
+    miss_policy: Literal["auto", "hybrid", "pcie", "cpu", "copy"] = Field(
+        "auto", description="An expert not in the GPU cache, at decode: the GPU reads it in place over PCIe "
+                            "(pcie), the CPU computes it where it lies (cpu), both at once, split so that "
+                            "both finish together (hybrid), or copy it into the cache first (copy). auto: "
+                            "hybrid where the CPU's measured bandwidth makes it pay, else pcie; without "
+                            "a GPU, cpu.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where the resident model runs: auto "
                                                                       "uses the GPU when there is one.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
@@ -57,7 +59,7 @@ class MoeOffloadSettings(BackendSettings):
                                            "(moechat serve --set cache_dir=...): a path it writes to.",
                         json_schema_extra={"operator_only": True})
     cpu_threads: int | None = Field(None, ge=1, description="Threads for experts computed on the CPU. "
-                                                            "Empty: torch's default.")
+                                                            "Empty: torch's default (the physical cores).")
 
 
 class MoeOffloadBackend(Backend):

@@ -70,11 +70,18 @@ class CachePolicy:
 class DeviceExperts:
     """Routed experts of the graphed decode step (CUDA, int4 experts)."""
 
-    def __init__(self, experts: list[Any], counters: Any, policy: CachePolicy | None = None):
+    def __init__(self, experts: list[Any], counters: Any, policy: CachePolicy | None = None,
+                 hybrid: Any = None, switch: bool = False):
         from moechat.backends.moe_offload import kernels  # imports triton: only on this path
 
         self.kernels = kernels
         self.experts, self.counters = experts, counters
+        self.hybrid = hybrid          # a HybridMisses: some misses computed by the CPU meanwhile
+        self.hybrid_on = hybrid is not None
+        # switch (miss_policy auto): hand misses to the CPU only while the recent tokens miss at
+        # least hybrid.min_misses experts per layer; with fewer the hand-over costs more than it saves
+        self.switch = switch and hybrid is not None
+        self.misses_per_layer: float | None = None
         first = experts[0]
         self.device = first.device
         self.num_experts = first.store.num_experts
@@ -105,27 +112,52 @@ class DeviceExperts:
             return c.data, c.scale, src.data, src.scale
         return self.empty, self.empty_scale, src.data, src.scale
 
-    def experts_out(self, moe: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Each selected expert's output [top_k, hidden] in float32, unweighted."""
+    def experts_out(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Each selected expert's output [top_k, hidden] in float32, unweighted. In hybrid decode
+        (``w`` given) the CPU's experts are handed over first and give 0 here: ``cpu_out`` has
+        their weighted sum."""
         mod = self.experts[moe]
         table = self.table[moe]
-        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"))   # [k, 2I]
-        return self.kernels.int4_expert_gemv(h, ids, table, *self._proj(mod, "down"), act=True)
+        use = None
+        if self.hybrid_on and w is not None:
+            use = self.hybrid.publish(self.kernels, moe, x, ids, w, table)
+        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"), use=use)   # [k, 2I]
+        return self.kernels.int4_expert_gemv(h, ids, table, *self._proj(mod, "down"), act=True, use=use)
+
+    def cpu_out(self, moe: int) -> torch.Tensor | None:
+        """The weighted sum of layer ``moe``'s experts the CPU computed (hybrid decode), else None."""
+        return self.hybrid.cpu_out(self.kernels, moe) if self.hybrid_on else None
 
     def __call__(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum, as ``OffloadedExperts`` gives it."""
-        return (self.experts_out(moe, x, ids) * w[:, None].float()).sum(0).to(x.dtype)
+        out = (self.experts_out(moe, x, ids, w) * w[:, None].float()).sum(0)
+        cpu = self.cpu_out(moe)
+        return (out if cpu is None else out + cpu).to(x.dtype)
+
+    def before_token(self) -> None:
+        if self.hybrid_on:
+            self.hybrid.before_token()
 
     def after_token(self, routing: torch.Tensor) -> None:
         """Count the token's hits and misses, then let the policy swap experts in (stream-ordered
         before the next step, which reads the new table)."""
         ids = routing.to("cpu")                                  # waits for the step
         c = self.counters
-        misses = int((self.table_host.gather(1, ids) < 0).sum())
+        missed = self.table_host.gather(1, ids) < 0
+        misses = int(missed.sum())
         c.hits += ids.numel() - misses
         c.misses += misses
-        c.bytes_h2d += misses * self.expert_bytes
-        c.zero_copy_experts += misses
+        if self.hybrid_on:
+            c.hybrid_tokens += 1
+            self.hybrid.after_token(missed.sum(1), c)
+        else:
+            c.bytes_h2d += misses * self.expert_bytes
+            c.zero_copy_experts += misses
+        if self.switch:
+            now = misses / ids.shape[0]
+            m = self.misses_per_layer
+            self.misses_per_layer = now if m is None else 0.9 * m + 0.1 * now
+            self.hybrid_on = self.misses_per_layer >= self.hybrid.min_misses
         self.policy.observe(ids)
         swaps = self.policy.swaps(ids, self.table_host)
         for layer, expert, victim in swaps:

@@ -22,6 +22,7 @@ then copies the prompt's state into the static buffers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,27 @@ class _Layer:
     module: Any               # the decoder layer (parameters are read from it)
     moe: int | None           # index into the MoE layers, None for a dense MLP
     state: int                # index into this kind's static state
+    proj_in: Any = None       # fused step: in_proj_qkvz and in_proj_ba as one matrix
+    proj_moe: Any = None      # fused step: shared expert gate/up, router, shared-expert gate as one
+
+
+def stack_projections(mods: list[Any]) -> torch.Tensor | None:
+    """One weight matrix for several bias-free linears that read the same input: their weights
+    become row views of it (no second copy), so one GEMV serves all. Built once per model."""
+    if any(getattr(m, "bias", None) is not None for m in mods):
+        return None
+    first = mods[0].weight
+    fused = getattr(mods[0], "_moe_offload_stack", None)
+    if fused is not None and first.data_ptr() == fused.data_ptr():
+        return fused
+    w = torch.cat([m.weight.detach() for m in mods])
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = w[row:row + n]
+        row += n
+    mods[0]._moe_offload_stack = w
+    return w
 
 
 class Qwen3NextDecoder:
@@ -106,6 +128,16 @@ class Qwen3NextDecoder:
             self.gdn_out = torch.zeros(self.nv * self.dv, device=dev, dtype=dt)
             self.ids = torch.zeros(self.top_k, dtype=torch.long, device=dev)
             self.weights = torch.zeros(self.top_k, device=dev, dtype=dt)
+            with torch.no_grad():
+                for layer in self.layers:       # fewer, larger GEMVs: launches dominate at batch 1
+                    mod = layer.module
+                    if layer.kind == "linear_attention":
+                        a = mod.linear_attn
+                        layer.proj_in = stack_projections([a.in_proj_qkvz, a.in_proj_ba])
+                    if layer.moe is not None:
+                        mlp = mod.mlp
+                        layer.proj_moe = stack_projections([mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj,
+                                                            mlp.gate, mlp.shared_expert_gate])
 
     # ---- state ---------------------------------------------------------------------------------
     def load_cache(self, cache: Any, length: int) -> None:
@@ -156,8 +188,12 @@ class Qwen3NextDecoder:
             k.add_rms_norm(h, None, mod.input_layernorm.weight, eps, x)
             if layer.kind == "linear_attention":
                 attn = mod.linear_attn
-                qkvz = F.linear(x, attn.in_proj_qkvz.weight)
-                ba = F.linear(x, attn.in_proj_ba.weight)
+                if layer.proj_in is not None:
+                    both = F.linear(x, layer.proj_in)
+                    qkvz, ba = both.split([attn.in_proj_qkvz.weight.shape[0], attn.in_proj_ba.weight.shape[0]])
+                else:
+                    qkvz = F.linear(x, attn.in_proj_qkvz.weight)
+                    ba = F.linear(x, attn.in_proj_ba.weight)
                 k.gated_delta_step(qkvz, ba, self.conv[layer.state], attn.conv1d.weight, attn.A_log, attn.dt_bias,
                                    self.recurrent[layer.state], attn.norm.weight, attn.norm.variance_epsilon,
                                    self.nk, self.dk, self.dv, self.conv_out, self.gdn_out)
@@ -169,12 +205,20 @@ class Qwen3NextDecoder:
                 h.add_(_mlp(mod.mlp, x))
                 continue
             mlp = mod.mlp
-            shared = _mlp(mlp.shared_expert, x)
-            shared_gate = F.linear(x, mlp.shared_expert_gate.weight)
+            se = mlp.shared_expert
+            if layer.proj_moe is not None:
+                inter = se.gate_proj.weight.shape[0]
+                g, u, logits, shared_gate = F.linear(x, layer.proj_moe).split(
+                    [inter, inter, mlp.gate.weight.shape[0], 1])
+                shared = F.linear(F.silu(g) * u, se.down_proj.weight)
+            else:
+                shared = _mlp(se, x)
+                shared_gate = F.linear(x, mlp.shared_expert_gate.weight)
+                logits = F.linear(x, mlp.gate.weight)
             noise = torch.rand(mlp.gate.weight.shape[0], device=x.device) if self.uniform_routing else None
-            k.route(F.linear(x, mlp.gate.weight), self.top_k, self.norm_topk, self.ids, self.weights,
-                    self.routing[layer.moe], noise)
-            k.combine(h, self.routed.experts_out(layer.moe, x, self.ids), self.weights, shared, shared_gate)
+            k.route(logits, self.top_k, self.norm_topk, self.ids, self.weights, self.routing[layer.moe], noise)
+            y = self.routed.experts_out(layer.moe, x, self.ids, self.weights)
+            k.combine(h, y, self.weights, shared, shared_gate, self.routed.cpu_out(layer.moe))
         k.add_rms_norm(h, None, m.norm.weight, eps, x)
         logits = F.linear(x, self.model.lm_head.weight)
         self.pos.add_(1)
@@ -264,8 +308,9 @@ class GraphedStep:
         pos, token = decoder.pos.clone(), decoder.token.clone()
         stream = torch.cuda.Stream(decoder.device)
         stream.wait_stream(torch.cuda.current_stream(decoder.device))
-        with torch.cuda.stream(stream):       # compile kernels, set up cuBLAS, outside the capture
-            for _ in range(warmup):
+        hybrid = getattr(decoder.routed, "hybrid", None)
+        with torch.cuda.stream(stream), (hybrid.paused() if hybrid is not None else contextlib.nullcontext()):
+            for _ in range(warmup):     # compile kernels, set up cuBLAS, outside the capture
                 decoder.step()
         torch.cuda.current_stream(decoder.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

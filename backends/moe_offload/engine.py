@@ -36,6 +36,11 @@ class Counters:
     cpu_experts: int = 0   # experts computed on the CPU
     zero_copy_experts: int = 0  # misses the GPU read straight from pinned host memory
     bytes_h2d: int = 0
+    cpu_bytes: int = 0     # expert bytes the CPU read (hybrid decode)
+    cpu_s: float = 0.0     # CPU time on those experts, summed over layers
+    pcie_s: float = 0.0    # GPU time on its experts (hits and PCIe reads) in hybrid layers
+    gpu_wait_s: float = 0.0  # GPU time waiting for the CPU's experts
+    hybrid_tokens: int = 0   # decode tokens that handed misses to the CPU
     tokens: int = 0        # decode tokens
     prefill_tokens: int = 0
     decode_s: float = 0.0
@@ -54,7 +59,7 @@ class Options:
     dtype: torch.dtype = torch.float32
     cache_experts: int | None = None     # device cache slots per layer; None = from the budget
     vram_budget_gb: float | None = None
-    miss_policy: str = "auto"            # copy | cpu | auto
+    miss_policy: str = "auto"            # auto | pcie | hybrid | cpu | copy
     max_context: int = 8192
     cache_dir: Path | None = None
     cpu_threads: int | None = None
@@ -81,6 +86,7 @@ class OffloadedExperts(nn.Module):
         self.slots = slots
         self.lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
         self.free = list(range(slots))[::-1]
+        self.cpu_kernel = None      # (CpuExperts, this layer's index): decode misses on the CPU
         self.cache: dict[str, Proj] = {}
         self.top_k = None
         if slots:
@@ -227,7 +233,13 @@ class OffloadedExperts(nn.Module):
                 self._run(self.cache, {e: self.lru[e] for e in rnd}, flat, x, wflat, out, k)
         elif miss:
             c.cpu_experts += len(miss)
-            self._run(self.src, {e: e for e in miss}, flat, x, wflat, out, k)
+            if self.cpu_kernel is not None and t == 1:     # decode: the compiled int4 kernel
+                kernel, moe = self.cpu_kernel
+                sel = torch.isin(flat, torch.tensor(miss))
+                y = kernel.layer(moe, x[0].cpu(), flat[sel].to(torch.int32), wflat.cpu()[sel].float())
+                out[0] += y.to(out.device, out.dtype)
+            else:
+                self._run(self.src, {e: e for e in miss}, flat, x, wflat, out, k)
         return out
 
 
@@ -270,6 +282,20 @@ class Engine:
         self.options, self.counters, self.experts, self.info = options, counters, experts, info
         self.device = torch.device(options.device)
         self._decode: DecodePath | None = None
+        self._cpu_experts = None
+        if store.fmt == "int4" and any(m.policy == "cpu" for m in experts):
+            for i, mod in enumerate(experts):
+                mod.cpu_kernel = (self.cpu_experts, i)
+
+    @property
+    def cpu_experts(self):
+        """The CPU expert kernel over this engine's store (compiled on first use)."""
+        if self._cpu_experts is None:
+            from moechat.backends.moe_offload.cpu import CpuExperts
+            self._cpu_experts = CpuExperts(self.store, self.adapter.shapes(self.config).moe_layers,
+                                           self.options.cpu_threads, self.options.cache_dir)
+            self.info["cpu_kernel"] = self._cpu_experts.why
+        return self._cpu_experts
 
     @property
     def decode_path(self) -> "DecodePath":
@@ -318,7 +344,7 @@ class Engine:
         kv, state = kv_and_state_bytes(config, dtype_bytes, options.max_context)
         expert_bytes = store.expert_bytes()
         n_layers = len(shapes.moe_layers)
-        policy = resolve_policy(options.miss_policy, dev.type == "cuda")
+        policy = resolve_policy(options.miss_policy, dev.type == "cuda")   # prefill, eager decode
         budget = None
         if options.cache_experts is None and dev.type == "cuda":
             budget = int(options.vram_budget_gb * GiB if options.vram_budget_gb
@@ -393,6 +419,12 @@ class Engine:
             "experts_copied": c.copied,
             "pcie_bytes_per_token": int(c.bytes_h2d / steps),
             "cpu_experts_per_token": round(c.cpu_experts / steps, 2),
+            "pcie_experts_per_token": round(c.zero_copy_experts / max(c.tokens, 1), 2),
+            "cpu_expert_gb_s": round(c.cpu_bytes / c.cpu_s / 1e9, 1) if c.cpu_s else None,
+            "pcie_expert_gb_s": round(c.zero_copy_experts * self.store.expert_bytes() / c.pcie_s / 1e9, 1)
+            if c.pcie_s else None,
+            "hybrid_token_share": round(c.hybrid_tokens / c.tokens, 3) if c.tokens and c.hybrid_tokens else None,
+            "gpu_wait_ms_per_token": round(1e3 * c.gpu_wait_s / c.tokens, 3) if c.tokens and c.gpu_wait_s else None,
             "decode_tok_s": round(c.tokens / c.decode_s, 3) if c.decode_s else None,
             "prefill_tok_s": round(c.prefill_tokens / c.prefill_s, 3) if c.prefill_s else None,
         })
@@ -412,19 +444,24 @@ class DecodePath:
 
     * ``graph``: the static decode step (``decode.py``) captured as a CUDA graph, routed experts
       read by the int4 kernel from the GPU cache or pinned host memory (CUDA, int4 experts,
-      ``miss_policy: auto``, triton importable);
+      ``miss_policy`` auto, pcie, hybrid or cpu, triton importable); with ``hybrid`` (or ``auto``
+      where the CPU pays) a share of the misses is computed by the CPU meanwhile
+      (``hybrid.py``), with ``cpu`` all of them;
     * ``eager``: the same step run op by op, routed experts through ``OffloadedExperts`` (the
       CPU, other formats or miss policies);
     * ``transformers``: transformers' own modules with their cache (families without a step).
     """
 
-    def __init__(self, engine: Engine, uniform_routing: bool = False):
+    def __init__(self, engine: Engine, uniform_routing: bool = False, miss_policy: str | None = None):
         self.engine = engine
         self.decoder = None
         self.graph = None
         self.device_experts = None
+        self.hybrid = None
+        self.graph_pcie = None          # auto's graph for tokens with few misses (no CPU hand-over)
         self.kind = "transformers"
         self.note = ""
+        self.policy = miss_policy or engine.options.miss_policy
         cls = engine.adapter.decoder_class()
         if cls is None or not cls.supports(engine.config):
             return
@@ -432,8 +469,11 @@ class DecodePath:
         if self._wants_graph():
             try:
                 from moechat.backends.moe_offload.cache import DeviceExperts
-                self.device_experts = DeviceExperts(engine.experts, engine.counters)
-                routed = self.device_experts
+                self.hybrid = self._hybrid()
+                if self.hybrid is not None or self.policy != "cpu":
+                    self.device_experts = DeviceExperts(engine.experts, engine.counters, hybrid=self.hybrid,
+                                                        switch=self.policy == "auto")
+                    routed = self.device_experts
             except ImportError as exc:            # no triton: the eager step still beats transformers
                 self.note = f"no CUDA graph: {exc}"
         self.decoder = cls(engine.model, engine.config, engine.options.max_context, routed,
@@ -445,13 +485,48 @@ class DecodePath:
             try:
                 self.graph = GraphedStep(self.decoder)
                 self.kind = "graph"
+                if self.device_experts.switch:     # auto: a second graph with every miss over PCIe
+                    self.device_experts.hybrid_on = False
+                    self.graph_pcie = GraphedStep(self.decoder)
+                    self.device_experts.hybrid_on = True
             except RuntimeError as exc:             # capture failed: same step, op by op
                 self.note = f"CUDA graph capture failed: {exc}"
 
     def _wants_graph(self) -> bool:
         e = self.engine
-        return (e.device.type == "cuda" and e.store.fmt == "int4" and e.options.miss_policy == "auto"
+        return (e.device.type == "cuda" and e.store.fmt == "int4" and self.policy in ("auto", "pcie", "hybrid", "cpu")
                 and e.experts and e.store.pin)
+
+    def _hybrid(self):
+        """The CPU's part of the graphed step's misses, or None (all over PCIe). ``auto`` takes
+        the CPU where the two pipes' bandwidths, measured here, say it pays."""
+        e = self.engine
+        info = e.info
+        if self.policy == "pcie":
+            info["decode_miss_policy"] = "pcie"
+            return None
+        cpu = e.cpu_experts
+        if not cpu.compiled:
+            self.note = cpu.why
+            info["decode_miss_policy"] = "cpu (eager, torch)" if self.policy == "cpu" else "pcie"
+            return None
+        from moechat.backends.moe_offload.hybrid import HybridMisses, initial_share
+        rates = measure_pipes(e)
+        info.update({"cpu_expert_gb_s_at_load": rates[0], "pcie_expert_gb_s_at_load": rates[1]})
+        share = 1.0 if self.policy == "cpu" else initial_share(*rates)
+        if self.policy == "auto" and share < AUTO_MIN_CPU_SHARE:
+            info["decode_miss_policy"] = "pcie"
+            return None
+        info["decode_miss_policy"] = "cpu" if self.policy == "cpu" else "hybrid"
+        shapes = e.adapter.shapes(e.config)
+        return HybridMisses(cpu, len(shapes.moe_layers), shapes.top_k, e.device, e.store.expert_bytes(), share,
+                            adaptive=self.policy != "cpu",
+                            min_misses=1 if self.policy == "cpu" else HYBRID_MIN_MISSES)
+
+    def close(self) -> None:
+        """Stop the CPU thread of hybrid decode (a new DecodePath replaces this one)."""
+        if self.hybrid is not None:
+            self.hybrid.close()
 
     def _eager_routed(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.engine.experts[moe](x[None], ids[None], w[None])[0]
@@ -478,11 +553,59 @@ class DecodePath:
                 raise ValueError(f"the chat reached max_context ({limit} tokens)")
             pos[0] += 1
             dec.token.fill_(tok)
-            logits = self.graph.run() if self.graph is not None else dec.step()
+            graph = self.graph
+            if self.device_experts is not None:
+                self.device_experts.before_token()
+                if self.graph_pcie is not None and not self.device_experts.hybrid_on:
+                    graph = self.graph_pcie
+            logits = graph.run() if graph is not None else dec.step()
             if self.device_experts is not None:
                 self.device_experts.after_token(dec.routing)
             return logits
         return step
+
+
+AUTO_MIN_CPU_SHARE = 0.1   # auto computes misses on the CPU where it would take at least this share
+# hybrid: a layer with fewer misses keeps them on the GPU (the CPU's hand-over and wake-up cost
+# about as much as reading one or two experts over PCIe)
+HYBRID_MIN_MISSES = 3
+
+
+def measure_pipes(engine: Engine, experts: int = 10, reps: int = 3) -> tuple[float, float]:
+    """GB/s of expert weights through each pipe, measured on this machine: the CPU kernel over
+    ``experts`` experts of one layer, and the GPU's int4 kernel reading as many from host memory
+    (different experts each time, so neither reads from a cache)."""
+    from moechat.backends.moe_offload import kernels
+
+    store, cpu, dev = engine.store, engine.cpu_experts, engine.device
+    layer = store.layers[min(store.layers)]
+    b = store.expert_bytes()
+    g = torch.Generator().manual_seed(0)
+    picks = [torch.randperm(store.num_experts, generator=g)[:experts] for _ in range(reps + 1)]
+    x = torch.randn(store.hidden, generator=g) * 0.5
+    w = torch.full((experts,), 1.0 / experts)
+    cpu.layer(0, x, picks[0].int(), w)
+    t0 = time.perf_counter()
+    for p in picks[1:]:
+        cpu.layer(0, x, p.int(), w)
+    cpu_rate = reps * experts * b / (time.perf_counter() - t0) / 1e9
+    table = torch.full((store.num_experts,), -1, dtype=torch.int32, device=dev)
+    empty_q = torch.empty(1, dtype=torch.uint8, device=dev)
+    empty_s = torch.empty(1, dtype=torch.bfloat16, device=dev)
+    xd = x.to(dev, torch.bfloat16)
+
+    def one(ids):
+        hid = kernels.int4_expert_gemv(xd, ids, table, empty_q, empty_s, layer["gate_up"].data, layer["gate_up"].scale)
+        kernels.int4_expert_gemv(hid, ids, table, empty_q, empty_s, layer["down"].data, layer["down"].scale, act=True)
+    one(picks[0].to(dev))
+    ids = [p.to(dev) for p in picks[1:]]
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for p in ids:
+        one(p)
+    torch.cuda.synchronize(dev)
+    pcie_rate = reps * experts * b / (time.perf_counter() - t0) / 1e9
+    return round(cpu_rate, 1), round(pcie_rate, 1)
 
 
 class Sampler:

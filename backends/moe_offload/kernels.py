@@ -23,9 +23,9 @@ import triton.language as tl
 
 @triton.jit
 def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
-               cache_q, cache_s, host_q, host_s, y_ptr,
+               cache_q, cache_s, host_q, host_s, y_ptr, use_ptr,
                OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-               GPI: tl.constexpr):
+               GPI: tl.constexpr, USE: tl.constexpr):
     j = tl.program_id(0)                 # which of the token's experts
     nb = tl.program_id(1)                # which block of output rows
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -39,8 +39,11 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
     # per-row masks, compared as vectors: Triton 3.9's interpreter turns a scalar bool & a
     # vector bool into int32, which tl.load refuses as a mask
     slots = tl.zeros([BN], dtype=tl.int64) + slot
-    on_device = (in_rows & (slots >= 0))[:, None]
-    on_host = (in_rows & (slots < 0))[:, None]
+    live = in_rows
+    if USE:     # hybrid decode: an expert the CPU computes reads nothing here and gives 0
+        live = in_rows & ((tl.zeros([BN], dtype=tl.int32) + tl.load(use_ptr + j)) != 0)
+    on_device = (live & (slots >= 0))[:, None]
+    on_host = (live & (slots < 0))[:, None]
     # both bases are computed; the masks make sure only one is ever read
     qc = cache_q + slot * (OUT * (IN // 2))
     qh = host_q + e * (OUT * (IN // 2))
@@ -71,11 +74,12 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
 
 def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                      cache_q: torch.Tensor, cache_s: torch.Tensor, host_q: torch.Tensor, host_s: torch.Tensor,
-                     block_rows: int = 16, act: bool = False) -> torch.Tensor:
+                     block_rows: int = 16, act: bool = False, use: torch.Tensor | None = None) -> torch.Tensor:
     """``y [top_k, R]`` (float32) = expert ``ids[j]``'s int4 matrix [R, C] times ``x[j]`` (or ``x``
     for all when it is 1-D). ``table[e]`` is e's row in ``cache_q/cache_s`` or -1 for the host
     store ``host_q/host_s`` ([E, R, C/2] uint8 and [E, R, C/group] bf16). With ``act``, ``x[j]``
-    is [2C] (gate, up) and the input is ``silu(gate) * up``."""
+    is [2C] (gate, up) and the input is ``silu(gate) * up``. With ``use`` (int32 [top_k]), an
+    expert whose entry is 0 is left out (its row of ``y`` is 0): the CPU computes it."""
     k = ids.shape[0]
     r, half = host_q.shape[1:]
     c = 2 * half
@@ -87,8 +91,8 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     while gpi * group // 2 < 128 and groups % (2 * gpi) == 0:
         gpi *= 2
     grid = (k, triton.cdiv(r, block_rows))
-    _int4_gemv[grid](x, x_stride, ids, table, cache_q, cache_s, host_q, host_s, y,
-                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi)
+    _int4_gemv[grid](x, x_stride, ids, table, cache_q, cache_s, host_q, host_s, y, use if use is not None else ids,
+                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi, USE=use is not None)
     return y
 
 
@@ -278,15 +282,18 @@ def route(logits: torch.Tensor, top_k: int, norm: bool, ids: torch.Tensor, weigh
 
 
 @triton.jit
-def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, N: tl.constexpr, K: tl.constexpr,
-             BLOCK: tl.constexpr, KB: tl.constexpr):
+def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, cpu_ptr, N: tl.constexpr, K: tl.constexpr,
+             BLOCK: tl.constexpr, KB: tl.constexpr, HAS_CPU: tl.constexpr):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
     kk = tl.arange(0, KB)
     km = kk < K
     y = tl.load(y_ptr + kk[:, None] * N + c[None, :], mask=km[:, None] & m[None, :], other=0.0)
     w = tl.load(w_ptr + kk, mask=km, other=0.0).to(tl.float32)
-    routed = tl.sum(y * w[:, None], axis=0).to(h_ptr.dtype.element_ty).to(tl.float32)
+    routed = tl.sum(y * w[:, None], axis=0)
+    if HAS_CPU:   # the weighted sum of the experts the CPU computed (hybrid decode)
+        routed += tl.load(cpu_ptr + c, mask=m, other=0.0)
+    routed = routed.to(h_ptr.dtype.element_ty).to(tl.float32)
     gate = tl.sigmoid(tl.load(sg_ptr).to(tl.float32))
     shared = tl.load(shared_ptr + c, mask=m, other=0.0).to(tl.float32)
     shared = (gate.to(h_ptr.dtype.element_ty).to(tl.float32) * shared).to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -295,10 +302,102 @@ def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, N: tl.constexpr, K: tl.con
     tl.store(h_ptr + c, (h + moe).to(h_ptr.dtype.element_ty), mask=m)
 
 
-def combine(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, shared: torch.Tensor, shared_gate: torch.Tensor) -> None:
-    """``h += sum_j w[j] y[j] + sigmoid(shared_gate) * shared`` in place (the MoE block's output
-    added to the residual stream, rounded where transformers rounds)."""
+def combine(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, shared: torch.Tensor, shared_gate: torch.Tensor,
+            cpu: torch.Tensor | None = None) -> None:
+    """``h += sum_j w[j] y[j] (+ cpu) + sigmoid(shared_gate) * shared`` in place (the MoE block's
+    output added to the residual stream, rounded where transformers rounds); ``cpu`` [N] float32
+    is the weighted sum of the experts the CPU computed."""
     n = h.numel()
     block = 512
-    _combine[(triton.cdiv(n, block),)](h, y, w, shared, shared_gate, N=n, K=y.shape[0], BLOCK=block,
-                                       KB=triton.next_power_of_2(y.shape[0]))
+    _combine[(triton.cdiv(n, block),)](h, y, w, shared, shared_gate, cpu if cpu is not None else y, N=n,
+                                       K=y.shape[0], BLOCK=block, KB=triton.next_power_of_2(y.shape[0]),
+                                       HAS_CPU=cpu is not None)
+
+
+# ---- hybrid decode: the GPU hands some missed experts to the CPU and waits for their sum -------
+# Flags and mailboxes live in pinned host memory that both sides address. ``publish`` writes the
+# token's normed hidden state and the CPU's experts there, then the layer's ``ready`` flag (the
+# token's number) after a system-wide fence; the CPU thread (cpu_experts.c) computes and raises
+# ``done``; ``wait_cpu`` spins on it (bounded) and copies the CPU's sum into device memory.
+
+@triton.jit
+def _globaltimer(dummy):
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _publish(x_ptr, ids_ptr, w_ptr, table_ptr, share_ptr, seq_ptr, use_ptr, ncpu_ptr,
+             bx_ptr, bids_ptr, bw_ptr, bn_ptr, ready_ptr, t_ptr, moe,
+             H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, BH: tl.constexpr, GPU: tl.constexpr,
+             MIN_MISSES: tl.constexpr):
+    kk = tl.arange(0, KB)
+    km = kk < K
+    ids = tl.load(ids_ptr + kk, mask=km, other=0)
+    slot = tl.load(table_ptr + ids, mask=km, other=0)
+    miss = (km & (slot < 0)).to(tl.int32)
+    m = tl.sum(miss, axis=0)
+    c = tl.minimum((m.to(tl.float32) * tl.load(share_ptr + moe) + 0.5).to(tl.int32), m)
+    c = tl.where(m >= MIN_MISSES, c, 0)          # a miss or two: the GPU alone is quicker
+    rank = tl.cumsum(miss, axis=0) - 1           # the first c misses go to the CPU
+    cpu = (miss != 0) & (rank < c)
+    tl.store(use_ptr + kk, tl.where(cpu, 0, 1), mask=km)
+    w = tl.load(w_ptr + kk, mask=km, other=0.0).to(tl.float32)
+    tl.store(bids_ptr + moe * K + rank, ids.to(tl.int32), mask=cpu)
+    tl.store(bw_ptr + moe * K + rank, w, mask=cpu)
+    tl.store(bn_ptr + moe, c)
+    tl.store(ncpu_ptr + moe, c)
+    h = tl.arange(0, BH)
+    hm = h < H
+    tl.store(bx_ptr + moe * H + h, tl.load(x_ptr + h, mask=hm, other=0.0).to(tl.float32), mask=hm)
+    seq = tl.load(seq_ptr)
+    if GPU:
+        tl.debug_barrier()          # every thread's stores, then a fence to the system, then the flag
+        fence = tl.inline_asm_elementwise("fence.sc.sys;\n mov.u32 $0, 0;", "=r,r", [seq], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+        seq = seq + fence
+        tl.store(t_ptr + moe * 3, _globaltimer(seq))
+    tl.store(ready_ptr + moe, seq)
+
+
+@triton.jit
+def _wait_cpu(ncpu_ptr, seq_ptr, done_ptr, by_ptr, out_ptr, err_ptr, t_ptr, moe,
+              H: tl.constexpr, BH: tl.constexpr, MAX_SPIN: tl.constexpr):
+    h = tl.arange(0, BH)
+    hm = h < H
+    n = tl.load(ncpu_ptr + moe)
+    seq = tl.load(seq_ptr)
+    tl.store(t_ptr + moe * 3 + 1, _globaltimer(seq))
+    y = tl.zeros([BH], dtype=tl.float32)
+    if n > 0:
+        flag = tl.load(done_ptr + moe, volatile=True)
+        spins = 0
+        while (flag != seq) & (spins < MAX_SPIN):
+            flag = tl.load(done_ptr + moe, volatile=True)
+            spins += 1
+        if flag == seq:
+            y = tl.load(by_ptr + moe * H + h, mask=hm, other=0.0, cache_modifier=".cv")
+        else:
+            tl.store(err_ptr, 1)
+    tl.store(out_ptr + h, y, mask=hm)
+    tl.store(t_ptr + moe * 3 + 2, _globaltimer(seq))
+
+
+def publish(x, ids, w, table, share, seq, use, ncpu, box, moe: int, min_misses: int = 1) -> None:
+    """Split layer ``moe``'s misses: the first ``round(share[moe] * misses)`` go to the CPU (``use``
+    0 for them; none when the layer has fewer than ``min_misses``), the rest stay with the GPU;
+    hand the CPU its experts, weights and ``x``. ``box`` holds the pinned mailboxes (x, ids, w, n,
+    ready, gpu_times)."""
+    h, k = x.numel(), ids.numel()
+    _publish[(1,)](x, ids, w, table, share, seq, use, ncpu, box.x, box.ids, box.w, box.n, box.ready,
+                   box.gpu_times, moe, H=h, K=k, KB=triton.next_power_of_2(k), BH=triton.next_power_of_2(h),
+                   GPU=x.is_cuda, MIN_MISSES=min_misses, num_warps=4)
+
+
+def wait_cpu(ncpu, seq, box, out, moe: int, max_spin: int = 1 << 20) -> None:
+    """Wait until the CPU has served layer ``moe`` of this token (when it has any expert there),
+    then copy its sum into ``out``; after ``max_spin`` reads of the flag, give up and set
+    ``box.error``."""
+    h = out.numel()
+    _wait_cpu[(1,)](ncpu, seq, box.done, box.y, out, box.error, box.gpu_times, moe, H=h,
+                    BH=triton.next_power_of_2(h), MAX_SPIN=max_spin, num_warps=4)

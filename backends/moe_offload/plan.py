@@ -62,8 +62,11 @@ def kv_and_state_bytes(config: Any, dtype_bytes: int, max_context: int) -> tuple
 
 
 def resolve_policy(policy: str, on_gpu: bool) -> str:
-    """``auto``: copy misses to the GPU when there is one, compute them on the CPU otherwise."""
-    if policy == "auto":
+    """The experts modules' policy (prefill and the eager decode step). ``auto``, ``pcie`` and
+    ``hybrid`` copy misses to the GPU when there is one (the graphed decode step then reads them
+    in place or hands a share to the CPU: engine.DecodePath), and compute them on the CPU
+    otherwise."""
+    if policy in ("auto", "pcie", "hybrid"):
         return "copy" if on_gpu else "cpu"
     return policy
 

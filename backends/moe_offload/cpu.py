@@ -1,0 +1,162 @@
+"""Routed int4 experts computed by the CPU, memory-bound, from the store's own bytes.
+
+``cpu_experts.c`` (beside this file) is compiled once per machine with the system's C compiler
+(``cc -O3 -march=native``, about a second) into the converted-experts cache folder and loaded with
+ctypes: no Python headers, no torch headers, no build step at install. Where there is no compiler
+or the build fails, ``CpuExperts`` falls back to torch (the reference dequantization and two
+matrix products per layer): the same numbers, several times slower; ``why`` says which is used.
+
+The kernel reads the int4 layout of ``quant.py`` that the GPU kernels read too, so host memory
+holds one copy of every expert.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moechat.backends.moe_offload import quant
+
+SOURCE = Path(__file__).with_name("cpu_experts.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+
+
+def _machine_key() -> str:
+    """What -march=native depends on: the processor's model and flags."""
+    info = platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("model name", "flags", "Features")):
+                info += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def build_library(folder: Path) -> tuple[Any, str]:
+    """(the loaded library, "") or (None, the reason it is not there)."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _machine_key().encode()).hexdigest()[:16]
+    lib_path = Path(folder) / f"cpu_experts-{key}.so"
+    if not lib_path.exists():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            return None, "no C compiler (cc, gcc or clang) on PATH: CPU experts run through torch"
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode:
+                return None, f"the CPU expert kernel did not compile ({done.stderr.strip()[:300]}): torch is used"
+            os.replace(tmp, lib_path)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"the CPU expert kernel could not be built ({exc}): torch is used"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError as exc:
+        return None, f"the CPU expert kernel could not be loaded ({exc}): torch is used"
+    lib.engine_new.restype = _P
+    lib.engine_new.argtypes = [_I, _I, _I, _I, _I]
+    lib.engine_free.argtypes = [_P]
+    lib.engine_threads.argtypes = [_P]
+    lib.experts_layer.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P]
+    lib.worker_new.restype = _P
+    lib.worker_new.argtypes = [_P, _I, _I] + [_P] * 12 + [_L]
+    lib.worker_arm.argtypes = [_P, _I]
+    lib.worker_timeouts.argtypes = [_P]
+    lib.worker_free.argtypes = [_P]
+    return lib, ""
+
+
+def default_threads() -> int:
+    """torch's thread count (the physical cores) less one for the thread that drives the GPU:
+    the kernel's threads wait for each other between stages, so none may lose its core."""
+    return max(1, torch.get_num_threads() - 1)
+
+
+class CpuExperts:
+    """One layer's routed experts for one token on the CPU: ``layer(moe, x, ids, w)`` gives
+    ``sum_j w[j] * expert_ids[j](x)`` in float32, from the int4 store as it lies."""
+
+    def __init__(self, store: Any, layers: tuple[int, ...], threads: int | None = None,
+                 cache_dir: Path | None = None, compiled: bool = True):
+        if store.fmt != "int4":
+            raise ValueError("the CPU expert kernel reads int4 experts")
+        self.store, self.layers = store, tuple(layers)
+        self.threads = threads or default_threads()
+        self.k_max = 64
+        self.lib, self.why = (None, "torch (asked for)")
+        if compiled:
+            if cache_dir is None:
+                from moechat.backends.moe_offload.build import default_cache_dir
+                cache_dir = default_cache_dir()
+            self.lib, self.why = build_library(Path(cache_dir) / "kernels")
+        self.handle = None
+        if self.lib is not None:
+            self.handle = self.lib.engine_new(self.threads, store.hidden, store.intermediate, store.group, self.k_max)
+            self.why = f"compiled kernel, {self.threads} threads"
+        self.ids = torch.zeros(self.k_max, dtype=torch.int32)
+        self.w = torch.zeros(self.k_max, dtype=torch.float32)
+
+    @property
+    def compiled(self) -> bool:
+        return self.handle is not None
+
+    def pointers(self, layer: int) -> tuple[int, int, int, int]:
+        p = self.store.layers[layer]
+        return (p["gate_up"].data.data_ptr(), p["gate_up"].scale.data_ptr(),
+                p["down"].data.data_ptr(), p["down"].scale.data_ptr())
+
+    def layer(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x`` [H], ``ids`` [n], ``w`` [n] on the CPU -> [H] float32."""
+        layer = self.layers[moe]
+        x = x.detach().float().contiguous()
+        n = ids.numel()
+        if not self.compiled or n > self.k_max:
+            return reference_layer(self.store, layer, x, ids, w)
+        out = torch.empty(self.store.hidden, dtype=torch.float32)
+        self.ids[:n].copy_(ids)
+        self.w[:n].copy_(w)
+        self.lib.experts_layer(self.handle, x.data_ptr(), n, self.ids.data_ptr(), self.w.data_ptr(),
+                               *self.pointers(layer), out.data_ptr())
+        return out
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.lib.engine_free(self.handle)
+            self.handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def reference_layer(store: Any, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The same sum through the reference dequantization (``quant.dequantize``) in float32."""
+    ids = ids.long()
+    p = store.layers[layer]
+    gu = quant.dequantize("int4", p["gate_up"].data[ids], p["gate_up"].scale[ids], torch.float32)
+    dn = quant.dequantize("int4", p["down"].data[ids], p["down"].scale[ids], torch.float32)
+    h = torch.einsum("krc,c->kr", gu, x.float())
+    g, u = h.chunk(2, dim=-1)
+    y = torch.einsum("krc,kc->kr", dn, F.silu(g) * u)
+    return (y * w.float()[:, None]).sum(0)
