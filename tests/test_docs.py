@@ -34,7 +34,8 @@ def section(hook: str) -> str:
 
 
 def test_there_are_hooks():
-    assert set(HOOKS) == {"register_backends", "suggest_backend", "moechat_event"}
+    assert set(HOOKS) == {"register_backends", "suggest_backend", "inspect_model", "model_file_suffixes",
+                          "moechat_event"}
 
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
