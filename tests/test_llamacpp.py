@@ -51,7 +51,8 @@ class TestLlamaCpp(BackendContract):
     backend = "llama.cpp"
 
     def test_stats_carry_what_llama_cpp_measured(self, manager):
-        _, last = collect(manager.generate(chat("Hello there", temperature=0, max_new_tokens=6)))
+        # a prompt no earlier test sent, so llama.cpp evaluates all of it (no cached prefix)
+        _, last = collect(manager.generate(chat("Numbers: 0 1 2 3", temperature=0, max_new_tokens=6)))
         stats = manager.stats()["backend_stats"]
         assert stats["llama_eval_tokens"] >= last.usage["completion_tokens"] - 1 >= 1
         assert stats["llama_prompt_eval_tokens"] >= 1 and stats["llama_eval_ms"] > 0
@@ -149,9 +150,46 @@ def test_a_file_that_does_not_fit_gets_a_plan_and_advice(gguf):
     out = moechat("plan", str(gguf), "--backend", "llama.cpp", "--ram-gb", "0.05", "--set", "max_context=8192")
     assert out.returncode == 3, out.stderr
     assert "weights in host RAM" in out.stdout and "KV cache for 8192 tokens (f16)" in out.stdout
-    assert "This does not fit." in out.stdout and "close other programs, lower max_context" in out.stdout
+    assert "This does not fit." in out.stdout and "(close other programs), lower max_context" in out.stdout
     fits = moechat("plan", str(gguf), "--backend", "llama.cpp", "--ram-gb", "8")
     assert fits.returncode == 0 and "This fits." in fits.stdout
+
+
+def test_the_plan_splits_layers_between_gpu_and_ram_as_llama_cpp_does(gguf, monkeypatch):
+    """With a GPU build: the last gpu_layers blocks on the GPU, the output layer too when all are,
+    token embeddings in RAM; a card too small gets the gpu_layers that fits."""
+    from gguf import GGUFReader
+
+    import moechat_llamacpp as plugin
+    from moechat.backends.machine import Gpu, Machine
+
+    monkeypatch.setattr(plugin, "gpu_build", lambda: True)
+    sizes: dict[str, int] = {}
+    for t in GGUFReader(gguf).tensors:
+        where = t.name.split(".")[1] if t.name.startswith("blk.") else t.name.split(".")[0]
+        sizes[where] = sizes.get(where, 0) + int(t.n_bytes)
+    model = plugin.gguf_file.model_info(gguf)
+    host = 8 * 1024**3
+
+    def plan(gpu_layers: int, gpu_bytes: int = 16 * 1024**3):
+        machine = Machine([Gpu(0, "a test card", gpu_bytes, 0)], host, host, 2)
+        return plugin.LlamaCppBackend.plan(model, plugin.LlamaCppSettings(model=model.path, gpu_layers=gpu_layers),
+                                           machine)
+
+    def weights(p, device: str) -> int:
+        return sum(i.bytes for i in p.items if i.device == device and "weights" in i.what)
+
+    every = plan(-1)
+    assert weights(every, "gpu") == sizes["0"] + sizes["1"] + sizes["output_norm"] + sizes["output"]
+    assert weights(every, "host") == sizes["token_embd"]
+    one = plan(1)
+    assert weights(one, "gpu") == sizes["1"] and one.fits
+    none = plan(0)
+    assert weights(none, "gpu") == 0 and none.gpu_available is None
+    kv = [i for i in one.items if i.what.startswith("KV cache")]
+    assert sorted(i.device for i in kv) == ["gpu", "host"] and kv[0].bytes == kv[1].bytes  # one block each
+    small = plan(-1, gpu_bytes=one.gpu_bytes)
+    assert not small.fits and "Set gpu_layers to 1 (of 2)" in " ".join(small.advice)
 
 
 def test_a_quantized_kv_cache_without_flash_attention_is_refused_with_a_sentence(gguf, tmp_path):

@@ -56,7 +56,7 @@ def test_load_a_gguf_chat_stop_switch_and_back(page):
     send(page, "Hello there")
     reply = wait_reply(page, lambda t: f"llama.cpp · {FILE}" in t)
     assert "reply tokens" in reply and "tok/s" in reply
-    wait_text(page, "#stats", "llama_decode_tok_s")                       # what llama.cpp measured
+    wait_text(page, "#stats", "llama decode tok s")                       # what llama.cpp measured
     shot(page, "llamacpp-01-loaded-and-replied")
 
     fill(page, "sampling-max_new_tokens", "29000")

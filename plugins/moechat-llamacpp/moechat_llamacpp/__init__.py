@@ -10,6 +10,7 @@ file is read.
 
 from __future__ import annotations
 
+import codecs
 import random
 from collections.abc import Iterator
 from importlib.util import find_spec
@@ -113,8 +114,24 @@ def placement(g: gguf_file.GgufFile, gpu_layers: int, n_cpu_moe: int, on_gpu: bo
     return gpu, host, len(attn_blocks)
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+def memory_items(g: gguf_file.GgufFile, settings: LlamaCppSettings, gpu_layers: int, on_gpu: bool,
+                 context: int) -> list[MemoryItem]:
+    """What a load needs where, for ``gpu_layers`` blocks on the GPU (when ``on_gpu``)."""
+    gpu_w, host_w, gpu_attn = placement(g, gpu_layers, settings.n_cpu_moe, on_gpu)
+    kv = g.kv_bytes_per_token(settings.kv_cache_type) * context
+    kv_gpu = kv * gpu_attn // g.attention_layers if g.attention_layers else 0
+    width = g.arch_key("embedding_length") or 0
+    vocab = g.arch_key("vocab_size") or 0
+    batch = min(settings.batch_size, context)
+    compute = batch * (vocab + 16 * width) * 4  # llama.cpp's compute buffer: logits and activations of a batch
+    fmt = f"{g.quantization}, mmap" if settings.use_mmap else g.quantization
+    kv_what = f"KV cache for {context} tokens ({settings.kv_cache_type})"
+    items = [MemoryItem("worker process (Python, llama.cpp)", "host", WORKER_BYTES),
+             MemoryItem("weights on the GPU", "gpu", gpu_w, fmt),
+             MemoryItem("weights in host RAM", "host", host_w, fmt),
+             MemoryItem(kv_what, "gpu", kv_gpu), MemoryItem(kv_what, "host", kv - kv_gpu),
+             MemoryItem(f"compute buffer (batch of {batch})", "gpu" if on_gpu else "host", compute, "estimate")]
+    return [i for i in items if i.bytes]
 
 
 def not_gguf(path: str | None) -> GgufError:
@@ -149,56 +166,27 @@ class LlamaCppBackend(Backend):
         gpus = list(getattr(machine, "gpus", []) or [])
         on_gpu = bool(gpus) and gpu_build() and settings.gpu_layers != 0
         context = min(settings.max_context, model.context_length or settings.max_context)
-        plan = MemoryPlan(host_available=machine.host_available)
-        if gpus:
-            plan.gpu_available = max(gpus[0].total - gpus[0].used, 0) if on_gpu else None
-        gpu_w, host_w, gpu_attn = placement(g, settings.gpu_layers, settings.n_cpu_moe, on_gpu)
-        kv = g.kv_bytes_per_token(settings.kv_cache_type) * context
-        kv_gpu = kv * gpu_attn // g.attention_layers if g.attention_layers else 0
-        width = g.arch_key("embedding_length") or 0
-        vocab = g.arch_key("vocab_size") or 0
-        # llama.cpp's compute buffer: logits and activations of one batch (an estimate).
-        compute = min(settings.batch_size, context) * (vocab + 16 * width) * 4
-        fmt = f"{g.quantization}, mmap" if settings.use_mmap else g.quantization
-        plan.items.append(MemoryItem("worker process (Python, llama.cpp)", "host", WORKER_BYTES))
-        if gpu_w:
-            plan.items.append(MemoryItem("weights on the GPU", "gpu", gpu_w, fmt))
-        if host_w:
-            plan.items.append(MemoryItem("weights in host RAM", "host", host_w, fmt))
-        if kv:
-            if kv_gpu:
-                plan.items.append(MemoryItem(f"KV cache for {context} tokens ({settings.kv_cache_type})", "gpu", kv_gpu))
-            if kv - kv_gpu:
-                plan.items.append(MemoryItem(f"KV cache for {context} tokens ({settings.kv_cache_type})", "host",
-                                             kv - kv_gpu))
-        plan.items.append(MemoryItem(f"compute buffer (batch of {min(settings.batch_size, context)})",
-                                     "gpu" if on_gpu else "host", compute, "estimate"))
-        if gpus and not on_gpu:
+        plan = MemoryPlan(items=memory_items(g, settings, settings.gpu_layers, on_gpu, context),
+                          host_available=machine.host_available)
+        if on_gpu:
+            plan.gpu_available = max(gpus[0].total - gpus[0].used, 0)
+        elif gpus:
             plan.notes.append("Everything runs on the CPU: " + (
                 "gpu_layers is 0." if settings.gpu_layers == 0 else
                 "this llama-cpp-python is a CPU build (reinstall with CMAKE_ARGS=-DGGML_CUDA=on)."))
         if settings.n_cpu_moe:
             plan.notes.append(NO_CPU_MOE + "; the load will refuse n_cpu_moe above 0.")
-        cls._advise(plan, g, settings, on_gpu, context)
-        return plan
-
-    @classmethod
-    def _advise(cls, plan: MemoryPlan, g: gguf_file.GgufFile, settings: LlamaCppSettings, on_gpu: bool,
-                context: int) -> None:
         if plan.gpu_available is not None and plan.gpu_bytes > plan.gpu_available:
-            fixed = plan.gpu_bytes - sum(i.bytes for i in plan.items if i.device == "gpu" and "weights" in i.what)
-            fitting = 0
-            for layers in range(g.layers, -1, -1):
-                on, _, _ = placement(g, layers, settings.n_cpu_moe, True)
-                if on + fixed <= plan.gpu_available:
-                    fitting = layers
-                    break
+            fitting = next((n for n in range(g.layers, -1, -1)
+                            if sum(i.bytes for i in memory_items(g, settings, n, True, context)
+                                   if i.device == "gpu") <= plan.gpu_available), 0)
             plan.advice.append(f"Set gpu_layers to {fitting} (of {g.layers}) so the rest run on the CPU, or "
                                f"lower max_context (now {context}), or pick a smaller quantization of the model.")
         if plan.host_available is not None and plan.host_bytes > plan.host_available:
             more = ", or put more layers on the GPU (gpu_layers)" if on_gpu and settings.gpu_layers >= 0 else ""
-            plan.advice.append(f"{g.path.name} needs {gb(plan.host_bytes)} of host RAM but {gb(plan.host_available)} "
-                               f"is free: close other programs, lower max_context or pick a smaller quantization{more}.")
+            plan.advice.append(f"Free host RAM (close other programs), lower max_context or pick a smaller "
+                               f"quantization of the model{more}.")
+        return plan
 
     # ---- in the worker -----------------------------------------------------------------------
     def load(self, settings: LlamaCppSettings, progress) -> dict[str, Any]:
@@ -246,19 +234,31 @@ class LlamaCppBackend(Backend):
             raise BackendError("The request has no messages.")
         cont = request.continue_last and messages[-1]["role"] == "assistant"
         if self.template:
-            import jinja2
-
-            env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True)
-            render = env.from_string(self.template).render
-            eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode(errors="replace")
-            text = render(messages=messages[:-1] if cont else messages, add_generation_prompt=True,
-                          bos_token="", eos_token=eos)
+            text = self.render_template(messages[:-1] if cont else messages)
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in (messages[:-1] if cont else messages))
             text += "assistant: "
         if cont:
             text += messages[-1]["content"]
         return self.llm.tokenize(text.encode(), add_bos=True, special=True)
+
+    def render_template(self, messages: list[dict[str, str]]) -> str:
+        """The GGUF's chat template (``tokenizer.chat_template``) rendered in Jinja's sandbox: the
+        template comes from a file, and a file must not run code on the server."""
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode(errors="replace")
+        try:
+            return env.from_string(self.template).render(
+                messages=messages, add_generation_prompt=True, bos_token="", eos_token=eos,
+                raise_exception=raise_exception)
+        except TemplateError as exc:
+            raise BackendError(f"The chat template in {self.file.name} failed: {exc}") from None
 
     def count_prompt_tokens(self, request: GenerateRequest) -> int | None:
         return len(self.prompt_ids(request))
@@ -288,7 +288,7 @@ class LlamaCppBackend(Backend):
         vocab = llm._model.vocab
         stops = [s for s in sp.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
-        pending = b""      # bytes of a character not yet complete
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character
         text = ""          # decoded text not yet sent (held back while it may start a stop string)
         made, finish = 0, "length"
         tokens = llm.generate(ids, top_k=sp.top_k, top_p=sp.top_p, min_p=0.0, temp=sp.temperature,
@@ -302,10 +302,7 @@ class LlamaCppBackend(Backend):
                     finish = "stop"
                     break
                 made += 1
-                pending += llm.detokenize([token], prev_tokens=None, special=False)
-                piece = pending.decode("utf-8", errors="ignore")
-                if piece.encode() == pending:
-                    pending, text = b"", text + piece
+                text += decoder.decode(llm.detokenize([token], special=False))
                 hit = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
                 if hit >= 0:
                     yield Chunk(text=text[:hit], tokens=1)
@@ -318,8 +315,9 @@ class LlamaCppBackend(Backend):
                     break
         finally:
             tokens.close()
-        if finish != "cancelled" and (text or pending):
-            yield Chunk(text=text + pending.decode("utf-8", errors="replace"))
+        text += decoder.decode(b"", final=True)
+        if finish != "cancelled" and text:
+            yield Chunk(text=text)
         self._record(made, finish)
         yield Chunk(finish_reason=finish)
 
