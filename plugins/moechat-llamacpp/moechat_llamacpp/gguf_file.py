@@ -130,7 +130,7 @@ def read(path: str | Path) -> GgufFile:
     with path.open("rb") as f:
         head = f.read(4)
     if head != MAGIC:
-        what = "is empty" if size == 0 else f"starts with {head!r}, not GGUF"
+        what = "is empty" if size == 0 else "does not start with the bytes GGUF"
         raise GgufError(f"{path.name} is not a GGUF file (it {what}). llama.cpp runs .gguf files: convert "
                         "a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py, or pick another backend.")
     import numpy as np
