@@ -234,7 +234,7 @@ def test_bench_measures_llama_cpp_on_a_gguf(gguf, tmp_path):
                   "--gen-tokens", "8", "--repeat", "2", "--warmup", "1", "--bandwidth-mb", "0", "--no-progress",
                   "--json", str(path))
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(path.read_text())
-    assert result["backend"] == "llama.cpp"
-    assert result["decode_tok_s"]["median"] > 0 and result["prefill_tok_s"]["median"] > 0
-    assert result["backend_stats"]["llama_eval_tokens"] >= 1
+    case = json.loads(path.read_text())["cases"][0]
+    assert case["backend"] == "llama.cpp" and case["model"] == str(gguf)
+    assert case["decode_tok_s"]["median"] > 0 and case["prefill_tok_s"]["median"] > 0
+    assert case["backend_stats"]["llama_eval_tokens"] >= 1
