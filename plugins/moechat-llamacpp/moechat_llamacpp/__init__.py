@@ -60,7 +60,9 @@ class LlamaCppSettings(BackendSettings):
                                                 "(llama.cpp's --n-cpu-moe). " + NO_CPU_MOE + ": leave it at 0 "
                                                 "and lower gpu_layers instead, or use moe-offload.")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for generation. Empty: "
-                                                                  "llama.cpp's default.")
+                                                                  "llama.cpp's default, about one per core; on a "
+                                                                  "small machine that also serves the page, leave "
+                                                                  "a core free.")
     batch_size: int = Field(512, ge=1, le=65536, description="Prompt tokens evaluated per step (n_batch); "
                                                              "Stop takes effect between steps.")
     flash_attention: bool = Field(False, description="Use flash attention (needed for a quantized V cache).")
