@@ -34,6 +34,19 @@ def suggest_backend(model: ModelInfo) -> str | None:
     The first non-None answer wins; the built-in plugin answers last."""
 
 
+@hookspec(firstresult=True)
+def inspect_model(path: str) -> ModelInfo | None:
+    """Read a model that is not a Hugging Face folder (a single-file format such as GGUF): return
+    its ``ModelInfo``, or None to let other plugins and then moechat's own reader try. Raise
+    ``BackendError`` with a sentence when the file is yours but unusable. Reads headers only."""
+
+
+@hookspec
+def model_file_suffixes() -> list[str]:
+    """File name endings (``".gguf"``) of single-file models this plugin reads; the page's model
+    picker lists such files under the models folder."""
+
+
 @hookspec
 def moechat_event(name: str, data: dict[str, Any]) -> None:
     """Observe what the app does: ``load_started``, ``load_finished``, ``load_failed``,

@@ -344,8 +344,8 @@ class BackendManager:
 
     # ---- loading ------------------------------------------------------------------------
     def resolve_model(self, folder: str, *, weights: bool = True) -> ModelInfo:
-        """The ModelInfo of ``folder``; the demo model (created on first use) when empty.
-        ``weights=False`` (a plan only): a folder with config.json alone will do."""
+        """The ModelInfo of ``folder`` (or of a model file a plugin reads); the demo model (created
+        on first use) when empty. ``weights=False`` (a plan only): a folder with config.json alone will do."""
         from moechat.backends import synthetic
         if synthetic.is_synthetic(folder):
             return synthetic.model_info(folder)
@@ -360,6 +360,8 @@ class BackendManager:
                     check=True, capture_output=True,
                 )
             folder = str(demo)
+        elif (info := self.plugins.pm.hook.inspect_model(path=folder)) is not None:
+            return info  # a format a plugin reads (a GGUF file, say)
         return inspect(folder, weights=weights)
 
     def probe(self, entry: BackendEntry, settings: BackendSettings | None = None) -> Probe:

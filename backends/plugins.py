@@ -120,6 +120,10 @@ class Plugins:
             raise KeyError(f"No backend named {name!r}. Installed backends: {known}.")
         return backends[name]
 
+    def model_file_suffixes(self) -> tuple[str, ...]:
+        """Endings of the single-file models plugins read (``.gguf``), for the model picker."""
+        return tuple(sorted({s.lower() for found in self.pm.hook.model_file_suffixes() for s in found or ()}))
+
     def emit(self, name: str, **data) -> None:
         """Send an event to every plugin's ``moechat_event``; a failing observer is logged."""
         for impl in self.pm.hook.moechat_event.get_hookimpls():

@@ -34,7 +34,8 @@ def section(hook: str) -> str:
 
 
 def test_there_are_hooks():
-    assert set(HOOKS) == {"register_backends", "suggest_backend", "moechat_event"}
+    assert set(HOOKS) == {"register_backends", "suggest_backend", "inspect_model", "model_file_suffixes",
+                          "moechat_event"}
 
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
@@ -89,6 +90,16 @@ class RecordingPlugin:
     def moechat_event(self, name, data):
         self.called.setdefault("moechat_event", []).append(name)
 
+    @hookimpl
+    def inspect_model(self, path):
+        self.called.setdefault("inspect_model", []).append(path)
+        return None
+
+    @hookimpl
+    def model_file_suffixes(self):
+        self.called.setdefault("model_file_suffixes", []).append(None)
+        return [".recorded"]
+
 
 def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
     """A plugin implementing every hook: listing backends registers its backend, the app's
@@ -103,6 +114,9 @@ def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
     try:
         assert "recording" in manager.backends()
         assert manager.suggest(synthetic.model_info("synthetic:tiny")) == "recording"
+        with pytest.raises(BackendError, match="does not exist"):
+            manager.resolve_model(str(tmp_path / "no-such-model"))    # the plugin is asked first
+        assert ".recorded" in manager.plugins.model_file_suffixes()
         with pytest.raises(BackendError, match="loads nothing"):
             manager.load("recording", {})
     finally:
@@ -110,6 +124,7 @@ def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
     assert set(plugin.called) == set(HOOKS)
     assert plugin.called["suggest_backend"] == ["synthetic:tiny"]
     assert plugin.called["moechat_event"] == ["load_failed"]   # refused before anything starts
+    assert plugin.called["inspect_model"] == [str(tmp_path / "no-such-model")]
 
 
 def test_readme_starts_with_the_two_commands():

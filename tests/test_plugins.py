@@ -108,6 +108,43 @@ def test_suggest_backend_first_answer_wins_and_builtin_answers_last(tiny_models)
     assert hook(model=inspect(tiny_models["qwen3_moe"])) == "transformers"
 
 
+def test_a_plugin_reads_a_model_file_format_and_the_picker_lists_its_files(tiny_models, tmp_path):
+    """inspect_model: a plugin's reader answers for its files, moechat's own for Hugging Face
+    folders; model_file_suffixes: the picker lists files with those endings."""
+    from dataclasses import replace
+
+    from moechat.backends.manager import BackendManager
+    from moechat.backends.modelinfo import inspect
+    from moechat.webui.models import find_model_folders
+
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "sub" / "weights.onefile").write_text("one file")
+    (models / "notes.txt").write_text("not a model")
+
+    class OneFileFormat:
+        @hookimpl
+        def inspect_model(self, path):
+            if not path.endswith(".onefile"):
+                return None
+            return replace(inspect(tiny_models["llama"]), path=path, model_type="onefile")
+
+        @hookimpl
+        def model_file_suffixes(self):
+            return [".onefile"]
+
+    plugins = get_plugin_manager(extra_plugins=[OneFileFormat()])
+    manager = BackendManager(plugins, tmp_path / "home")
+    one_file = str(models / "sub" / "weights.onefile")
+    assert manager.resolve_model(one_file).model_type == "onefile"
+    assert manager.resolve_model(str(tiny_models["qwen3_moe"])).model_type == "qwen3_moe"
+    suffixes = plugins.model_file_suffixes()
+    assert ".onefile" in suffixes
+    listed = {m.label: m.path for m in find_model_folders(models, hf_cache=False, file_suffixes=suffixes)}
+    assert listed.get("sub/weights.onefile") == one_file
+    assert "notes.txt" not in listed
+
+
 def test_events_reach_observers_and_a_failing_observer_is_ignored(tmp_path):
     from moechat.backends.manager import BackendManager
     from moechat.backends.testing import chat, collect

@@ -36,10 +36,11 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """A fresh venv with the moechat, moechat-fake and moechat-remote wheels installed; its bin/."""
+    """A fresh venv with the moechat wheel and the wheels of the plugins in plugins/ installed; its bin/."""
     tmp = tmp_path_factory.mktemp("wheel")
     wheels = tmp / "wheels"
-    for project in (ROOT, ROOT / "plugins/moechat-fake", ROOT / "plugins/moechat-remote"):
+    # every plugin in plugins/, as `make install` installs them (their entry points are visible here)
+    for project in (ROOT, *sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))):
         run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
              "-w", str(wheels), str(project)], cwd=tmp)
     venv = tmp / "venv"
@@ -64,7 +65,7 @@ def test_the_wheel_installs_one_top_level_name(installed):
                 .stdout.strip())
     names = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth"))} - {"__pycache__"}
     assert "backends" not in names and "webui" not in names, names
-    assert {"moechat", "moechat_fake", "moechat_remote"} <= names
+    assert {"moechat", "moechat_fake", "moechat_remote", "moechat_llamacpp"} <= names
     where = run([str(installed / "python"), "-c", "import moechat.backends.api as a, moechat.webui.cli as c; "
                  "print(a.__file__); print(c.__file__)"], cwd="/").stdout.split()
     assert all(w.startswith(str(site)) for w in where), where
@@ -74,7 +75,7 @@ def test_installed_plugins_lists_every_built_in_backend(installed, tmp_path):
     out = run([str(installed / "moechat"), "plugins", "--json"], cwd=tmp_path, env=clean_env(tmp_path))
     listing = json.loads(out.stdout)
     names = {b["name"] for b in listing["backends"]}
-    assert BUILT_IN | {"fake", "remote"} <= names, names
+    assert BUILT_IN | {"fake", "remote", "llama.cpp"} <= names, names
     assert listing["failed_plugins"] == []
 
 

@@ -15,7 +15,7 @@ COMMANDS = {
     "plugins": "List backend plugins (with distribution and version), whether each can run here, and broken "
                "plugins; `plugins install PATH|NAME` installs one.",
     "settings": "List a backend's load settings with their types, defaults and descriptions.",
-    "inspect": "Describe a model folder and suggest a backend for it.",
+    "inspect": "Describe a model folder (or a model file such as .gguf) and suggest a backend for it.",
     "plan": "Say whether a model fits this machine's GPU and RAM with a backend and settings.",
     "bench": "Measure load time, prefill and decode speed and memory of a backend.",
     "compare": "Run one prompt through several saved presets (backend, model, settings), one after another.",

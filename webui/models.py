@@ -1,5 +1,6 @@
 """Model folders the page offers: folders with a config.json under the models directory, and
-snapshots in the Hugging Face cache layout (``models--org--name/snapshots/<rev>/``).
+snapshots in the Hugging Face cache layout (``models--org--name/snapshots/<rev>/``), and model
+files whose endings plugins read (``model_file_suffixes``: ``.gguf``, say).
 
 Reads directory listings only; nothing is downloaded or loaded.
 """
@@ -55,10 +56,11 @@ def _scan_hf_cache(cache: Path) -> list[ModelFolder]:
 
 
 def find_model_folders(models_dir: str | os.PathLike | None, hf_cache: str | os.PathLike | None | bool = True,
-                       depth: int = 2) -> list[ModelFolder]:
+                       depth: int = 2, file_suffixes: tuple[str, ...] = ()) -> list[ModelFolder]:
     """Model folders under ``models_dir`` (up to ``depth`` levels down; a folder in the Hugging
-    Face cache layout is read as a cache) and in ``hf_cache`` (True: the default cache; a path;
-    False/None: none). Sorted by label; unreadable folders are skipped."""
+    Face cache layout is read as a cache), files there ending in one of ``file_suffixes``, and
+    folders in ``hf_cache`` (True: the default cache; a path; False/None: none). Sorted by label;
+    unreadable folders are skipped."""
     found: list[ModelFolder] = []
     seen: set[str] = set()
 
@@ -77,9 +79,12 @@ def find_model_folders(models_dir: str | os.PathLike | None, hf_cache: str | os.
                 nxt = []
                 for folder in level:
                     try:
-                        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
                     except OSError:
                         continue
+                    add([ModelFolder(str(p.relative_to(root)), str(p)) for p in entries
+                         if file_suffixes and p.name.lower().endswith(file_suffixes) and p.is_file()])
+                    children = [p for p in entries if p.is_dir()]
                     for child in children:
                         if child.name.startswith("models--"):
                             continue

@@ -47,7 +47,8 @@ class LoadingPart:
 
 def folder_choices(ctx: Context) -> list[tuple[str, str]]:
     from moechat.webui.models import find_model_folders
-    found = [(m.label, m.path) for m in find_model_folders(ctx.models_dir)]
+    suffixes = ctx.manager.plugins.model_file_suffixes()
+    found = [(m.label, m.path) for m in find_model_folders(ctx.models_dir, file_suffixes=suffixes)]
     return [("Built-in demo model (tiny, random weights)", "")] + found
 
 
@@ -74,8 +75,8 @@ def layout(ctx: Context, options: Any) -> LoadingPart:
     gr.Markdown(broken, visible=bool(broken), elem_id="broken-plugins")
     folder = gr.Dropdown(choices=folder_choices(ctx), value=options.model or "", allow_custom_value=True,
                          label="Model folder", elem_id="model-folder",
-                         info="Pick a folder found under the models directory or the Hugging Face "
-                              "cache, or type the path of a model folder in one of them.")
+                         info="Pick a folder (or a model file such as .gguf) found under the models "
+                              "directory or the Hugging Face cache, or type its path in one of them.")
     names = sorted(backends)
     groups: dict[str, Any] = {}
     form_specs: dict[str, list[forms.FieldSpec]] = {}
