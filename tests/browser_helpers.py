@@ -128,8 +128,11 @@ def shot(page, name: str) -> Path:
 
 
 def doc_shot(locator, name: str) -> Path:
-    """A screenshot for the docs: ``locator``'s element, written to docs/img/NAME.png (committed)."""
-    path = ROOT / "docs" / "img" / f"{name}.png"
+    """A screenshot for the docs: ``locator``'s element as NAME.png. With MOECHAT_UPDATE_DOC_SHOTS=1
+    it replaces the committed docs/img/NAME.png; otherwise it goes to test-artifacts/, so a test
+    run leaves the checkout as it was."""
+    folder = ROOT / "docs" / "img" if os.environ.get("MOECHAT_UPDATE_DOC_SHOTS") == "1" else ARTIFACTS
+    path = folder / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     locator.screenshot(path=str(path))
     return path
