@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -178,6 +178,27 @@ class MemoryPlan:
         gpu_ok = self.gpu_available is None or self.gpu_bytes <= self.gpu_available
         host_ok = self.host_available is None or self.host_bytes <= self.host_available
         return gpu_ok and host_ok
+
+
+# The two marks a setting can carry (docs/plugin-hooks.md, "Secret and operator-only settings"):
+# a field typed ``SecretStr`` is write-only (never sent back to a browser, logged or echoed), and a
+# field with ``json_schema_extra={"operator_only": True}`` is set only by the operator (CLI/env),
+# never from the page or the API. These two functions are the only readers of the marks.
+OPERATOR_ONLY = "operator_only"
+
+
+def secret_fields(settings_cls: type[BaseModel]) -> set[str]:
+    """The names of ``settings_cls``'s fields typed ``SecretStr`` (optional or not)."""
+    import typing
+
+    return {name for name, info in settings_cls.model_fields.items()
+            if info.annotation is SecretStr or SecretStr in typing.get_args(info.annotation)}
+
+
+def operator_only_fields(settings_cls: type[BaseModel]) -> set[str]:
+    """The names of ``settings_cls``'s fields marked ``json_schema_extra={"operator_only": True}``."""
+    return {name for name, info in settings_cls.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get(OPERATOR_ONLY)}
 
 
 def probe_modules(*modules: str) -> Probe:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import SecretStr
 
-from moechat.backends.api import BackendError, GenerateRequest, Message, SamplingParams
+from moechat.backends.api import BackendError, GenerateRequest, Message, SamplingParams, secret_fields
 from moechat.backends.hookspecs import hookimpl
 from moechat.backends.manager import BackendManager
 from moechat.backends.plugins import get_plugin_manager
@@ -54,11 +54,6 @@ class EventLog:
     @hookimpl
     def moechat_event(self, name, data):
         self.events.append((name, data))
-
-
-def secret_fields(settings_cls) -> list[str]:
-    return [name for name, f in settings_cls.model_fields.items()
-            if f.annotation is SecretStr or "SecretStr" in str(f.annotation)]
 
 
 class BackendContract:

@@ -83,10 +83,15 @@ def test_the_cli_saves_presets_runs_them_in_turn_and_writes_json_markdown_and_sq
 
 def test_a_credential_in_a_preset_is_used_but_never_listed_stored_with_a_run_or_exported(tmp_path):
     store = cmp.CompareStore.in_data_dir(tmp_path)
-    store.save_preset(cmp.Preset("keyed", "fake", {"api_key": "sk-secret"}))
+    manager = BackendManager(get_plugin_manager(), tmp_path)
+    store.save_preset(cmp.Preset("keyed", "remote", {"api_key": "sk-secret", "model": "m"}))
     assert store.preset("keyed").settings["api_key"] == "sk-secret"     # kept for loading
+    shown = cmp.public_settings(manager, store.preset("keyed"))
+    assert shown == {"api_key": "(hidden)", "model": "m"}               # the SecretStr field, by type
+    gone = cmp.public_settings(manager, cmp.Preset("gone", "not-installed", {"token": "t", "model": "m"}))
+    assert gone == {"token": "(hidden)", "model": "m"}                  # unknown fields: all hidden
     run = cmp.CompareRun("hi", [{"role": "user", "content": "hi"}], {}, [
-        cmp.EntryResult("keyed", "fake", "", cmp.public_settings(store.preset("keyed").settings))])
+        cmp.EntryResult("keyed", "remote", "", shown)])
     store.save_run(run)
     assert "sk-secret" not in cmp.to_json(run) and "sk-secret" not in cmp.to_markdown(run)
     with sqlite3.connect(tmp_path / "compare.sqlite3") as db:

@@ -31,13 +31,11 @@ from typing import Any
 
 from loguru import logger
 
-from moechat.backends.api import BackendError, GenerateRequest, Message
+from moechat.backends.api import BackendError, GenerateRequest, Message, secret_fields
 from moechat.webui.handlers.stats import fmt_bytes
 
 AFTER_PREVIOUS = "previous"    # after a comparison, load again what was loaded before it
 AFTER_NOTHING = "nothing"      # leave nothing loaded
-# settings whose value is a credential: kept for loading, never shown, stored with a run or exported
-SECRET_WORDS = ("key", "token", "password", "secret")
 PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -45,13 +43,13 @@ class CompareError(Exception):
     """A sentence for the person: a bad preset name, an unknown preset, nothing to compare."""
 
 
-def is_secret(setting: str) -> bool:
-    return any(word in setting.lower() for word in SECRET_WORDS)
-
-
-def public_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` without credentials (what may be shown to others, stored with a run, exported)."""
-    return {k: ("(hidden)" if is_secret(k) and v else v) for k, v in settings.items()}
+def public_settings(manager: Any, preset: Preset) -> dict[str, Any]:
+    """``preset``'s settings without credentials (what may be shown to others, stored with a run,
+    exported): its backend's ``SecretStr`` fields hidden; every value but the model folder hidden
+    when the backend is not installed here (its fields are unknown)."""
+    entry = manager.backends().get(preset.backend)
+    hidden = secret_fields(entry.cls.Settings) if entry else set(preset.settings) - {"model"}
+    return {k: ("(hidden)" if k in hidden and v else v) for k, v in preset.settings.items()}
 
 
 @dataclass
@@ -219,7 +217,7 @@ class CompareRunner:
         after_name = after.name if isinstance(after, Preset) else after
         self.result = CompareRun(prompt=prompt or messages[-1]["content"], messages=messages,
                                  sampling=params.model_dump(), after=after_name, user=user,
-                                 entries=[EntryResult(p.name, p.backend, p.model, public_settings(p.settings))
+                                 entries=[EntryResult(p.name, p.backend, p.model, public_settings(manager, p))
                                           for p in presets])
 
     # ---- from other threads ----

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from moechat.webui.security import operator_only
+from moechat.backends.api import operator_only_fields
 
 # Fields the page shows elsewhere (the model folder has its own picker, shared by every backend).
 SHARED_FIELDS = ("model",)
@@ -61,7 +61,7 @@ def fields_of(settings_cls: type[BaseModel], skip: tuple[str, ...] = SHARED_FIEL
     """The form's fields: every setting but those in ``skip`` and the operator-only ones (those
     come from ``moechat serve --set`` only, never from the page)."""
     specs = []
-    fixed = operator_only(settings_cls)
+    fixed = operator_only_fields(settings_cls)
     for name, info in settings_cls.model_fields.items():
         if name in skip or name in fixed:
             continue

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 
-OPERATOR_ONLY = "operator_only"
+from moechat.backends.api import operator_only_fields
+
 MAX_FAILURES = 10              # wrong logins or keys from one address within FAILURE_WINDOW_S ...
 FAILURE_WINDOW_S = 60.0        # ... and that address gets 429 until the oldest failure is this old
 DEFAULT_MAX_REQUEST_MB = 4.0   # a request body larger than this is refused (413) before it is read
@@ -299,31 +300,10 @@ def bad_text(text: str) -> str | None:
 
 
 # ---- settings only the operator sets, and secret ones ----------------------------------------
-def operator_only(settings_cls: type[BaseModel]) -> set[str]:
-    """The names of the fields marked ``json_schema_extra={"operator_only": True}``."""
-    out = set()
-    for name, info in settings_cls.model_fields.items():
-        extra = info.json_schema_extra
-        if isinstance(extra, dict) and extra.get(OPERATOR_ONLY):
-            out.add(name)
-    return out
-
-
-def secret_fields(settings_cls: type[BaseModel]) -> set[str]:
-    """The names of the fields typed ``SecretStr`` (optional or not)."""
-    import typing
-    out = set()
-    for name, info in settings_cls.model_fields.items():
-        ann = info.annotation
-        if ann is SecretStr or SecretStr in typing.get_args(ann):
-            out.add(name)
-    return out
-
-
 def loader_settings(settings_cls: type[BaseModel], given: dict[str, Any], operator: dict[str, Any]) -> dict[str, Any]:
     """The settings of a load asked for on the page: what the loader gave, without the operator-only
     fields, which come from the operator's ``--set`` (or the backend's default) instead."""
-    fixed = operator_only(settings_cls)
+    fixed = operator_only_fields(settings_cls)
     out = {k: v for k, v in given.items() if k not in fixed}
     out.update({k: v for k, v in operator.items() if k in fixed})
     return out

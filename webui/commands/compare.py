@@ -43,7 +43,7 @@ def run(args) -> int:
             return save(args, manager, store)
         if args.list:
             for p in store.presets():
-                print(f"{p.label()}  {cmp.public_settings(p.settings)}")
+                print(f"{p.label()}  {cmp.public_settings(manager, p)}")
             return 0
         if not args.presets:
             print("moechat: name the presets to compare (see `moechat compare --list`), e.g. "

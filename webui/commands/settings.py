@@ -17,6 +17,9 @@ def describe_settings(settings_cls, needs_model: bool = True) -> list[dict]:
     The inherited ``model`` setting is left out for backends that read no model folder."""
     from pydantic import SecretStr
 
+    from moechat.backends.api import operator_only_fields, secret_fields
+
+    secrets, fixed = secret_fields(settings_cls), operator_only_fields(settings_cls)
     schema = settings_cls.model_json_schema()
     rows = []
     for name, info in settings_cls.model_fields.items():
@@ -26,14 +29,13 @@ def describe_settings(settings_cls, needs_model: bool = True) -> list[dict]:
         bounds = {k: prop[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum")
                   if k in prop}
         default = None if info.is_required() else info.get_default(call_default_factory=True)
-        secret = info.annotation is SecretStr or "SecretStr" in str(info.annotation)
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        secret = name in secrets
         rows.append({
             "name": name, "type": type_name(info.annotation), "required": info.is_required(),
             "default": "(hidden)" if secret and default else (default.get_secret_value() if isinstance(default, SecretStr)
                                                                else default),
             "bounds": bounds, "description": info.description or "",
-            "secret": secret, "operator_only": bool(extra.get("operator_only")),
+            "secret": secret, "operator_only": name in fixed,
         })
     return rows
 

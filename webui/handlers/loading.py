@@ -14,7 +14,8 @@ from moechat.backends.api import BackendError, Cancelled
 from moechat.backends.manager import BackendManager
 from moechat.webui.handlers.context import Context, may_manage, not_allowed
 from moechat.webui.models import folder_refusal
-from moechat.webui.security import loader_settings, secret_fields
+from moechat.backends.api import secret_fields
+from moechat.webui.security import loader_settings
 
 COMPARING = ("A comparison is running: it loads each of its presets in turn. Wait for it to finish, "
              "or press Cancel under Compare.")
