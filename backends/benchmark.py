@@ -26,11 +26,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moechat.backends.moe_offload.plan import WORKSPACE_BYTES
+
 SCHEMA_VERSION = 2
 GiB = 1024**3
-# GPU memory outside the layers that a budget must still cover at any depth: CUDA context and a
-# work area. Used only by scaled_budget.
-FIXED_GPU_BYTES = 2 * GiB
+# GPU memory outside the layers that a budget must still cover at any depth: the work area
+# moe-offload's engine and plan reserve (the torch cap a budget becomes does not count the CUDA
+# context). Used only by scaled_budget.
+FIXED_GPU_BYTES = WORKSPACE_BYTES
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
