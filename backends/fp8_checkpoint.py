@@ -103,8 +103,13 @@ def random_tensors(name: str, shape: tuple[int, ...], kind: str, gen: Any, devic
 
 
 def write(spec: str, folder: str | Path, *, seed: int = 0, device: str | None = None,
-          shard_bytes: int = SHARD_BYTES, progress: Any = print) -> Path:
-    """Write ``spec`` as a block-FP8 checkpoint into ``folder`` (created; must not exist)."""
+          shard_bytes: int = SHARD_BYTES, progress: Any = print, fmt: str = "fp8") -> Path:
+    """Write ``spec`` as a block-FP8 checkpoint (``fmt="fp8"``) or in the bf16 release layout
+    (``fmt="bf16"``: every tensor bf16, no quantization_config) into ``folder`` (created; must not
+    exist). ``synthetic.PROVENANCE`` in the folder names the spec, so a benchmark of the folder can
+    extrapolate to the full depth."""
+    if fmt not in ("fp8", "bf16"):
+        raise ValueError(f"fmt must be fp8 or bf16, not {fmt!r}")
     import torch
     from safetensors.torch import save_file
 
@@ -125,10 +130,13 @@ def write(spec: str, folder: str | Path, *, seed: int = 0, device: str | None = 
     special_ids = tuple(sorted(set(tokenizer.all_special_ids)))
 
     tensors = list(checkpoint_tensors(spec))
+    if fmt == "bf16":
+        tensors = [(name, shape, "bf16") for name, shape, _ in tensors]
     cfg = synthetic.config(spec)
-    cfg.pop("moechat_synthetic", None)
+    (part / synthetic.PROVENANCE).write_text(json.dumps(cfg.pop("moechat_synthetic")) + "\n")
     cfg["torch_dtype"] = "bfloat16"
-    cfg["quantization_config"] = quantization_config([n for n, _, _ in tensors])
+    if fmt == "fp8":
+        cfg["quantization_config"] = quantization_config([n for n, _, _ in tensors])
     (part / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -164,12 +172,14 @@ def write(spec: str, folder: str | Path, *, seed: int = 0, device: str | None = 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a synthetic model as a block-FP8 checkpoint folder.")
+    parser = argparse.ArgumentParser(description="Write a synthetic model as a checkpoint folder in a release layout.")
     parser.add_argument("folder")
     parser.add_argument("--model", default="synthetic:qwen3-next-80b-a3b?layers=4")
+    parser.add_argument("--format", choices=("fp8", "bf16"), default="fp8",
+                        help="fp8: the block-FP8 release layout (default); bf16: the bf16 release layout")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write(args.model, args.folder, seed=args.seed)
+    write(args.model, args.folder, seed=args.seed, fmt=args.format)
     return 0
 
 

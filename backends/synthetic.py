@@ -33,6 +33,9 @@ from urllib.parse import parse_qs
 from moechat.backends.api import BackendError, Progress, ProgressCallback
 
 PREFIX = "synthetic:"
+# A checkpoint folder written from a synthetic spec (moechat.backends.fp8_checkpoint) holds this
+# file: the spec's name, its depth and the full depth, so a benchmark of the folder extrapolates.
+PROVENANCE = "moechat_synthetic.json"
 
 # Qwen3-Next-80B-A3B-Instruct's config.json, a copy of the release's shapes (docs/facts.md):
 # 48 layers, 36 Gated DeltaNet + 12 gated attention, 512 experts. Read when asked for.
@@ -122,6 +125,17 @@ def config(model: str | Spec) -> dict[str, Any]:
     cfg["moechat_synthetic"] = {"name": spec.name, "layers": spec.layers,
                                 "full_layers": known_config(spec.name)["num_hidden_layers"]}
     return cfg
+
+
+def written_from(folder: str | Path) -> tuple[int, int] | None:
+    """(layers, full layers) of a checkpoint folder written from a synthetic spec; None for any
+    other folder."""
+    path = Path(folder) / PROVENANCE
+    try:
+        meta = json.loads(path.read_text())
+        return int(meta["layers"] or meta["full_layers"]), int(meta["full_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def full_layers(model: str | Spec) -> int:

@@ -137,6 +137,42 @@ def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     assert "2 of 4 layers" in ext.note and "extrapolated to 4 layers" in proc.stdout
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_a_checkpoint_written_from_synthetic_shapes_is_benchmarked_and_extrapolated(home, tmp_path, fmt, monkeypatch):
+    """A release-layout folder written from synthetic:tiny at 2 of 4 layers (as the GPU runs write
+    the 80B widths for vLLM and for load timings): moe-offload loads it from disk and the result is
+    extrapolated to the full depth like the synthetic spec itself."""
+    from moechat.backends import fp8_checkpoint
+
+    monkeypatch.setenv("MOECHAT_HOME", str(home))
+    folder = fp8_checkpoint.write("synthetic:tiny?layers=2", tmp_path / f"tiny-{fmt}", device="cpu",
+                                  fmt=fmt, progress=lambda *_: None)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert ("quantization_config" in cfg) == (fmt == "fp8") and cfg["num_hidden_layers"] == 2
+    assert synthetic.written_from(folder) == (2, 4) and synthetic.written_from(tmp_path) is None
+    path = tmp_path / "run.json"
+    proc = bench(home, "--backend", "moe-offload", "--model", str(folder), "--prompt-tokens", "8",
+                 "--gen-tokens", "3", "--repeat", "1", "--json", str(path), "--bandwidth-mb", "0",
+                 "--set", "int4_group_size=32")   # tiny widths (64) are narrower than the default group
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [c] = benchmark.read(path).cases
+    assert (c.layers, c.full_layers) == (2, 4) and c.extrapolated.layers == 4
+    assert c.detail["load_info"]["checkpoint_format"] == {"fp8": "fp8-block", "bf16": "dense"}[fmt]
+    # the first load converts the experts and writes them to the cache; the stages' times say how long each took
+    stages = [s["stage"] for s in c.detail["load_stages"]]
+    assert "Loading weights and converting experts" in stages and "Writing converted experts to the cache" in stages
+    assert sum(s["s"] for s in c.detail["load_stages"]) <= c.detail["load_wall_s"] + 1e-6
+    assert c.detail["host_rss_after_load_bytes"] > 0
+    # the second load reads the converted experts back from the cache
+    proc = bench(home, "--backend", "moe-offload", "--model", str(folder), "--prompt-tokens", "8", "--gen-tokens", "3",
+                 "--repeat", "1", "--json", str(path), "--bandwidth-mb", "0", "--set", "int4_group_size=32",
+                 "--note", "cached load")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = benchmark.read(path)
+    assert "Reading converted experts from the cache" in [s["stage"] for s in result.cases[0].detail["load_stages"]]
+    assert result.notes == ["cached load"] and result.cases[0].detail["load_info"]["experts_from_disk_cache"]
+
+
 def test_bench_refuses_a_load_that_does_not_fit_and_bad_input(home, tmp_path):
     path = tmp_path / "results" / "refused.json"
     proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--bandwidth-mb", "0",

@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--bandwidth-mb", type=int, default=256,
                    help="buffer size for the bandwidth measurement (0: skip it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--note", dest="notes", action="append", default=[], metavar="TEXT",
+                   help="a sentence about the run, kept in the result's notes (repeatable)")
 
 
 # ---- facts about the worker -------------------------------------------------------------------
@@ -170,6 +172,9 @@ def _depth(args) -> tuple[str, int | None, int | None]:
         spec = synthetic.parse(model_spec)
         full = synthetic.full_layers(spec)
         return model_spec, spec.layers or full, full
+    written = synthetic.written_from(model_spec) if model_spec else None
+    if written is not None:  # a checkpoint folder written from a synthetic spec: extrapolate it too
+        return model_spec, written[0], written[1]
     return model_spec, None, None
 
 
@@ -227,9 +232,13 @@ def measure(args):
     bar = Bar(args.no_progress)
     steps = args.repeat + args.warmup + 1  # load, warm-ups, runs
 
+    stages: list[tuple[float, str]] = []   # (when, stage) at each change of the load's stage
+
     def on_progress(p) -> None:
         frac = (p.done / p.total) if p.total else 0.0
         bar.show(f"load: {p.stage}", frac / steps)
+        if not stages or stages[-1][1] != p.stage:
+            stages.append((time.perf_counter(), p.stage))
 
     try:
         bar.show("measuring bandwidth", 0.0)
@@ -237,6 +246,10 @@ def measure(args):
         started = time.perf_counter()
         info = manager.load(args.backend, settings, on_progress=on_progress, force=args.force, checked=checked)
         load_wall = time.perf_counter() - started
+        load_stages = stage_times(stages, started + load_wall)
+        from moechat.backends.machine import process_rss
+        worker = manager.stats().get("worker_pid")
+        rss_after_load = process_rss(worker) if worker else None
         text = prompt_text(model_spec, args.prompt_tokens)
         runs: list[dict[str, Any]] = []
         for i in range(args.warmup + args.repeat):
@@ -283,9 +296,16 @@ def measure(args):
         "notes": [plan_check] if plan_check else [],
         "detail": {"model_summary": model.summary(), "load_wall_s": load_wall, "settings": state.settings,
                    "load_info": state.info, "plan": to_dict(state.plan) if state.plan is not None else None,
-                   "runs": runs},
+                   "load_stages": load_stages, "host_rss_after_load_bytes": rss_after_load, "runs": runs},
     }
-    return benchmark.result(benchmark.run_info("product", "moechat bench", facts), asked(args), [case])
+    return benchmark.result(benchmark.run_info("product", "moechat bench", facts), asked(args), [case],
+                            notes=list(getattr(args, "notes", None) or []))
+
+
+def stage_times(stages: list[tuple[float, str]], end: float) -> list[dict[str, Any]]:
+    """Seconds spent in each stage of a load, from the (time, stage) of each change of stage."""
+    bounds = [t for t, _ in stages[1:]] + [end]
+    return [{"stage": stage, "s": round(stop - start, 3)} for (start, stage), stop in zip(stages, bounds)]
 
 
 def summary(result) -> str:
