@@ -72,6 +72,11 @@ class VllmSettings(BackendSettings):
     max_num_seqs: int = Field(4, ge=1, le=1024, description="Most requests decoded together. A few is plenty "
                                                            "for a chat on a LAN; each costs KV cache.")
     tensor_parallel_size: int = Field(1, ge=1, le=16, description="Split the model over this many GPUs.")
+    gdn_prefill_backend: Literal["triton", "flashinfer", "auto"] = Field(
+        "triton", description="Kernel for the Gated DeltaNet prompt pass (Qwen3-Next). triton: vLLM's own, "
+                              "starts at once. flashinfer: FlashInfer's; on Hopper (H100/H200) it needs the "
+                              "nvidia-cutlass-dsl package, or vLLM 0.26 stops at the first prompt with 'SM90 GDN "
+                              "prefill DSL kernel is unavailable'. auto: vLLM's choice (FlashInfer on Hopper).")
 
 
 class VllmOffloadSettings(VllmSettings):
@@ -267,6 +272,8 @@ def engine_kwargs(settings: VllmSettings, model_path: str) -> dict[str, Any]:
         kw["max_model_len"] = int(settings.max_model_len)
     if settings.quantization != "auto":
         kw["quantization"] = settings.quantization
+    if settings.gdn_prefill_backend != "auto":
+        kw["gdn_prefill_backend"] = settings.gdn_prefill_backend
     if isinstance(settings, VllmOffloadSettings):
         params = param_segments(settings.offload_params)
         kw["offload_backend"] = settings.offload_backend

@@ -54,6 +54,10 @@ def memory_growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
             "gpu_used_bytes": after["gpu_used_bytes"]}
 
 
+# Engine arguments left out where the installed vLLM lacks them (instead of refusing the load).
+OPTIONAL_ARGS = frozenset({"gdn_prefill_backend"})
+
+
 class VllmEngine:
     """One AsyncLLM on its own event loop thread."""
 
@@ -63,7 +67,10 @@ class VllmEngine:
         import vllm
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        unknown = sorted(set(engine_kwargs) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        # a kernel choice that vLLMs older than 0.2x do not offer: they have no other kernel to avoid
+        engine_kwargs = {k: v for k, v in engine_kwargs.items() if k in known or k not in OPTIONAL_ARGS}
+        unknown = sorted(set(engine_kwargs) - known)
         if unknown:
             raise BackendError(f"This vLLM ({vllm.__version__}) has no {', '.join(unknown)} engine argument, "
                                "which these settings need: install vLLM 0.28 or newer in the vLLM environment "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The comparison set on a GPU machine, in under 10 minutes: every backend that can run there
 # (moe-offload, transformers-bnb4, transformers, vllm when its interpreter is there), on
-# Qwen3-Next-80B-A3B's shapes (random weights, LAYERS of 48 layers at full width, extrapolated to
-# 48), at 16 and 24 GB VRAM budgets (enforced in the worker). Writes one JSON per run to
+# Qwen3-Next-80B-A3B's shapes (random weights; the FULL backends at all 48 layers, the others at
+# LAYERS of 48 layers at full width, extrapolated to 48), at 16 and 24 GB VRAM budgets (enforced
+# in the worker). Writes one JSON per run to
 # bench/results/compare-DATE-CARD/ and regenerates BENCHMARKS.md and bench/chart.png.
 #
 #   bench/gpu_compare.sh                   # from the repository root
@@ -103,7 +104,13 @@ path, backend, budget, layers, sentence = sys.argv[1:]
 args = Namespace(backend=backend, model='synthetic:qwen3-next-80b-a3b', layers=int(layers), vram_budget_gb=float(budget))
 benchmark.write(path, failure_record(args, sentence))" "$@"
 }
-layers_of() { case " $SLOW " in *" $1 "*) echo "$SLOW_LAYERS" ;; *) echo "$LAYERS" ;; esac; }
+# backends fast enough that a token's fixed cost matters run at the full depth: extrapolating them
+# from a few layers multiplies that cost too (docs/benchmarks.md, "Extrapolation")
+FULL=${FULL:-"moe-offload"}
+layers_of() {
+  case " $SLOW " in *" $1 "*) echo "$SLOW_LAYERS"; return ;; esac
+  case " $FULL " in *" $1 "*) echo 48 ;; *) echo "$LAYERS" ;; esac
+}
 
 for budget in $BUDGETS; do
   for backend in $BACKENDS; do
@@ -114,7 +121,7 @@ for budget in $BUDGETS; do
       record_failure "$name" "$backend" "$budget" "$(layers_of "$backend")" "Not run: the comparison's ${TOTAL_S} s were used up."
       continue
     fi
-    shape=(--layers "$LAYERS" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT")
+    shape=(--layers "$(layers_of "$backend")" --prompt-tokens "$PROMPT" --gen-tokens "$GEN" --repeat "$REPEAT")
     case " $SLOW " in
       *" $backend "*) shape=(--layers "$SLOW_LAYERS" --prompt-tokens 16 --gen-tokens 3 --repeat 1 --warmup 0) ;;
     esac

@@ -92,7 +92,8 @@ def used():
     return [int(x) * 2**20 for x in q]
 out = {"before": used()}
 from vllm import LLM, SamplingParams
-llm = LLM(model=sys.argv[1], gpu_memory_utilization=float(sys.argv[2]), enforce_eager=True, max_model_len=1024)
+llm = LLM(model=sys.argv[1], gpu_memory_utilization=float(sys.argv[2]), enforce_eager=True, max_model_len=1024,
+          gdn_prefill_backend="triton")  # FlashInfer's Hopper kernel needs nvidia-cutlass-dsl (docs/vllm.md)
 out["text"] = llm.generate(["The quick brown fox"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
 out["loaded"] = used()
 try:
@@ -124,7 +125,8 @@ try:
     from vllm import LLM, SamplingParams
     started = time.time()
     llm = LLM(model=cfg["model"], gpu_memory_utilization=cfg["util"], enforce_eager=True,
-              max_model_len=cfg["max_model_len"], max_num_seqs=4, cpu_offload_gb=cfg["offload_gb"])
+              max_model_len=cfg["max_model_len"], max_num_seqs=4, cpu_offload_gb=cfg["offload_gb"],
+              gdn_prefill_backend="triton")
     out["load_s"] = round(time.time() - started, 1)
 except BaseException as exc:
     out["error"] = (type(exc).__name__ + ": " + str(exc))[:3000]

@@ -1,21 +1,19 @@
 """Settings -> vLLM engine and sampling arguments, checked against vLLM's real signatures.
 
-vLLM cannot be installed here (CUDA-only, a 336 MB wheel), so the signatures below were read
-from vLLM's source and written down. Where they come from:
+vLLM cannot be installed here (CUDA-only, a 290 MB wheel), so the signatures below are written
+down. They were first read from vLLM's documentation (2026-05-07) and then checked field by field,
+annotation by annotation, against vLLM 0.26.0's own wheel (``vllm/engine/arg_utils.py``, class
+``EngineArgs``; ``AsyncEngineArgs`` adds ``enable_log_requests``), the version installed on the lent
+GPU machine on 2026-12-06, where ``scripts/vllm_gpu_check.py``'s signature step compared them with
+``dataclasses.fields(AsyncEngineArgs)`` and found every recorded name. Other sources:
 
-- ``EngineArgs`` fields: ``vllm/engine/arg_utils.py``, class ``EngineArgs`` (``AsyncEngineArgs``
-  adds only ``enable_log_requests``), as rendered from source on docs.vllm.ai/en/latest
-  ("Source code in vllm/engine/arg_utils.py"), captured 2026-05-07.
 - ``OffloadBackend``: ``vllm/config/offload.py``; ``CacheDType``: ``vllm/config/cache.py``;
   ``QuantizationMethods``: ``vllm/model_executor/layers/quantization/__init__.py``.
 - ``SamplingParams`` / ``RequestOutputKind``: ``vllm/sampling_params.py``; ``AsyncLLM``:
   ``vllm/v1/engine/async_llm.py``; ``RequestStateStats`` / ``SchedulerStats``:
   ``vllm/v1/metrics/stats.py``.
-
-VERSION NOTE: the brief targets vLLM 0.33.0. The newest vLLM source that could be read here is
-the untagged "latest" documentation build of 2026-05-07 (the page does not name its version), so
-these records are that build's, not a verified read of the 0.33.0 tag. ``scripts/vllm_gpu_check.py`` compares this record against the vLLM
-actually installed (``dataclasses.fields(AsyncEngineArgs)``) and writes any difference down.
+- ``gdn_prefill_backend`` (0.26.0): ``Literal["flashinfer", "triton", "cutedsl"] | None``; vLLM's
+  ``auto`` picks FlashInfer on Hopper (``vllm/model_executor/layers/mamba/gdn/qwen_gdn_linear_attn.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from moechat.backends.api import GenerateRequest, Message, SamplingParams
 from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_env, engine_kwargs, param_segments,
                             sampling_kwargs)
 
-RECORDED_FROM = "vLLM source as on docs.vllm.ai/en/latest, 2026-05-07 (brief targets 0.33.0; see VERSION NOTE)"
+RECORDED_FROM = "vLLM 0.26.0's wheel (vllm/engine/arg_utils.py and friends), checked 2026-12-06"
 
 # name -> the Python types a value may have (from the annotation; None where it is Optional).
 ENGINE_ARGS: dict[str, tuple[type, ...]] = {
@@ -65,7 +63,9 @@ ENGINE_ARGS: dict[str, tuple[type, ...]] = {
     "enforce_eager": (bool,),
     "disable_custom_all_reduce": (bool,),
     "enable_log_requests": (bool,),  # AsyncEngineArgs
+    "gdn_prefill_backend": (str, type(None)),
 }
+GDN_PREFILL_BACKEND = {"flashinfer", "triton", "cutedsl"}
 # Literal choices of the fields above (a subset where the Literal is long).
 OFFLOAD_BACKEND = {"auto", "uva", "prefetch"}
 CACHE_DTYPE = {"auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla"}
@@ -125,6 +125,8 @@ def test_every_engine_argument_is_a_real_field_of_the_right_type(settings):
         assert kw["quantization"] in QUANTIZATION_METHODS
     if "offload_backend" in kw:
         assert kw["offload_backend"] in OFFLOAD_BACKEND
+    # FlashInfer's Gated DeltaNet kernel is not asked for by default: on Hopper it stopped vLLM 0.26
+    assert kw["gdn_prefill_backend"] == "triton"
 
 
 def test_the_translation_says_what_the_settings_say():
@@ -133,7 +135,10 @@ def test_the_translation_says_what_the_settings_say():
                                     tensor_parallel_size=2), "/m")
     assert kw == {"model": "/m", "tokenizer": "/m", "trust_remote_code": False, "gpu_memory_utilization": 0.8,
                   "kv_cache_dtype": "fp8", "enforce_eager": True, "max_num_seqs": 3, "tensor_parallel_size": 2,
-                  "disable_log_stats": False, "max_model_len": 8192, "quantization": "awq"}
+                  "disable_log_stats": False, "max_model_len": 8192, "quantization": "awq",
+                  "gdn_prefill_backend": "triton"}
+    assert "gdn_prefill_backend" not in engine_kwargs(VllmSettings(gdn_prefill_backend="auto"), "/m")
+    assert engine_kwargs(VllmSettings(gdn_prefill_backend="flashinfer"), "/m")["gdn_prefill_backend"] in GDN_PREFILL_BACKEND
     # auto leaves quantization to the checkpoint, and no offload keys appear without offload
     plain = engine_kwargs(VllmSettings(), "/m")
     assert "quantization" not in plain and "max_model_len" not in plain
