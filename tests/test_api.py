@@ -192,6 +192,22 @@ def test_a_page_login_is_the_api_key_when_no_key_is_set(fake_server):
     assert [m.id for m in client(fake_server, LOGIN).models.list().data] == ["fake-echo"]
 
 
+def test_a_prompt_of_far_more_characters_than_the_context_holds_is_a_400_before_it_is_tokenized(fake_server):
+    """The fake backend (context 4096) counts one token per word: by tokens this one-word prompt
+    fits, by characters it cannot."""
+    from moechat.backends.worker import MAX_CHARS_PER_TOKEN
+    c = client(fake_server, LOGIN)
+    counted = get_json(fake_server.url + "v1/stats", LOGIN)[1]["backend_stats"]["fake_prompt_chars_counted"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            reply = ask(c, "x" * (4096 * MAX_CHARS_PER_TOKEN + 1), stream=stream, model="fake-echo", max_tokens=4)
+            list(reply) if stream else reply
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+        assert e.value.body["message"].startswith(f"The prompt is {4096 * MAX_CHARS_PER_TOKEN + 1:,} characters "
+                                                  "but this model takes at most 4096 tokens")
+    assert get_json(fake_server.url + "v1/stats", LOGIN)[1]["backend_stats"]["fake_prompt_chars_counted"] == counted
+
+
 def test_leaving_mid_stream_stops_the_generation(fake_server):
     c = client(fake_server, LOGIN)
     stream = ask(c, ECHO, stream=True, model="fake-echo")

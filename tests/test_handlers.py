@@ -275,6 +275,25 @@ def test_a_prompt_longer_than_the_context_is_refused_with_a_sentence(ctx):
     assert [(m["role"], m["content"]) for m in views[-1].messages] == [("user", LONG)]
 
 
+def test_a_prompt_of_far_more_characters_than_the_context_holds_is_refused_before_it_is_tokenized(ctx):
+    """One "word" is one token to the fake backend, so by tokens alone these prompts fit; by
+    characters the second cannot (no prompt averages more than MAX_CHARS_PER_TOKEN a token)."""
+    from moechat.backends.worker import MAX_CHARS_PER_TOKEN
+    load_fake(ctx, context_length=8)
+    limit = 8 * MAX_CHARS_PER_TOKEN
+    views = turn(ctx, "s4c", None, "send", text="x" * limit)
+    assert views[-1].notice == "" and views[-1].messages[-1]["content"].startswith("x" * limit)
+    counted = ctx.manager.stats()["backend_stats"]["fake_prompt_chars_counted"]
+    assert counted >= limit
+
+    views = turn(ctx, "s4c", None, "send", text="y" * (limit + 1))
+    assert views[-1].notice == (f"The prompt is {limit + 1:,} characters but this model takes at most 8 tokens, "
+                                f"prompt and reply together, and no text of more than {limit:,} characters fits "
+                                "in that. Shorten the chat or start a new one.")
+    assert [m["role"] for m in views[-1].messages] == ["user"]       # no reply, the text is kept
+    assert ctx.manager.stats()["backend_stats"]["fake_prompt_chars_counted"] == counted   # never tokenized
+
+
 def test_a_load_that_fails_says_why(ctx):
     lines = load_fake(ctx, fail_load="The pretend disk is full.")
     assert lines[-1] == "Load failed: The pretend disk is full."

@@ -47,6 +47,7 @@ class FakeBackend(Backend):
             time.sleep(settings.delay_s)
         self.settings = settings
         self.generated = 0
+        self.counted_chars = 0
         return {"model_name": "fake-echo", "python": sys.executable,
                 "interpreter_mark": os.environ.get("MOECHAT_FAKE_MARK", "")}
 
@@ -55,6 +56,7 @@ class FakeBackend(Backend):
 
     def count_prompt_tokens(self, request):
         text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages)
+        self.counted_chars += len(text)
         return len(text.split())
 
     def generate(self, request, should_stop):
@@ -75,7 +77,7 @@ class FakeBackend(Backend):
         yield Chunk(finish_reason="length" if len(reply) > limit else "stop")
 
     def stats(self):
-        return {"fake_tokens_generated": self.generated}
+        return {"fake_tokens_generated": self.generated, "fake_prompt_chars_counted": self.counted_chars}
 
 
 @hookimpl
