@@ -86,6 +86,13 @@ def streamed_text(stream) -> str:
     return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
 
+def wait_for_queue(server: Server, length: int, key: str = LOGIN, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while get_json(server.url + "v1/stats", key)[1]["queue_length"] != length:
+        assert time.monotonic() < deadline, f"the queue never held {length} requests"
+        time.sleep(0.05)
+
+
 def test_models_lists_the_loaded_model_and_the_backends(demo_server):
     models = client(demo_server).models.list()
     assert [m.id for m in models.data] == ["demo-model"]
@@ -228,12 +235,29 @@ def test_leaving_mid_stream_stops_the_generation(fake_server):
 def test_backend_crash_mid_stream_ends_the_stream_with_an_error(fake_server):
     c = client(fake_server, LOGIN)
     received = []
+    queued: dict = {}
+
+    def ask_queued():
+        try:
+            ask(c, "am I next?", model="fake-echo")
+        except openai.APIError as exc:
+            queued["error"] = exc
+
+    behind = threading.Thread(target=ask_queued)
     with pytest.raises(openai.APIError) as e:
         for ch in ask(c, ECHO, stream=True, model="fake-echo"):
             received.append(ch.choices[0].delta.content or "" if ch.choices else "")
+            if not behind.is_alive() and len(received) == 2:   # another client queues behind this one
+                behind.start()
+                wait_for_queue(fake_server, 2)
     assert "".join(received).strip() == " ".join(f"w{i}" for i in range(30))
     assert "killed" in e.value.message and "load the model again" in e.value.message
     assert e.value.body["code"] == "backend_crashed"
+    behind.join(60)
+    assert not behind.is_alive(), "the queued request hangs"
+    assert queued["error"].status_code == 503 and queued["error"].body["code"] == "model_not_loaded"
+    assert queued["error"].body["message"] == ("No model is loaded. The fake backend process was killed by SIGKILL. "
+                                               "Your chats are kept; load the model again to continue.")
     # the server stays up and says why it cannot answer now
     with pytest.raises(openai.InternalServerError) as e:
         ask(c, "hello", model="fake-echo")
