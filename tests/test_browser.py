@@ -7,6 +7,7 @@ test-artifacts/ (git-ignored).
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import time
@@ -387,4 +388,31 @@ def test_two_users_see_only_their_own_chats_and_the_second_waits_in_the_queue(br
     finally:
         for c in contexts:
             c.close()
+        srv.stop()
+
+
+def test_stop_ends_a_long_fast_reply_promptly(browser, tmp_path_factory, demo_model):
+    """A backend faster than the page can draw: Stop still ends the reply far short of what was
+    asked (the page draws batches of tokens, so Stop does not wait behind a redraw per token)."""
+    asked = 20000
+    srv = Server(data_dir_with_demo(tmp_path_factory, demo_model, "fast"), "--backend", "fake",
+                 "--set", "delay_s=0.002", "--set", f"context_length={3 * asked}").start()   # ~500 tokens a second
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    try:
+        open_page(page, srv.url)
+        wait_text(page, "#model-status", "Loaded fake-echo with fake")
+        open_section(page, "sampling", "System prompt and sampling")
+        fill(page, "sampling-max_new_tokens", str(asked))
+        send(page, " ".join(f"w{i}" for i in range(asked)))        # echoed back, one word a token
+        wait_reply(page, lambda t: t.startswith("w0 w1"))
+        page.click("#stop")
+        stopped = wait_reply(page, lambda t: "✂ stopped" in t, timeout_s=120)
+        written = int(re.search(r"(\d+) reply tokens", stopped).group(1))
+        assert 0 < written < asked // 4, stopped[-300:]
+        wait_text(page, "#notice", "Stopped.")
+        shot(page, "11-fast-reply-stopped")
+    finally:
+        ctx.close()
         srv.stop()

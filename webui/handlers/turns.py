@@ -18,6 +18,10 @@ from moechat.webui.handlers.context import Context
 from moechat.webui.security import bad_text
 
 SAVE_EVERY_S = 0.3            # a streaming reply is written to the database at least this often
+# A streaming reply is redrawn at most this often: every redraw reads the chat back and sends the
+# whole chat to the browser, which cannot keep up with a fast backend's tokens (and then Stop
+# waits behind the redraws). The final state is always drawn.
+DRAW_EVERY_S = 0.08
 NOTHING_TO_STOP = "Nothing to stop."
 
 
@@ -146,7 +150,7 @@ def run_turn(ctx: Context, user: str, session: str, chat_id: int | None, action:
     started = time.monotonic()
     first_at: float | None = None
     chunks = 0
-    saved_at = 0.0
+    saved_at = drawn_at = 0.0
     final: tuple[str, dict[str, Any]] = ("The reply ended without saying how.", {})
     try:
         yield view("Waiting for the model …", new_chat=new_chat)
@@ -165,9 +169,14 @@ def run_turn(ctx: Context, user: str, session: str, chat_id: int | None, action:
                 if now - saved_at >= SAVE_EVERY_S or chunks == 1:
                     store.update_message(reply_id, content=reply)
                     saved_at = now
-                live = {"tokens": chunks, "ttft_s": first_at - started,
-                        "tok_s": (chunks - 1) / (now - first_at) if now > first_at and chunks > 1 else None}
-                yield view("Writing …", live=live)
+                if now - drawn_at >= DRAW_EVERY_S:
+                    if saved_at != now:    # the view is read from the database
+                        store.update_message(reply_id, content=reply)
+                        saved_at = now
+                    live = {"tokens": chunks, "ttft_s": first_at - started,
+                            "tok_s": (chunks - 1) / (now - first_at) if now > first_at and chunks > 1 else None}
+                    yield view("Writing …", live=live)
+                    drawn_at = time.monotonic()
             elif ev.kind == "done":
                 # record the end, but keep iterating: the stream ends by itself right after
                 # "done", which frees this request's place in the manager's queue
