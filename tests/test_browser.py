@@ -73,6 +73,15 @@ def open_page(page, url: str) -> None:
     page.wait_for_selector("#chat-list")
 
 
+def fresh_page(browser, url: str):
+    """A new browser context with the page at ``url`` open: (context, page)."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    open_page(page, url)
+    return ctx, page
+
+
 def choose(page, elem_id: str, option_text: str) -> None:
     """Pick an option of a Gradio dropdown by the text it shows."""
     page.locator(f"#{elem_id} input").click()
@@ -315,11 +324,8 @@ def test_loading_shows_its_stage_and_progress_and_can_be_cancelled(page):
 def test_a_reply_cut_by_a_server_crash_is_kept_and_marked_after_restart(browser, tmp_path_factory, demo_model):
     data = data_dir_with_demo(tmp_path_factory, demo_model, "restart")
     first = Server(data, "--backend", "fake", "--set", "delay_s=0.3").start()
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    ctx.set_default_timeout(TIMEOUT_MS)
-    page = ctx.new_page()
     try:
-        open_page(page, first.url)
+        ctx, page = fresh_page(browser, first.url)
         wait_text(page, "#model-status", "Loaded fake-echo with fake")
         send(page, LONG)
         wait_reply(page, lambda t: "one two three" in t)
@@ -405,11 +411,9 @@ def test_stop_ends_a_long_fast_reply_promptly(browser, tmp_path_factory, demo_mo
     asked = 20000
     srv = Server(data_dir_with_demo(tmp_path_factory, demo_model, "fast"), "--backend", "fake",
                  "--set", "delay_s=0.002", "--set", f"context_length={3 * asked}").start()   # ~500 tokens a second
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    ctx.set_default_timeout(TIMEOUT_MS)
-    page = ctx.new_page()
+    ctx = None
     try:
-        open_page(page, srv.url)
+        ctx, page = fresh_page(browser, srv.url)
         wait_text(page, "#model-status", "Loaded fake-echo with fake")
         open_section(page, "sampling", "System prompt and sampling")
         fill(page, "sampling-max_new_tokens", str(asked))
@@ -422,5 +426,6 @@ def test_stop_ends_a_long_fast_reply_promptly(browser, tmp_path_factory, demo_mo
         wait_text(page, "#notice", "Stopped.")
         shot(page, "11-fast-reply-stopped")
     finally:
-        ctx.close()
+        if ctx is not None:
+            ctx.close()
         srv.stop()
