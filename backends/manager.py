@@ -121,6 +121,7 @@ class LoadState:
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     plan: MemoryPlan | None = None
+    crashed: bool = False   # failed: the loaded backend's process died (not a failed load)
 
     @property
     def ready(self) -> bool:
@@ -220,11 +221,13 @@ class WorkerProcess:
         self.alive = False
         self.proc.wait()
         self.control.put(P.WorkerExited())
+        # the manager's state says why before any stream ends: a request queued behind one of
+        # these starts when that one ends, and must find the crash, not a loaded model
+        self.on_exit(self)
         with self.lock:
             streams = list(self.streams.values())
         for q in streams:
             q.put(P.WorkerExited())
-        self.on_exit(self)
 
     def exit_description(self) -> str:
         code = self.proc.poll()
@@ -550,7 +553,7 @@ class BackendManager:
         logger.error(message)
         self._worker = None
         self.state = LoadState(status="failed", backend=worker.entry.name, error=message,
-                               model=self.state.model, settings=self.state.settings)
+                               model=self.state.model, settings=self.state.settings, crashed=True)
         self.plugins.emit("worker_crashed", backend=worker.entry.name, message=message)
 
     # ---- generation -----------------------------------------------------------------------
@@ -614,6 +617,8 @@ class BackendManager:
         if self.state.status == "loading":
             return "The model is still loading; send again when it is ready."
         if self.state.status == "failed" and self.state.error:
+            if self.state.crashed:
+                return f"No model is loaded. {self.state.error}"
             return f"No model is loaded. The last load failed: {self.state.error}"
         return "No model is loaded. Choose a backend and a model folder, then press Load."
 
@@ -621,12 +626,17 @@ class BackendManager:
         q: Queue[P.Message | P.WorkerExited] = Queue()
         with worker.lock:
             worker.streams[gen.id] = q
+        if not worker.alive:   # it died after the check in _run: its reader may have passed this stream
+            q.put(P.WorkerExited())
         finished = False
         try:
             gen.started = True
-            worker.send(P.Generate(gen.id, gen.request.model_dump()))
-            if gen.stopped:
-                worker.send(P.Cancel(gen.id))
+            try:
+                worker.send(P.Generate(gen.id, gen.request.model_dump()))
+                if gen.stopped:
+                    worker.send(P.Cancel(gen.id))
+            except BackendError:
+                pass   # the connection is gone: its reader ends this stream with WorkerExited
             while True:
                 msg = q.get()
                 if isinstance(msg, P.ChunkOut):

@@ -5,8 +5,9 @@ Started by ``BackendManager`` as ``python -m moechat.backends.worker --address A
 of ``moechat.backends.protocol``.
 
 The worker carries the duties every backend would otherwise repeat: it refuses a prompt longer
-than the context (from the backend's ``count_prompt_tokens`` and ``context_length``) before the
-backend sees it, ends the reply before a stop string (holding back text that may be the start of
+than the context before the backend sees it (first from its length in characters, so a prompt of
+megabytes is never tokenized, then from the backend's ``count_prompt_tokens`` and
+``context_length``), ends the reply before a stop string (holding back text that may be the start of
 one), ends it at the next chunk after Stop, and times generations itself (time to first token, prefill and decode speed), so the
 numbers do not include the trip through the connection.
 """
@@ -59,6 +60,21 @@ def memory_stats() -> dict[str, Any]:
     elif found := smi_gpus():
         stats["gpus"] = [{"index": g.index, "used_bytes": g.used, "total_bytes": g.total} for g in found]
     return stats
+
+
+# No prompt averages more characters per token than this. Ordinary text averages 3 to 5 (English,
+# code); the longest tokens of byte-level BPE vocabularies (runs of spaces or of one punctuation
+# mark) are a few dozen characters, and a prompt made only of those is not one a person writes.
+# A prompt longer than context * MAX_CHARS_PER_TOKEN characters cannot fit, so it is refused
+# without being tokenized (tokenizing megabytes takes seconds of a worker every user waits on).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def prompt_chars(request: GenerateRequest) -> int:
+    """The characters of the prompt's text (the chat template adds a few tokens more, never fewer)."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.content) for m in request.messages)
 
 
 def prompt_too_long(prompt_tokens: int, context: int) -> PromptTooLong:
@@ -180,9 +196,16 @@ class Worker:
         self.send(P.Loaded(info))
 
     def check_prompt_length(self, request: GenerateRequest) -> int | None:
-        """The prompt's token count when the backend can tell; PromptTooLong when it does not fit."""
-        prompt_tokens = self.backend.count_prompt_tokens(request)
+        """The prompt's token count when the backend can tell; PromptTooLong when it does not fit.
+        A prompt too long for the context by its characters alone is refused before it is tokenized."""
         context = self.backend.context_length()
+        chars = prompt_chars(request)
+        if context and chars > context * MAX_CHARS_PER_TOKEN:
+            raise PromptTooLong(f"The prompt is {chars:,} characters but this model takes at most {context} tokens, "
+                                f"prompt and reply together, and no text of more than "
+                                f"{context * MAX_CHARS_PER_TOKEN:,} characters fits in that. "
+                                "Shorten the chat or start a new one.")
+        prompt_tokens = self.backend.count_prompt_tokens(request)
         if prompt_tokens is not None and context and prompt_tokens >= context:
             raise prompt_too_long(prompt_tokens, context)
         return prompt_tokens

@@ -86,6 +86,13 @@ def streamed_text(stream) -> str:
     return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
 
+def wait_for_queue(server: Server, length: int, key: str = LOGIN, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while get_json(server.url + "v1/stats", key)[1]["queue_length"] != length:
+        assert time.monotonic() < deadline, f"the queue never held {length} requests"
+        time.sleep(0.05)
+
+
 def test_models_lists_the_loaded_model_and_the_backends(demo_server):
     models = client(demo_server).models.list()
     assert [m.id for m in models.data] == ["demo-model"]
@@ -192,6 +199,22 @@ def test_a_page_login_is_the_api_key_when_no_key_is_set(fake_server):
     assert [m.id for m in client(fake_server, LOGIN).models.list().data] == ["fake-echo"]
 
 
+def test_a_prompt_of_far_more_characters_than_the_context_holds_is_a_400_before_it_is_tokenized(fake_server):
+    """The fake backend (context 4096) counts one token per word: by tokens this one-word prompt
+    fits, by characters it cannot."""
+    from moechat.backends.worker import MAX_CHARS_PER_TOKEN
+    c = client(fake_server, LOGIN)
+    counted = get_json(fake_server.url + "v1/stats", LOGIN)[1]["backend_stats"]["fake_prompt_chars_counted"]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            reply = ask(c, "x" * (4096 * MAX_CHARS_PER_TOKEN + 1), stream=stream, model="fake-echo", max_tokens=4)
+            list(reply) if stream else reply
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+        assert e.value.body["message"].startswith(f"The prompt is {4096 * MAX_CHARS_PER_TOKEN + 1:,} characters "
+                                                  "but this model takes at most 4096 tokens")
+    assert get_json(fake_server.url + "v1/stats", LOGIN)[1]["backend_stats"]["fake_prompt_chars_counted"] == counted
+
+
 def test_leaving_mid_stream_stops_the_generation(fake_server):
     c = client(fake_server, LOGIN)
     stream = ask(c, ECHO, stream=True, model="fake-echo")
@@ -212,12 +235,29 @@ def test_leaving_mid_stream_stops_the_generation(fake_server):
 def test_backend_crash_mid_stream_ends_the_stream_with_an_error(fake_server):
     c = client(fake_server, LOGIN)
     received = []
+    queued: dict = {}
+
+    def ask_queued():
+        try:
+            ask(c, "am I next?", model="fake-echo")
+        except openai.APIError as exc:
+            queued["error"] = exc
+
+    behind = threading.Thread(target=ask_queued)
     with pytest.raises(openai.APIError) as e:
         for ch in ask(c, ECHO, stream=True, model="fake-echo"):
             received.append(ch.choices[0].delta.content or "" if ch.choices else "")
+            if not behind.is_alive() and len(received) == 2:   # another client queues behind this one
+                behind.start()
+                wait_for_queue(fake_server, 2)
     assert "".join(received).strip() == " ".join(f"w{i}" for i in range(30))
     assert "killed" in e.value.message and "load the model again" in e.value.message
     assert e.value.body["code"] == "backend_crashed"
+    behind.join(60)
+    assert not behind.is_alive(), "the queued request hangs"
+    assert queued["error"].status_code == 503 and queued["error"].body["code"] == "model_not_loaded"
+    assert queued["error"].body["message"] == ("No model is loaded. The fake backend process was killed by SIGKILL. "
+                                               "Your chats are kept; load the model again to continue.")
     # the server stays up and says why it cannot answer now
     with pytest.raises(openai.InternalServerError) as e:
         ask(c, "hello", model="fake-echo")

@@ -7,6 +7,7 @@ test-artifacts/ (git-ignored).
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import time
@@ -70,6 +71,15 @@ def open_page(page, url: str) -> None:
     page.goto(url, wait_until="load")
     page.wait_for_selector("#chatbot")
     page.wait_for_selector("#chat-list")
+
+
+def fresh_page(browser, url: str):
+    """A new browser context with the page at ``url`` open: (context, page)."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    open_page(page, url)
+    return ctx, page
 
 
 def choose(page, elem_id: str, option_text: str) -> None:
@@ -300,7 +310,7 @@ def test_history_rename_search_export_import_and_delete(page, tmp_path):
 
 
 def test_loading_shows_its_stage_and_progress_and_can_be_cancelled(page):
-    load(page, "Fake", delay_s="5")   # three pretend steps of 5 s: Cancel lands mid-load even on a busy box
+    load(page, "Fake", delay_s="3600")   # pretend steps of an hour: this load ends only by Cancel
     wait_text(page, "#load-status", "Pretending to load")
     assert "of 3 steps" in page.inner_text("#load-status")
     shot(page, "06c-loading")
@@ -314,19 +324,18 @@ def test_loading_shows_its_stage_and_progress_and_can_be_cancelled(page):
 def test_a_reply_cut_by_a_server_crash_is_kept_and_marked_after_restart(browser, tmp_path_factory, demo_model):
     data = data_dir_with_demo(tmp_path_factory, demo_model, "restart")
     first = Server(data, "--backend", "fake", "--set", "delay_s=0.3").start()
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    ctx.set_default_timeout(TIMEOUT_MS)
-    page = ctx.new_page()
     try:
-        open_page(page, first.url)
+        ctx, page = fresh_page(browser, first.url)
         wait_text(page, "#model-status", "Loaded fake-echo with fake")
         send(page, LONG)
         wait_reply(page, lambda t: "one two three" in t)
         first.kill()                                   # SIGKILL mid-reply
     finally:
         first.stop()
+    page.close()      # the old page's scripts may reload it when the port answers again, aborting a goto
     second = Server(data, "--no-load", port=first.port).start()
     try:
+        page = ctx.new_page()
         open_page(page, second.url)
         page.locator("#chat-list").get_by_text(LONG[:20]).click()
         reply = wait_reply(page, lambda t: "✂" in t)
@@ -342,7 +351,9 @@ def test_two_users_see_only_their_own_chats_and_the_second_waits_in_the_queue(br
     data = data_dir_with_demo(tmp_path_factory, demo_model, "users")
     users = data / "users.txt"
     users.write_text("alice:wonderland\nbob:builder\n")
-    srv = Server(data, "--backend", "fake", "--set", "delay_s=0.3", "--auth", str(users), "--admin", "alice").start()
+    hold = data / "hold-replies"      # while it exists, a reply stops after its first word (the fake backend)
+    srv = Server(data, "--backend", "fake", "--set", "delay_s=0.05", "--set", f"hold_file={hold}",
+                 "--auth", str(users), "--admin", "alice").start()
     contexts = []
     try:
         pages = {}
@@ -359,32 +370,62 @@ def test_two_users_see_only_their_own_chats_and_the_second_waits_in_the_queue(br
             p.locator("#compare-run").wait_for()
         assert bob.locator("#compare-run").is_disabled() and not alice.locator("#compare-run").is_disabled()
 
+        hold.touch()                                   # alice's reply runs until bob is done queueing
         send(alice, "alice private words " + LONG)
-        wait_reply(alice, lambda t: "alice private" in t)
+        wait_reply(alice, lambda t: t.startswith("alice"))
         send(bob, "bob asks something")
         wait_text(bob, "#notice", "Queued: 1 request ahead of yours")
         shot(bob, "08-bob-queued")
         bob.click("#stop")                             # bob gives up; alice's reply goes on
         wait_text(bob, "#notice", "Stopped before the reply started")
-        send(bob, "bob asks again")
+        send(bob, "bob asks again")                    # at once: a send right after a turn ends is taken
+        wait_text(bob, "#notice", "Queued: 1 request ahead of yours")
+        assert "✂" not in last_reply(alice)
+        hold.unlink()
         done = wait_reply(alice, lambda t: "fake · fake-echo" in t)
         assert "✂" not in done and "finalword" in done
         wait_reply(bob, lambda t: t.startswith("bob asks again") and "fake-echo" in t)
         shot(alice, "09-alice-done")
 
-        for p in (alice, bob):
+        for p, own in ((alice, "alice private"), (bob, "bob asks")):
             p.reload(wait_until="load")
-            p.wait_for_selector("#chat-list")
-            p.wait_for_timeout(500)
+            wait_text(p, "#chat-list", own)            # the list is filled after the page loads
         alice_list = alice.inner_text("#chat-list")
         bob_list = bob.inner_text("#chat-list")
         assert "alice private" in alice_list and "bob asks" not in alice_list
         assert "bob asks" in bob_list and "alice private" not in bob_list
-        bob.locator("#search input, #search textarea").first.fill("alice")
-        bob.wait_for_timeout(800)
-        assert "alice private" not in bob.inner_text("#chat-list")
+        bob.locator("#search input, #search textarea").first.fill("alice")   # words only in alice's chat
+        bob.wait_for_function("document.querySelectorAll('#chat-list label').length === 0")
+        bob.locator("#search input, #search textarea").first.fill("bob asks")  # the search does find bob's own
+        wait_text(bob, "#chat-list", "bob asks")
         shot(bob, "10-bob-history")
     finally:
         for c in contexts:
             c.close()
+        srv.stop()
+
+
+def test_stop_ends_a_long_fast_reply_promptly(browser, tmp_path_factory, demo_model):
+    """A backend faster than the page can draw: Stop still ends the reply far short of what was
+    asked (the page draws batches of tokens, so Stop does not wait behind a redraw per token)."""
+    asked = 20000
+    srv = Server(data_dir_with_demo(tmp_path_factory, demo_model, "fast"), "--backend", "fake",
+                 "--set", "delay_s=0.002", "--set", f"context_length={3 * asked}").start()   # ~500 tokens a second
+    ctx = None
+    try:
+        ctx, page = fresh_page(browser, srv.url)
+        wait_text(page, "#model-status", "Loaded fake-echo with fake")
+        open_section(page, "sampling", "System prompt and sampling")
+        fill(page, "sampling-max_new_tokens", str(asked))
+        send(page, " ".join(f"w{i}" for i in range(asked)))        # echoed back, one word a token
+        wait_reply(page, lambda t: t.startswith("w0 w1"))
+        page.click("#stop")
+        stopped = wait_reply(page, lambda t: "✂ stopped" in t, timeout_s=120)
+        written = int(re.search(r"(\d+) reply tokens", stopped).group(1))
+        assert 0 < written < asked // 4, stopped[-300:]
+        wait_text(page, "#notice", "Stopped.")
+        shot(page, "11-fast-reply-stopped")
+    finally:
+        if ctx is not None:
+            ctx.close()
         srv.stop()

@@ -130,3 +130,15 @@ def test_the_app_calls_every_hook_on_a_plugin(tmp_path, monkeypatch):
 def test_readme_starts_with_the_two_commands():
     head = (ROOT / "README.md").read_text().split("\n## ")[0]
     assert "make run" in head and "make test" in head
+
+
+def test_the_web_ui_page_states_the_characters_per_token_bound_the_worker_uses():
+    from moechat.backends.worker import MAX_CHARS_PER_TOKEN
+    text = " ".join((ROOT / "docs" / "web-ui.md").read_text().split())
+    assert f"more characters than {MAX_CHARS_PER_TOKEN} times the context's tokens" in text
+
+
+def test_the_web_ui_page_states_how_often_a_streaming_reply_is_redrawn():
+    from moechat.webui.handlers.turns import DRAW_EVERY_S
+    text = " ".join((ROOT / "docs" / "web-ui.md").read_text().split())
+    assert f"redrawn at most every {DRAW_EVERY_S * 1000:.0f} ms" in text

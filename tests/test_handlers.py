@@ -170,12 +170,12 @@ def test_loading_shows_the_stage_and_progress_then_what_is_loaded(ctx):
 
 
 def test_a_reply_streams_into_the_chat_and_is_stored_with_its_numbers(ctx):
-    load_fake(ctx, delay_s=0.01)
+    load_fake(ctx, delay_s=2 * h.turns.DRAW_EVERY_S)                  # slower than the page redraws
     views = turn(ctx, "s1", None, "send", text="the quick brown fox", sampling={"max_new_tokens": 64},
                  system_prompt="Be brief.")
     cid = views[-1].chat_id
     partial = [v.messages[-1]["content"] for v in views if v.notice == "Writing …"]
-    assert partial[0].startswith("the") and len(partial) >= 4          # word by word
+    assert partial[0].startswith("the\n") and len(partial) >= 2       # it streams
     final = views[-1].messages[-1]["content"]
     assert final.startswith("the quick brown fox\n\n<sub>fake · fake-echo")
     assert "4 reply tokens" in final and "tok/s" in final
@@ -203,6 +203,20 @@ def test_stop_ends_only_that_sessions_reply_and_keeps_what_was_written(ctx):
     assert reply.status == "cancelled" and reply.cut
     assert reply.content.startswith("w1") and "w30" not in reply.content
     assert "✂ stopped" in views[-1].messages[-1]["content"]
+
+
+def test_a_fast_reply_is_redrawn_in_batches_and_always_ends_whole(ctx):
+    """Every redraw sends the whole chat to the browser: a backend faster than that is drawn a
+    batch of tokens at a time, each drawing showing the reply so far, and the last one all of it."""
+    load_fake(ctx)                                             # no delay: as fast as the pipe goes
+    words = " ".join(f"w{i}" for i in range(3000))
+    views = turn(ctx, "s2f", None, "send", text=words, sampling={"max_new_tokens": 3000})
+    writing = [v.messages[-1]["content"].split("\n\n<sub>")[0] for v in views if v.notice == "Writing …"]
+    assert 0 < len(writing) < 3000 / 20                        # not one drawing per token
+    assert all(a != b and b.startswith(a) for a, b in zip(writing, writing[1:]))   # each shows more
+    assert writing[0].startswith("w0")
+    assert views[-1].messages[-1]["content"].startswith(words + "\n")          # the whole reply, then its numbers
+    assert ctx.store.get(views[-1].chat_id, "").messages[-1].content == words
 
 
 def test_a_second_person_is_queued_and_their_stop_leaves_the_first_alone(ctx):
@@ -273,6 +287,25 @@ def test_a_prompt_longer_than_the_context_is_refused_with_a_sentence(ctx):
     assert views[-1].notice == ("The prompt is 30 tokens but this model takes at most 8 tokens, prompt and reply "
                                 "together. Shorten the chat or start a new one.")
     assert [(m["role"], m["content"]) for m in views[-1].messages] == [("user", LONG)]
+
+
+def test_a_prompt_of_far_more_characters_than_the_context_holds_is_refused_before_it_is_tokenized(ctx):
+    """One "word" is one token to the fake backend, so by tokens alone these prompts fit; by
+    characters the second cannot (no prompt averages more than MAX_CHARS_PER_TOKEN a token)."""
+    from moechat.backends.worker import MAX_CHARS_PER_TOKEN
+    load_fake(ctx, context_length=8)
+    limit = 8 * MAX_CHARS_PER_TOKEN
+    views = turn(ctx, "s4c", None, "send", text="x" * limit)
+    assert views[-1].notice == "" and views[-1].messages[-1]["content"].startswith("x" * limit)
+    counted = ctx.manager.stats()["backend_stats"]["fake_prompt_chars_counted"]
+    assert counted >= limit
+
+    views = turn(ctx, "s4c", None, "send", text="y" * (limit + 1))
+    assert views[-1].notice == (f"The prompt is {limit + 1:,} characters but this model takes at most 8 tokens, "
+                                f"prompt and reply together, and no text of more than {limit:,} characters fits "
+                                "in that. Shorten the chat or start a new one.")
+    assert [m["role"] for m in views[-1].messages] == ["user"]       # no reply, the text is kept
+    assert ctx.manager.stats()["backend_stats"]["fake_prompt_chars_counted"] == counted   # never tokenized
 
 
 def test_a_load_that_fails_says_why(ctx):

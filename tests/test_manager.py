@@ -54,6 +54,33 @@ def test_backend_that_crashes_itself_mid_generation(manager):
     assert last.finish_reason == "error" and "killed by SIGKILL" in last.error
 
 
+def test_a_request_queued_behind_a_crashing_one_is_told_why(manager):
+    manager.load("fake", {"delay_s": 0.05, "crash_after": 40})
+    words = " ".join(f"w{i}" for i in range(60))
+    first_chunk, results = threading.Event(), {}
+
+    def consume(name, gen):
+        results[name] = []
+        for ev in gen:
+            results[name].append(ev)
+            first_chunk.set() if ev.kind == "chunk" else None
+
+    first = threading.Thread(target=consume, args=("first", manager.generate(chat(words))))
+    first.start()
+    assert first_chunk.wait(30)
+    second = threading.Thread(target=consume, args=("second", manager.generate(chat("my turn next"))))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert not second.is_alive(), "the queued request hangs"
+    assert results["first"][-1].code == "backend_crashed"
+    assert [e.position for e in results["second"] if e.kind == "queued"] == [1]   # it was queued
+    last = results["second"][-1]
+    assert last.kind == "done" and last.finish_reason == "error" and not any(e.text for e in results["second"])
+    assert last.error == ("No model is loaded. The fake backend process was killed by SIGKILL. "
+                          "Your chats are kept; load the model again to continue.")
+
+
 def test_failed_load_says_why_and_leaves_nothing_running(manager):
     with pytest.raises(BackendError, match="The GPU is on fire"):
         manager.load("fake", {"fail_load": "The GPU is on fire; let it cool."})

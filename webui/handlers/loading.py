@@ -17,6 +17,7 @@ from moechat.webui.models import folder_refusal
 from moechat.backends.api import secret_fields
 from moechat.webui.security import loader_settings
 
+CANCELLING = "Cancelling the load …"
 COMPARING = ("A comparison is running: it loads each of its presets in turn. Wait for it to finish, "
              "or press Cancel under Compare.")
 
@@ -216,7 +217,7 @@ def cancel_load(ctx: Context, user: str) -> str:
     if ctx.manager.state.status != "loading":
         return "Nothing is loading."
     ctx.manager.cancel_load()
-    return "Cancelling the load …"
+    return CANCELLING
 
 
 def unload(ctx: Context, user: str) -> str:

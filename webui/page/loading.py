@@ -152,7 +152,9 @@ def wire(ctx: Context, blocks: Any, part: LoadingPart, model_status: Any) -> Non
             yield line, hl.progress_text(manager)
 
     def on_cancel(request: gr.Request):
-        return hl.cancel_load(ctx, user_of(request))
+        line = hl.cancel_load(ctx, user_of(request))
+        # the load's own stream says how it ended; "Cancelling …" written here could land after it
+        return gr.skip() if line == hl.CANCELLING else line
 
     def on_unload(request: gr.Request):
         return hl.unload(ctx, user_of(request)), hl.progress_text(manager)

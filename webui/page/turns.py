@@ -87,7 +87,9 @@ def wire(ctx: Context, part: TurnsPart, chat_id: Any, stats: Any, chat_list: Any
                                 sampling=sampling, system_prompt=sys_prompt or ""):
             now = time.monotonic()
             stats_out = gr.skip()
-            if now - drawn >= STATS_EVERY_S or view.live.get("completion_tokens") is not None:
+            if view.last:   # drawn with the last state, so the event ends as the notice shows
+                stats_out = stats_markdown(ctx)
+            elif now - drawn >= STATS_EVERY_S:
                 stats_out, drawn = stats_markdown(ctx, view.live), now
             msg_out = gr.skip()
             if first:
@@ -97,7 +99,6 @@ def wire(ctx: Context, part: TurnsPart, chat_id: Any, stats: Any, chat_list: Any
                 list_out = gr.update(choices=hc.chat_choices(ctx, user), value=view.chat_id)
             first = False
             yield view.chat_id, view.messages, view.notice, stats_out, msg_out, list_out
-        yield gr.skip(), gr.skip(), gr.skip(), stats_markdown(ctx), gr.skip(), gr.skip()
 
     # Gradio passes gr.Request / gr.EditData only to positional parameters, so functions with
     # *values take them first.
@@ -119,7 +120,10 @@ def wire(ctx: Context, part: TurnsPart, chat_id: Any, stats: Any, chat_list: Any
         text = evt.value if isinstance(evt.value, str) else str(evt.value)
         yield from stream("edit", cid, text, index, sys_prompt, values, request)
 
-    chat_kw = dict(concurrency_limit=None, show_progress="hidden")
+    # trigger_mode "multiple": a send right after a reply ends is taken even if the browser has not
+    # yet heard that the last event finished (Gradio's default, "once", drops it silently);
+    # run_turn itself refuses a second turn of one session while one runs
+    chat_kw = dict(concurrency_limit=None, show_progress="hidden", trigger_mode="multiple")
     sampling = [part.system_prompt] + part.sampling_comps
     part.send_btn.click(on_send, [chat_id, part.msg] + sampling, turn_outputs, **chat_kw)
     part.msg.submit(on_send, [chat_id, part.msg] + sampling, turn_outputs, **chat_kw)

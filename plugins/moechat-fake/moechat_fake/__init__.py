@@ -18,6 +18,10 @@ class FakeSettings(BackendSettings):
     crash_after: int | None = Field(None, ge=0, description="Kill the worker process after this many tokens (to test crash handling).")
     fail_load: str = Field("", description="If set, loading fails with this sentence.")
     context_length: int = Field(4096, ge=8, description="Most tokens per chat (prompt + reply).")
+    hold_file: str = Field("", description="While this file exists, a reply waits before each token after its "
+                                           "first (so a test can keep a reply running as long as it needs). "
+                                           "Operator-only: it names a path on the server.",
+                           json_schema_extra={"operator_only": True})
     python: str = Field("", description="Run the worker under this Python interpreter instead of the app's. "
                                         "Operator-only: it names a program to run.",
                         json_schema_extra={"operator_only": True})
@@ -47,6 +51,7 @@ class FakeBackend(Backend):
             time.sleep(settings.delay_s)
         self.settings = settings
         self.generated = 0
+        self.counted_chars = 0
         return {"model_name": "fake-echo", "python": sys.executable,
                 "interpreter_mark": os.environ.get("MOECHAT_FAKE_MARK", "")}
 
@@ -55,6 +60,7 @@ class FakeBackend(Backend):
 
     def count_prompt_tokens(self, request):
         text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages)
+        self.counted_chars += len(text)
         return len(text.split())
 
     def generate(self, request, should_stop):
@@ -69,13 +75,15 @@ class FakeBackend(Backend):
                 return
             if self.settings.crash_after is not None and i >= self.settings.crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            while i and self.settings.hold_file and os.path.exists(self.settings.hold_file) and not should_stop():
+                time.sleep(0.02)
             time.sleep(self.settings.delay_s)
             self.generated += 1
             yield Chunk(text=word, tokens=1, prompt_tokens=prompt_tokens if i == 0 else None)
         yield Chunk(finish_reason="length" if len(reply) > limit else "stop")
 
     def stats(self):
-        return {"fake_tokens_generated": self.generated}
+        return {"fake_tokens_generated": self.generated, "fake_prompt_chars_counted": self.counted_chars}
 
 
 @hookimpl
