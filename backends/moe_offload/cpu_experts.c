@@ -45,19 +45,21 @@ static inline float bf16(uint16_t v) {
     return f;
 }
 
+/* one group's sum of nibble * x: hb packed bytes against the split input */
+static inline float group_dot(const uint8_t *b, const float *e, const float *o, int hb) {
+    float a = 0.f;
+#pragma omp simd reduction(+:a)
+    for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
+    return a;
+}
+
 /* one row of packed int4 [C/2] with scales [C/G] against the split input */
 static inline float row_dot(const uint8_t *q, const uint16_t *s, const float *xe, const float *xo,
                             const float *gs, int c, int g) {
     const int hb = g / 2;
     float acc = 0.f;
-    for (int k = 0; k < c / g; k++) {
-        const uint8_t *b = q + k * hb;
-        const float *e = xe + k * hb, *o = xo + k * hb;
-        float a = 0.f;
-#pragma omp simd reduction(+:a)
-        for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
-        acc += bf16(s[k]) * (a - gs[k]);
-    }
+    for (int k = 0; k < c / g; k++)
+        acc += bf16(s[k]) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - gs[k]);
     return acc;
 }
 
@@ -79,13 +81,8 @@ static float row_dot_ext(const uint8_t *q, const uint16_t *s, const uint8_t *z, 
     const int hb = g / 2;
     float acc = 0.f;
     for (int k = 0; k < c / g; k++) {
-        const uint8_t *b = q + k * hb;
-        const float *e = xe + k * hb, *o = xo + k * hb;
-        float a = 0.f;
-#pragma omp simd reduction(+:a)
-        for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
         float off = z ? (float)z[k] * (0.125f * gs[k]) : gs[k];
-        acc += (f16 ? fp16(s[k]) : bf16(s[k])) * (a - off);
+        acc += (f16 ? fp16(s[k]) : bf16(s[k])) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - off);
     }
     return acc;
 }
