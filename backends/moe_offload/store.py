@@ -96,7 +96,7 @@ class ExpertStore:
                 return sum(p.expert_bytes for p in projs.values())
         from moechat.backends.moe_offload.plan import expert_bytes
         return expert_bytes(self.fmt, self.hidden, self.intermediate, self.group,
-                            torch.empty((), dtype=self.dtype).element_size())
+                            torch.empty((), dtype=self.dtype).element_size(), self.zero)
 
     def total_bytes(self) -> int:
         return self.expert_bytes() * self.num_experts * len(self.layers)
