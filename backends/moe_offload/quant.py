@@ -33,7 +33,7 @@ FP8_MAX = 448.0
 INT4_QUANTIZER = "mse-search-v1"
 INT4_SCALE_DTYPES = (torch.bfloat16, torch.float16)
 # candidate scales of the search: the group's largest magnitude maps to -(8 + step / 10)
-SEARCH_STEPS = (-8, -4, 0, 4, 8)
+SEARCH_STEPS = (-8, 0, 8)
 
 
 def _pack(q: torch.Tensor, shape) -> torch.Tensor:
