@@ -2,8 +2,9 @@
 
 What must hold: the same logits as transformers (1e-4) with unquantized experts; with int4 or
 fp8 experts, the same logits as transformers run on the same dequantized weights; greedy
-generation token for token; GPU-cache sizes 0, some and all give the same output; the three
-checkpoint layouts load to the logits of the weights they stand for; loading streams.
+generation token for token; GPU-cache sizes 0, some and all give the same output; the
+checkpoint layouts (dense, FP8, int4) load to the logits of the weights they stand for, int4
+checkpoints keeping their integers; int4 layouts we do not read get a sentence; loading streams.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from test_moe_offload_helpers import (  # noqa: E402
-    read_state, reference_model, set_reference_experts, write_block_fp8, write_ct_fp8, write_dense,
-    write_sharded, copy_side_files, FP8_KEEP,
+    read_state, reference_model, set_reference_experts, write_block_fp8, write_ct_fp8, write_ct_int4, write_dense,
+    write_gptq, write_sharded, copy_side_files, FP8_KEEP,
 )
 
 from moechat.backends.api import GenerateRequest, Message, SamplingParams  # noqa: E402
@@ -149,6 +150,66 @@ def test_checkpoint_layouts_load_to_the_logits_of_their_weights(models, tmp_path
     assert torch.equal(results[("fp8-block", "none")], results[("ct-fp8-block", "none")])
 
 
+INT4_LAYOUTS = {
+    # name: (writer, checkpoint_format, asymmetric)
+    "ct-int4-symmetric": (lambda s, a, b: write_ct_int4(s, a, b, sym=True), "compressed-tensors-int4", False),
+    "ct-int4-asymmetric": (lambda s, a, b: write_ct_int4(s, a, b, sym=False), "compressed-tensors-int4", True),
+    "gptq-symmetric": (lambda s, a, b: write_gptq(s, a, b, sym=True), "gptq-int4", False),
+    "gptq-asymmetric-quantize-config": (lambda s, a, b: write_gptq(s, a, b, sym=False, separate_config=True),
+                                        "gptq-int4", True),
+}
+
+
+@pytest.mark.parametrize("name", list(INT4_LAYOUTS))
+def test_int4_checkpoint_layouts_load_to_the_logits_of_their_weights(models, tmp_path, name):
+    writer, fmt, asymmetric = INT4_LAYOUTS[name]
+    src = models[0]
+    dst = tmp_path / name
+    dense = writer(read_state(src), src, dst)
+    ids = prompt(3)
+    ref = ref_logits(reference_model(dst, dense), ids)
+    # the checkpoint's group (16) wins over the setting's
+    eng = engine(dst, tmp_path, expert_format="int4", int4_group_size=128)
+    assert eng.info["checkpoint_format"] == fmt
+    assert eng.store.group == 16 and eng.store.zero == asymmetric
+    assert (eng.forward(ids)[0] - ref).abs().max().item() <= TOL
+    # the integers and scales are kept, not requantized: the stored experts are the checkpoint's weights
+    for layer in eng.store.layers:
+        experts = range(eng.store.num_experts)
+        want = torch.stack([dense[f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"] for e in experts])
+        assert torch.equal(eng.store.dense(layer, "down", dtype=torch.float32), want)
+    again = engine(dst, tmp_path, expert_format="int4")
+    assert again.info["experts_from_disk_cache"] is True
+    assert torch.equal(again.forward(ids)[0], eng.forward(ids)[0])
+    # unquantized experts from the same checkpoint: the same weights, dense
+    assert (engine(dst, tmp_path, expert_format="none").forward(ids)[0] - ref).abs().max().item() <= TOL
+
+
+def test_int4_layouts_moe_offload_does_not_read_get_a_sentence(models, tmp_path):
+    from moechat.backends.api import BackendError
+    from moechat.backends.moe_offload.loader import checkpoint_format
+
+    ct = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "int", "strategy": "group",
+                                                    "group_size": 128, "symmetric": True}}}}
+    for qcfg, says in [
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}, "AWQ"),
+        ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8-bit GPTQ"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": -1}, "per channel"),
+        (ct, "int8"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+    ]:
+        with pytest.raises(BackendError, match=says):
+            checkpoint_format({"quantization_config": qcfg})
+    # act-order groups (a g_idx out of order) are refused with what to use instead
+    src = models[0]
+    dst = tmp_path / "act-order"
+    write_gptq(read_state(src), src, dst, sym=True,
+               g_idx=lambda c: torch.randperm(c, generator=torch.Generator().manual_seed(0)) // 16)
+    with pytest.raises(BackendError, match="act-order.*without act-order"):
+        engine(dst, tmp_path, expert_format="int4")
+
+
 def test_converted_experts_are_cached_on_disk(models, tmp_path):
     folder = models["wide"]
     first = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
@@ -159,6 +220,20 @@ def test_converted_experts_are_cached_on_disk(models, tmp_path):
     assert torch.equal(first.forward(ids)[0], second.forward(ids)[0])
     other = engine(folder, tmp_path, expert_format="fp8")   # another format is converted anew
     assert other.info["experts_from_disk_cache"] is False
+
+
+def test_experts_converted_by_another_quantizer_are_converted_anew(models, tmp_path, monkeypatch):
+    from moechat.backends.moe_offload import quant
+
+    folder = models["wide"]
+    first = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
+    assert first.info["experts_from_disk_cache"] is False
+    # a saved store says which quantizer made it and is read back only by the same one
+    (saved,) = [d for d in (tmp_path / "cache").iterdir() if (d / "store.json").exists()]
+    assert saved.name.endswith(f"-int4-g16-{quant.INT4_QUANTIZER}")
+    assert not first.store.load_saved(saved, quantizer="rtn-v0")
+    monkeypatch.setattr(quant, "INT4_QUANTIZER", "another-quantizer")
+    assert engine(folder, tmp_path, expert_format="int4", int4_group_size=16).info["experts_from_disk_cache"] is False
 
 
 def test_load_streams_peak_host_memory_stays_near_final_footprint(tmp_path, models):

@@ -40,17 +40,29 @@ def engine(folder, tmp_path, **kw):
     return load_engine(folder, Options(**opts))
 
 
+@pytest.mark.parametrize("layout", ["ours", "zero-points-fp16", "fp16"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-fallback"])
-def test_cpu_kernel_gives_the_reference_dequantized_sum(tmp_path, compiled):
+def test_cpu_kernel_gives_the_reference_dequantized_sum(tmp_path, compiled, layout):
+    """Our symmetric bf16 experts, and an int4 checkpoint's as they are kept: zero points 0..16
+    with fp16 scales (asymmetric GPTQ), or fp16 scales alone (symmetric GPTQ)."""
     if compiled and not HAS_CC:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(0)
-    hidden, inter, experts = 256, 128, 12
-    store = ExpertStore("int4", (3, 5), experts, hidden, inter, torch.float32, group=64)
+    hidden, inter, experts, group = 256, 128, 12, 64
+    zero = layout == "zero-points-fp16"
+    store = ExpertStore("int4", (3, 5), experts, hidden, inter, torch.float32, group=group, zero=zero,
+                        scale_dtype=torch.bfloat16 if layout == "ours" else torch.float16)
     for layer in (3, 5):
         for e in range(experts):
             for proj, rows, cols in (("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)):
-                store.put(layer, e, proj, torch.randn(rows, cols, generator=g) * 0.05)
+                if layout == "ours":
+                    store.put(layer, e, proj, torch.randn(rows, cols, generator=g) * 0.05)
+                    continue
+                q = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+                s = (torch.rand(rows, cols // group, generator=g) * 0.01 + 1e-3).to(torch.float16)
+                z = torch.randint(0, 17 if zero else 9, (rows, cols // group), generator=g, dtype=torch.uint8)
+                store.put_int4(layer, e, proj, q, s, z if zero else torch.full_like(z, 8), group)
+    assert (store.layers[3]["down"].zero is not None) == zero
     cpu = CpuExperts(store, (3, 5), threads=2, cache_dir=tmp_path, compiled=compiled)
     assert cpu.compiled == compiled
     for moe, layer in enumerate((3, 5)):

@@ -94,6 +94,41 @@ def test_int4_dequant_kernel_gives_the_reference_weights(kernels):
     assert ((half.float() - want).abs() <= want.abs() * 2**-7).all()
 
 
+def random_asymmetric_int4(g, experts, rows, cols, group):
+    """int4 experts as an asymmetric checkpoint has them: any nibbles, zero points 0..16 (GPTQ
+    v1's stored zero + 1 reaches 16), fp16 scales."""
+    q = torch.randint(0, 256, (experts, rows, cols // 2), generator=g, dtype=torch.uint8)
+    s = (torch.rand(experts, rows, cols // group, generator=g) * 0.01 + 0.001).to(torch.float16)
+    z = torch.randint(0, 17, (experts, rows, cols // group), generator=g, dtype=torch.uint8)
+    return q, s, z
+
+
+def test_int4_kernels_read_zero_points_and_fp16_scales(kernels):
+    g = torch.Generator().manual_seed(2)
+    experts, rows, cols, group = 10, 40, 256, 32
+    q, s, z = random_asymmetric_int4(g, experts, rows, cols, group)
+    cache_q, cache_s, cache_z = q[:3].clone(), s[:3].clone(), z[:3].clone()
+    table = torch.full((experts,), -1, dtype=torch.int32)
+    table[:3] = torch.arange(3, dtype=torch.int32)
+    ids = torch.tensor([2, 5, 0, 9])                        # two cached, two on the host
+    dense = quant.dequantize("int4", q[ids], s[ids], torch.float32, zero=z[ids])
+    # the reference really uses the zero points: with 8 for every group it gives other weights
+    assert (dense - quant.dequantize("int4", q[ids], s[ids], torch.float32)).abs().max().item() > 1e-3
+    x = torch.randn(4, cols, generator=g).to(torch.bfloat16)
+    y = kernels.int4_expert_gemv(x, ids, table, cache_q, cache_s, q, s, cache_z=cache_z, host_z=z)
+    want = torch.einsum("krc,kc->kr", dense, x.float())
+    assert (y - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-5
+    # the activated input (silu(gate) * up) with zero points
+    xa = torch.randn(4, 2 * cols, generator=g).to(torch.bfloat16)
+    act = torch.nn.functional.silu(xa[:, :cols].float()) * xa[:, cols:].float()
+    ya = kernels.int4_expert_gemv(xa, ids, table, cache_q, cache_s, q, s, act=True, cache_z=cache_z, host_z=z)
+    want = torch.einsum("krc,kc->kr", dense, act)
+    assert (ya - want).abs().max().item() < 1e-4 * want.abs().max().item() + 1e-5
+    rows_ = torch.tensor([7, 1])
+    got = kernels.int4_dequantize_rows(q, s, rows_, torch.float32, block_rows=16, block_bytes=64, zero=z)
+    assert torch.equal(got, quant.dequantize("int4", q[rows_], s[rows_], torch.float32, zero=z[rows_]))
+
+
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["torch-grouped-mm", "per-group"])
 def test_grouped_linear_multiplies_each_group_by_its_expert(monkeypatch, grouped_mm):
     from moechat.backends.moe_offload.engine import grouped_linear

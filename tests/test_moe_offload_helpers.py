@@ -1,8 +1,10 @@
 """Checkpoint writers and reference models for the moe-offload tests.
 
-Writes a model's weights in the three real layouts (dense release, block-FP8 release,
-compressed-tensors FP8), sharded with a ``model.safetensors.index.json``, and builds the
-transformers reference model from dense weights (experts fused as transformers expects).
+Writes a model's weights in the real layouts (dense release, block-FP8 release, compressed-tensors
+FP8, compressed-tensors int4 pack-quantized, GPTQ), sharded with a ``model.safetensors.index.json``,
+and builds the transformers reference model from dense weights (experts fused as transformers
+expects). The int4 writers quantize and pack as the producing libraries do, written out here
+independently of moe-offload's reader.
 """
 
 from __future__ import annotations
@@ -106,6 +108,102 @@ def write_ct_fp8(state, src: Path, dst: Path, strategy: str = "channel", keep: r
             s = s.to(torch.bfloat16)
             out[n], out[n + "_scale"] = q, s
             dense[n] = quant.fp8_dequantize(q, s.float(), block, torch.float32)
+        else:
+            out[n] = t.to(torch.bfloat16)
+            dense[n] = out[n].float()
+    write_sharded(out, dst)
+    return dense
+
+
+def pack_int32(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unsigned 4-bit values -> int32 words of 8, the first in bits 0-3, along ``dim`` (0 or 1):
+    compressed-tensors' ``pack_to_int32`` and GPTQ's packing alike."""
+    v = values.to(torch.int64)
+    v = v.reshape(v.shape[0] // 8, 8, v.shape[1]) if dim == 0 else v.reshape(v.shape[0], v.shape[1] // 8, 8)
+    words = sum(v.select(dim + 1, i) << (4 * i) for i in range(8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def int4_groups(t: torch.Tensor, group: int, sym: bool, scale_dtype):
+    """(q unsigned [R, C], zero [R, C/G] unsigned, scale [R, C/G] in scale_dtype) so that
+    W ~ (q - zero) * scale; symmetric: zero 8 and scale = max |w| / 7.5."""
+    r, c = t.shape
+    g = t.reshape(r, c // group, group)
+    if sym:
+        scale = (g.abs().amax(-1) / 7.5).clamp_min(1e-6).to(scale_dtype)
+        zero = torch.full(scale.shape, 8, dtype=torch.int64)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp_min(1e-6).to(scale_dtype)
+        zero = torch.round(-lo / scale.float()).clamp(0, 15).to(torch.int64)
+    q = (torch.round(g / scale.float()[..., None]) + zero[..., None]).clamp(0, 15).to(torch.int64)
+    return q.reshape(r, c), zero, scale
+
+
+def int4_dense(q, zero, scale, group: int) -> torch.Tensor:
+    r, c = q.shape
+    return ((q.reshape(r, c // group, group) - zero[..., None]).float() * scale.float()[..., None]).reshape(r, c)
+
+
+def int4_target(name: str, t: torch.Tensor, group: int) -> bool:
+    """The weights an int4 recipe quantizes here: every Linear but the ignore list of
+    llm-compressor's Qwen3-Next recipes (lm_head, router gates, linear attention)."""
+    return is_linear_weight(name, t) and not CT_KEEP.search(name) and t.shape[1] % group == 0 and t.shape[0] % 8 == 0
+
+
+def write_ct_int4(state, src: Path, dst: Path, sym: bool, group: int = 16) -> dict[str, torch.Tensor]:
+    """compressed-tensors W4A16 pack-quantized: ``weight_packed`` int32 [R, C/8] (q + 8, signed q),
+    ``weight_scale`` bf16 [R, C/G], ``weight_shape``, and, asymmetric, ``weight_zero_point`` int32
+    [R/8, C/G] packed along the rows."""
+    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group, "symmetric": sym,
+               "dynamic": False, "actorder": None}
+    copy_side_files(src, dst, {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                               "quantization_status": "compressed",
+                               "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*mlp.shared_expert_gate$",
+                                          "re:.*linear_attn.*"],
+                               "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                             "input_activations": None, "format": "pack-quantized"}}})
+    out, dense = {}, {}
+    for n, t in state.items():
+        if int4_target(n, t, group):
+            q, zero, scale = int4_groups(t, group, sym, torch.bfloat16)
+            base = n[: -len("weight")]
+            out[base + "weight_packed"] = pack_int32(q, 1)        # unsigned = signed q + 8
+            out[base + "weight_scale"] = scale
+            out[base + "weight_shape"] = torch.tensor(t.shape)
+            if not sym:
+                out[base + "weight_zero_point"] = pack_int32(zero, 0)
+            dense[n] = int4_dense(q, zero, scale, group)
+        else:
+            out[n] = t.to(torch.bfloat16)
+            dense[n] = out[n].float()
+    write_sharded(out, dst)
+    return dense
+
+
+def write_gptq(state, src: Path, dst: Path, sym: bool, group: int = 16, separate_config: bool = False,
+               g_idx=None) -> dict[str, torch.Tensor]:
+    """GPTQ v1: ``qweight`` int32 [C/8, R] packed along the inputs, ``qzeros`` int32 [C/G, R/8]
+    holding zero - 1, ``scales`` fp16 [C/G, R], ``g_idx`` int32 [C]. ``separate_config``: the
+    older ``quantize_config.json`` beside config.json. ``g_idx``: a function (C -> g_idx) to
+    write act-order groups."""
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": g_idx is not None, "sym": sym,
+            "checkpoint_format": "gptq"}
+    copy_side_files(src, dst, None if separate_config else qcfg)
+    if separate_config:
+        (dst / "quantize_config.json").write_text(json.dumps({k: v for k, v in qcfg.items() if k != "quant_method"}))
+    out, dense = {}, {}
+    for n, t in state.items():
+        if int4_target(n, t, group):
+            q, zero, scale = int4_groups(t, group, sym, torch.float16)
+            stored = (zero - 1) & 15                              # v1 stores zero - 1 (0 wraps to 15)
+            base = n[: -len("weight")]
+            out[base + "qweight"] = pack_int32(q.t().contiguous(), 0)
+            out[base + "qzeros"] = pack_int32(stored.t().contiguous(), 1)
+            out[base + "scales"] = scale.t().contiguous()
+            c = t.shape[1]
+            out[base + "g_idx"] = (torch.arange(c) // group if g_idx is None else g_idx(c)).to(torch.int32)
+            dense[n] = int4_dense(q, stored + 1, scale, group)    # as GPTQ v1 kernels read it
         else:
             out[n] = t.to(torch.bfloat16)
             dense[n] = out[n].float()

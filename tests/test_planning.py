@@ -188,6 +188,31 @@ def test_moe_offload_plan_and_engine_size_the_expert_cache_alike(tmp_path, famil
     assert item(plan, "expert cache").note.startswith(f"{expected} of {s.num_experts}")
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_moe_offload_plan_sizes_an_int4_checkpoints_experts_as_the_engine_stores_them(tmp_path, symmetric):
+    """A GPTQ checkpoint's experts keep its group (16 here, not the setting's 128) and, when
+    asymmetric, a zero point per group: the plan's expert bytes are the store's."""
+    import torch
+
+    from test_moe_offload_helpers import read_state, write_gptq
+
+    from moechat.backends.demo import build_tiny_model
+    from moechat.backends.modelinfo import inspect
+    from moechat.backends.moe_offload.build import load_engine
+    from moechat.backends.moe_offload.engine import Options
+
+    src = build_tiny_model(tmp_path / "model", "qwen3_next", seed=1)
+    folder = tmp_path / "gptq"
+    write_gptq(read_state(src), src, folder, sym=symmetric)
+    eng = load_engine(folder, Options(expert_format="int4", device="cpu", dtype=torch.float32,
+                                      cache_dir=tmp_path / "cache"))
+    assert eng.store.group == 16 and eng.store.zero == (not symmetric)
+    model = inspect(folder)
+    s = shapes(model.config)
+    plan = moe_offload_plan.plan(model, SimpleNamespace(int4_group_size=128, dtype="float32"), machine(None, 64))
+    assert item(plan, "routed experts").bytes == eng.store.expert_bytes() * s.num_experts * s.moe_layers
+
+
 def test_one_kv_and_state_formula_for_every_backend(big):
     """KV cache per token and linear-attention state come from ``shapes`` alone: the vLLM plan,
     moe-offload's engine sizing and the transformers plan give the same bytes for the same config."""

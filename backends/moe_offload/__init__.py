@@ -36,7 +36,8 @@ class MoeOffloadSettings(BackendSettings):
         "int4", description="How routed experts are stored in host memory: int4 (group-wise, about 4.1 bits "
                             "per weight), fp8 (e4m3 with block scales) or none (the checkpoint's dtype; "
                             "for testing, needs the most memory).")
-    int4_group_size: int = Field(128, ge=16, description="Weights per int4 scale (along the input dimension).")
+    int4_group_size: int = Field(128, ge=16, description="Weights per int4 scale (along the input dimension). "
+                                                          "An int4 checkpoint (GPTQ, compressed-tensors) keeps its own.")
     vram_budget_gb: float | None = Field(
         None, gt=0, description="Most GPU memory to use, in GB. What is left after the resident weights, KV "
                                 "cache, Gated DeltaNet state and a work area becomes the expert cache. "

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moechat.backends.api import BackendError, Progress
+from moechat.backends.moe_offload import quant
 from moechat.backends.moe_offload.adapters import adapter_for
 from moechat.backends.moe_offload.engine import Engine, Options
 from moechat.backends.moe_offload.loader import Checkpoint, dequantize_entry
@@ -85,15 +86,26 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
     adapter = adapter_for(config.model_type)
     shapes = adapter.shapes(config)
     dev = torch.device(options.device)
+    # an int4 checkpoint's experts keep their integers, scales (and zero points): its group wins
+    native = ckpt.int4 if options.expert_format == "int4" else None
+    group, zero, scale_dtype = options.int4_group_size, False, torch.bfloat16
+    quantizer = quant.INT4_QUANTIZER
+    if native is not None:
+        group, zero, quantizer = native.group, native.zero, "checkpoint"
+        scale_dtype = ckpt.int4_scale_dtype(lambda n: adapter.parse_expert(n) is not None)
     store = ExpertStore(options.expert_format, shapes.moe_layers, shapes.num_experts, shapes.hidden,
-                        shapes.intermediate, options.dtype, options.int4_group_size, pin=dev.type == "cuda")
+                        shapes.intermediate, options.dtype, group, pin=dev.type == "cuda", zero=zero,
+                        scale_dtype=scale_dtype)
     names = [n for n in ckpt.weight_map if not adapter.skip(n)]
     cached_from = None
     cache_path = None
     if options.expert_format != "none":
         root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
-        cache_path = root / f"{ckpt.fingerprint()}-{options.expert_format}-g{options.int4_group_size}"
-        if store.load_saved(cache_path, lambda d, t: progress(Progress("Reading converted experts from the cache", d, t, "layers"))):
+        # the quantizer is part of the key: experts converted by an older one are converted anew
+        key = f"-{quantizer}" if options.expert_format == "int4" else ""
+        cache_path = root / f"{ckpt.fingerprint()}-{options.expert_format}-g{group}{key}"
+        if store.load_saved(cache_path, lambda d, t: progress(Progress("Reading converted experts from the cache", d, t, "layers")),
+                            quantizer):
             cached_from = str(cache_path)
             names = [n for n in names if adapter.parse_expert(n) is None]
 
@@ -107,7 +119,9 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
             parsed = adapter.parse_expert(entry.name)
             if parsed is not None:
                 layer, expert, proj, suffix = parsed
-                if suffix == "weight" and layer in store.layers:
+                if suffix == "weight" and layer in store.layers and entry.group is not None:
+                    store.put_int4(layer, expert, proj, entry.weight, entry.scale, entry.zero, entry.group)
+                elif suffix == "weight" and layer in store.layers:
                     store.put(layer, expert, proj, entry.weight, entry.scale, entry.block)
             elif entry.name in params:
                 p = params[entry.name]
@@ -136,7 +150,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
     if cache_path is not None and cached_from is None:
         progress(Progress("Writing converted experts to the cache"))
         try:
-            store.save(cache_path)
+            store.save(cache_path, quantizer)
         except OSError as exc:  # a full disk must not fail the load
             engine.info["expert_cache_write_error"] = str(exc)
     engine.info.update({

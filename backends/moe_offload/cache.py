@@ -92,7 +92,7 @@ class DeviceExperts:
         self.table = torch.full_like(self.table_host, -1, device=self.device)
         self.policy = policy or CachePolicy(len(experts), self.num_experts)
         self.empty = torch.empty(1, dtype=torch.uint8, device=self.device)     # stands in for no slots
-        self.empty_scale = torch.empty(1, dtype=torch.bfloat16, device=self.device)
+        self.empty_scale = torch.empty(1, dtype=first.store.scale_dtype, device=self.device)
         self.sync_table()
 
     def sync_table(self) -> None:
@@ -105,12 +105,16 @@ class DeviceExperts:
                 self.table_host[i, e] = s
         self.table.copy_(self.table_host, non_blocking=True)
 
-    def _proj(self, mod: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _proj(self, mod: Any, name: str) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """The kernel's (cache q, cache scale, host q, host scale) and, with zero points, theirs."""
         src = mod.src[name]
-        if mod.slots:
-            c = mod.cache[name]
-            return c.data, c.scale, src.data, src.scale
-        return self.empty, self.empty_scale, src.data, src.scale
+        c = mod.cache[name] if mod.slots else None
+        cached = c is not None
+        tensors = (c.data if cached else self.empty, c.scale if cached else self.empty_scale, src.data, src.scale)
+        zeros = {}
+        if src.zero is not None:
+            zeros = {"cache_z": c.zero if cached else self.empty, "host_z": src.zero}
+        return tensors, zeros
 
     def experts_out(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Each selected expert's output [top_k, hidden] in float32, unweighted. In hybrid decode
@@ -121,8 +125,10 @@ class DeviceExperts:
         use = None
         if self.hybrid_on and w is not None:
             use = self.hybrid.publish(self.kernels, moe, x, ids, w, table)
-        h = self.kernels.int4_expert_gemv(x, ids, table, *self._proj(mod, "gate_up"), use=use)   # [k, 2I]
-        return self.kernels.int4_expert_gemv(h, ids, table, *self._proj(mod, "down"), act=True, use=use)
+        gu, gu_z = self._proj(mod, "gate_up")
+        dn, dn_z = self._proj(mod, "down")
+        h = self.kernels.int4_expert_gemv(x, ids, table, *gu, use=use, **gu_z)   # [k, 2I]
+        return self.kernels.int4_expert_gemv(h, ids, table, *dn, act=True, use=use, **dn_z)
 
     def cpu_out(self, moe: int) -> torch.Tensor | None:
         """The weighted sum of layer ``moe``'s experts the CPU computed (hybrid decode), else None."""

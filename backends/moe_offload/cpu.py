@@ -77,6 +77,8 @@ def build_library(folder: Path) -> tuple[Any, str]:
     lib.engine_free.argtypes = [_P]
     lib.engine_threads.argtypes = [_P]
     lib.experts_layer.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P]
+    lib.experts_layer_ext.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _P]
+    lib.worker_set_ext.argtypes = [_P, _P, _P, _I]
     lib.worker_new.restype = _P
     lib.worker_new.argtypes = [_P, _I, _I] + [_P] * 12 + [_L]
     lib.worker_arm.argtypes = [_P, _I]
@@ -112,6 +114,8 @@ class CpuExperts:
         if self.lib is not None:
             self.handle = self.lib.engine_new(self.threads, store.hidden, store.intermediate, store.group, self.k_max)
             self.why = f"compiled kernel, {self.threads} threads"
+        # experts of an int4 checkpoint: zero points and/or fp16 scales (the kernel's other path)
+        self.ext = store.zero or store.scale_dtype == torch.float16
         self.ids = torch.zeros(self.k_max, dtype=torch.int32)
         self.w = torch.zeros(self.k_max, dtype=torch.float32)
 
@@ -124,6 +128,11 @@ class CpuExperts:
         return (p["gate_up"].data.data_ptr(), p["gate_up"].scale.data_ptr(),
                 p["down"].data.data_ptr(), p["down"].scale.data_ptr())
 
+    def zero_pointers(self, layer: int) -> tuple[int, int]:
+        """The zero points' addresses (gate_up, down), 0 (NULL) where the store has none."""
+        p = self.store.layers[layer]
+        return tuple(p[n].zero.data_ptr() if p[n].zero is not None else 0 for n in ("gate_up", "down"))
+
     def layer(self, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x`` [H], ``ids`` [n], ``w`` [n] on the CPU -> [H] float32."""
         layer = self.layers[moe]
@@ -134,6 +143,13 @@ class CpuExperts:
         out = torch.empty(self.store.hidden, dtype=torch.float32)
         self.ids[:n].copy_(ids)
         self.w[:n].copy_(w)
+        if self.ext:
+            gq, gs, dq, ds = self.pointers(layer)
+            gz, dz = self.zero_pointers(layer)
+            self.lib.experts_layer_ext(self.handle, x.data_ptr(), n, self.ids.data_ptr(), self.w.data_ptr(),
+                                       gq, gs, gz, dq, ds, dz, int(self.store.scale_dtype == torch.float16),
+                                       out.data_ptr())
+            return out
         self.lib.experts_layer(self.handle, x.data_ptr(), n, self.ids.data_ptr(), self.w.data_ptr(),
                                *self.pointers(layer), out.data_ptr())
         return out
@@ -154,8 +170,8 @@ def reference_layer(store: Any, layer: int, x: torch.Tensor, ids: torch.Tensor, 
     """The same sum through the reference dequantization (``quant.dequantize``) in float32."""
     ids = ids.long()
     p = store.layers[layer]
-    gu = quant.dequantize("int4", p["gate_up"].data[ids], p["gate_up"].scale[ids], torch.float32)
-    dn = quant.dequantize("int4", p["down"].data[ids], p["down"].scale[ids], torch.float32)
+    gu, dn = (quant.dequantize("int4", p[n].data[ids], p[n].scale[ids], torch.float32,
+                               zero=None if p[n].zero is None else p[n].zero[ids]) for n in ("gate_up", "down"))
     h = torch.einsum("krc,c->kr", gu, x.float())
     g, u = h.chunk(2, dim=-1)
     y = torch.einsum("krc,kc->kr", dn, F.silu(g) * u)

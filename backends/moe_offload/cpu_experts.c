@@ -10,6 +10,10 @@
  * xo_i - 8 * sum(x over g)): the inner loop is byte -> float conversions and FMAs the compiler
  * vectorises, so one core keeps up with several GB/s of weights.
  *
+ * Experts of an int4 checkpoint may carry per-group zero points (uint8 [R, C/G]: z replaces the 8)
+ * and fp16 scales: row_dot_ext reads them, chosen once per row, so the symmetric bf16 path is the
+ * same code as before.
+ *
  * worker_*(): the hybrid decode step. A thread waits, layer after layer, for the GPU to publish a
  * token's hidden state and the experts it leaves to the CPU (flags in pinned host memory that the
  * GPU writes), computes them and raises a flag the GPU waits on. No CUDA call and no Python.
@@ -41,18 +45,44 @@ static inline float bf16(uint16_t v) {
     return f;
 }
 
+/* one group's sum of nibble * x: hb packed bytes against the split input */
+static inline float group_dot(const uint8_t *b, const float *e, const float *o, int hb) {
+    float a = 0.f;
+#pragma omp simd reduction(+:a)
+    for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
+    return a;
+}
+
 /* one row of packed int4 [C/2] with scales [C/G] against the split input */
 static inline float row_dot(const uint8_t *q, const uint16_t *s, const float *xe, const float *xo,
                             const float *gs, int c, int g) {
     const int hb = g / 2;
     float acc = 0.f;
+    for (int k = 0; k < c / g; k++)
+        acc += bf16(s[k]) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - gs[k]);
+    return acc;
+}
+
+static inline float fp16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float f;
+    if (e == 0) {                       /* zero and subnormals: m * 2^-24 */
+        f = (float)m * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    }
+    uint32_t u = sign | ((e == 31 ? 255u : e + 112u) << 23) | (m << 13);
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* row_dot with zero points z [C/G] (or NULL: 8) and fp16 or bf16 scales: gs is 8 * sum(x over g) */
+static float row_dot_ext(const uint8_t *q, const uint16_t *s, const uint8_t *z, int f16, const float *xe,
+                         const float *xo, const float *gs, int c, int g) {
+    const int hb = g / 2;
+    float acc = 0.f;
     for (int k = 0; k < c / g; k++) {
-        const uint8_t *b = q + k * hb;
-        const float *e = xe + k * hb, *o = xo + k * hb;
-        float a = 0.f;
-#pragma omp simd reduction(+:a)
-        for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
-        acc += bf16(s[k]) * (a - gs[k]);
+        float off = z ? (float)z[k] * (0.125f * gs[k]) : gs[k];
+        acc += (f16 ? fp16(s[k]) : bf16(s[k])) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - off);
     }
     return acc;
 }
@@ -161,6 +191,8 @@ typedef struct {
     float *xe, *xo, *xg;           /* [H/2], [H/2], [H/G] */
     float *hid;                    /* [n, 2I] */
     float *ae, *ao, *ag;           /* [n, I/2], [n, I/2], [n, I/G] */
+    const uint8_t *guz, *dnz;      /* zero points [E, 2I, H/G], [E, H, I/G], or NULL (8) */
+    int f16;                       /* scales are fp16 (else bf16) */
 } layer_job;
 
 static inline void span(int total, int part, int parts, int *a, int *b) {
@@ -191,10 +223,13 @@ static void stage_gate_up(void *v, int part, int parts) {
     const int rows = 2 * j->inter, hb = j->h / 2, ng = j->h / j->g;
     int a, b;
     span(j->n * rows, part, parts, &a, &b);
+    const int ext = j->guz != NULL || j->f16;
     for (int r = a; r < b; r++) {
         int e = j->ids[r / rows], row = r % rows;
-        j->hid[r] = row_dot(j->guq + ((int64_t)e * rows + row) * hb, j->gus + ((int64_t)e * rows + row) * ng,
-                            j->xe, j->xo, j->xg, j->h, j->g);
+        int64_t at = (int64_t)e * rows + row;
+        j->hid[r] = ext ? row_dot_ext(j->guq + at * hb, j->gus + at * ng, j->guz ? j->guz + at * ng : NULL, j->f16,
+                                      j->xe, j->xo, j->xg, j->h, j->g)
+                        : row_dot(j->guq + at * hb, j->gus + at * ng, j->xe, j->xo, j->xg, j->h, j->g);
     }
 }
 
@@ -225,12 +260,15 @@ static void stage_down(void *v, int part, int parts) {
     const int hb = j->inter / 2, ng = j->inter / j->g;
     int a, b;
     span(j->h, part, parts, &a, &b);
+    const int ext = j->dnz != NULL || j->f16;
     for (int r = a; r < b; r++) {
         float acc = 0.f;
         for (int k = 0; k < j->n; k++) {
-            int64_t e = j->ids[k];
-            acc += j->w[k] * row_dot(j->dnq + (e * j->h + r) * hb, j->dns + (e * j->h + r) * ng,
-                                     j->ae + k * hb, j->ao + k * hb, j->ag + k * ng, j->inter, j->g);
+            int64_t at = (int64_t)j->ids[k] * j->h + r;
+            acc += j->w[k] * (ext ? row_dot_ext(j->dnq + at * hb, j->dns + at * ng, j->dnz ? j->dnz + at * ng : NULL,
+                                                j->f16, j->ae + k * hb, j->ao + k * hb, j->ag + k * ng, j->inter, j->g)
+                                  : row_dot(j->dnq + at * hb, j->dns + at * ng, j->ae + k * hb, j->ao + k * hb,
+                                            j->ag + k * ng, j->inter, j->g));
         }
         j->out[r] = acc;
     }
@@ -293,6 +331,18 @@ void experts_layer(void *v, const float *x, int n, const int32_t *ids, const flo
     run_layer(e->pool, &j, e->scratch);
 }
 
+/* the same with zero points (guz, dnz: NULL for none) and fp16 scales (f16) */
+void experts_layer_ext(void *v, const float *x, int n, const int32_t *ids, const float *w, const void *guq,
+                       const void *gus, const void *guz, const void *dnq, const void *dns, const void *dnz, int f16,
+                       float *out) {
+    engine_t *e = v;
+    layer_job j = {e->h, e->inter, e->g, n, x, ids, w, guq, gus, dnq, dns, out};
+    j.guz = guz;
+    j.dnz = dnz;
+    j.f16 = f16;
+    run_layer(e->pool, &j, e->scratch);
+}
+
 /* ---- the hybrid decode step's CPU side ------------------------------------------------------- */
 typedef struct {
     engine_t *eng;
@@ -309,6 +359,8 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int armed, stop, timeouts;
+    const int64_t *guz, *dnz;                /* per layer: zero points' addresses, or NULL (none) */
+    int f16;
 } worker_t;
 
 static void *worker_main(void *v) {
@@ -341,6 +393,9 @@ static void *worker_main(void *v) {
                 layer_job j = {e->h, e->inter, e->g, n, w->x + (int64_t)l * e->h, w->ids + l * w->kmax,
                                w->w + l * w->kmax, (const void *)w->guq[l], (const void *)w->gus[l],
                                (const void *)w->dnq[l], (const void *)w->dns[l], w->y + (int64_t)l * e->h};
+                j.guz = w->guz ? (const void *)w->guz[l] : NULL;
+                j.dnz = w->dnz ? (const void *)w->dnz[l] : NULL;
+                j.f16 = w->f16;
                 run_layer(e->pool, &j, e->scratch);
             }
             w->times[2 * l] = t1;
@@ -375,6 +430,14 @@ void *worker_new(void *eng, int layers, int kmax, const int64_t *guq, const int6
     pthread_cond_init(&w->cv, NULL);
     pthread_create(&w->th, NULL, worker_main, w);
     return w;
+}
+
+/* zero points (per-layer addresses, or NULL) and fp16 scales; before the first worker_arm */
+void worker_set_ext(void *v, const int64_t *guz, const int64_t *dnz, int f16) {
+    worker_t *w = v;
+    w->guz = guz;
+    w->dnz = dnz;
+    w->f16 = f16;
 }
 
 /* the next token is number seq: serve its layers as the GPU publishes them */

@@ -94,7 +94,8 @@ class OffloadedExperts(nn.Module):
                 self.cache[name] = Proj(
                     torch.empty((slots, *p.data.shape[1:]), dtype=p.data.dtype, device=device),
                     None if p.scale is None else torch.empty((slots, *p.scale.shape[1:]), dtype=p.scale.dtype, device=device),
-                    p.block)
+                    p.block,
+                    None if p.zero is None else torch.empty((slots, *p.zero.shape[1:]), dtype=p.zero.dtype, device=device))
         self.expert_bytes = sum(p.expert_bytes for p in self.src.values())
 
     # ---- the cache ------------------------------------------------------------------------
@@ -121,6 +122,8 @@ class OffloadedExperts(nn.Module):
             c.data[slot].copy_(p.data[expert], non_blocking=True)
             if p.scale is not None:
                 c.scale[slot].copy_(p.scale[expert], non_blocking=True)
+            if p.zero is not None:
+                c.zero[slot].copy_(p.zero[expert], non_blocking=True)
         self.lru[expert] = slot
         self.counters.copied += 1
         self.counters.bytes_h2d += self.expert_bytes if self.device.type == "cuda" else 0
@@ -137,6 +140,8 @@ class OffloadedExperts(nn.Module):
             c.data.copy_(p.data[:n], non_blocking=True)
             if p.scale is not None:
                 c.scale.copy_(p.scale[:n], non_blocking=True)
+            if p.zero is not None:
+                c.zero.copy_(p.zero[:n], non_blocking=True)
         self.lru = OrderedDict((e, e) for e in range(n))
         self.free = []
 
@@ -146,9 +151,9 @@ class OffloadedExperts(nn.Module):
         if self.store.fmt == "int4" and proj.data.is_cuda:
             kernels = _gpu_kernels()
             if kernels is not None:
-                return kernels.int4_dequantize_rows(proj.data, proj.scale, rows, dtype)
+                return kernels.int4_dequantize_rows(proj.data, proj.scale, rows, dtype, zero=proj.zero)
         return quant.dequantize(self.store.fmt, proj.data[rows], None if proj.scale is None else proj.scale[rows],
-                                dtype, proj.block)
+                                dtype, proj.block, None if proj.zero is None else proj.zero[rows])
 
     def _run(self, src: dict[str, Proj], row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
              wflat: torch.Tensor, out: torch.Tensor, k: int) -> None:
@@ -591,12 +596,13 @@ def measure_pipes(engine: Engine, experts: int = 10, reps: int = 3) -> tuple[flo
     cpu_rate = reps * experts * b / (time.perf_counter() - t0) / 1e9
     table = torch.full((store.num_experts,), -1, dtype=torch.int32, device=dev)
     empty_q = torch.empty(1, dtype=torch.uint8, device=dev)
-    empty_s = torch.empty(1, dtype=torch.bfloat16, device=dev)
+    empty_s = torch.empty(1, dtype=store.scale_dtype, device=dev)
     xd = x.to(dev, torch.bfloat16)
+    gu, dn = layer["gate_up"], layer["down"]
 
     def one(ids):
-        hid = kernels.int4_expert_gemv(xd, ids, table, empty_q, empty_s, layer["gate_up"].data, layer["gate_up"].scale)
-        kernels.int4_expert_gemv(hid, ids, table, empty_q, empty_s, layer["down"].data, layer["down"].scale, act=True)
+        hid = kernels.int4_expert_gemv(xd, ids, table, empty_q, empty_s, gu.data, gu.scale, host_z=gu.zero)
+        kernels.int4_expert_gemv(hid, ids, table, empty_q, empty_s, dn.data, dn.scale, act=True, host_z=dn.zero)
     one(picks[0].to(dev))
     ids = [p.to(dev) for p in picks[1:]]
     torch.cuda.synchronize(dev)

@@ -82,6 +82,12 @@ class HybridMisses:
                 cpu.handle, layers, top_k, *(p.data_ptr() for p in self._ptrs), b.ready.data_ptr(), b.done.data_ptr(),
                 b.x.data_ptr(), b.ids.data_ptr(), b.n.data_ptr(), b.w.data_ptr(), b.y.data_ptr(),
                 b.cpu_times.data_ptr(), int(timeout_s * 1e9))
+            if cpu.ext:   # zero points and/or fp16 scales of an int4 checkpoint
+                zp = [cpu.zero_pointers(layer) for layer in cpu.layers]
+                self._zptrs = [torch.tensor([z[i] for z in zp], dtype=torch.int64) for i in range(2)]
+                has_zero = cpu.store.zero
+                cpu.lib.worker_set_ext(self.worker, *(z.data_ptr() if has_zero else None for z in self._zptrs),
+                                       int(cpu.store.scale_dtype == torch.float16))
 
     # ---- inside the step -----------------------------------------------------------------------
     def publish(self, kernels: Any, moe: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,

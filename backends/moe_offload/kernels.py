@@ -1,7 +1,8 @@
 """Triton kernels for routed experts (int4 weights read where they lie) and the fused decode step.
 
 ``int4_expert_gemv`` computes, for each of a token's ``top_k`` experts, ``y[j] = W_e @ x[j]``
-straight from the packed int4 bytes and bf16 group scales (the layout of ``quant.py``). A device
+straight from the packed int4 bytes and group scales, and zero points where the experts have
+them (the layout of ``quant.py``). A device
 table gives each expert's cache slot; an expert with no slot (-1) is read from the host store in
 pinned memory, which the GPU addresses directly (unified virtual addressing), so a miss costs its
 bytes over PCIe once and no copy, no host sync and no Python. That keeps the whole decode step a
@@ -23,9 +24,9 @@ import triton.language as tl
 
 @triton.jit
 def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
-               cache_q, cache_s, host_q, host_s, y_ptr, use_ptr,
+               cache_q, cache_s, host_q, host_s, y_ptr, use_ptr, cache_z, host_z,
                OUT: tl.constexpr, IN: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-               GPI: tl.constexpr, USE: tl.constexpr):
+               GPI: tl.constexpr, USE: tl.constexpr, ZERO: tl.constexpr):
     j = tl.program_id(0)                 # which of the token's experts
     nb = tl.program_id(1)                # which block of output rows
     e = tl.load(ids_ptr + j).to(tl.int64)
@@ -66,6 +67,11 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
             xo = xo * tl.sigmoid(xo) * uo
         part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BN, GPI, HALF)), axis=2)   # [BN, GPI]
         soff = rows[:, None] * NG + step * GPI + gsel[None, :]
+        if ZERO:  # (nibble - z) = (nibble - 8) + (8 - z): add (8 - z) * the group's sum of x
+            xs = tl.sum(tl.reshape(xe + xo, (GPI, HALF)), axis=1)                              # [GPI]
+            z = (tl.load(cache_z + slot * (OUT * NG) + soff, mask=on_device, other=0).to(tl.float32)
+                 + tl.load(host_z + e * (OUT * NG) + soff, mask=on_host, other=0).to(tl.float32))
+            part += (8.0 - z) * xs[None, :]
         s = (tl.load(sc + soff, mask=on_device, other=0.0).to(tl.float32)
              + tl.load(sh + soff, mask=on_host, other=0.0).to(tl.float32))
         acc += tl.sum(part * s, axis=1)
@@ -74,12 +80,15 @@ def _int4_gemv(x_ptr, x_stride, ids_ptr, table_ptr,
 
 def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
                      cache_q: torch.Tensor, cache_s: torch.Tensor, host_q: torch.Tensor, host_s: torch.Tensor,
-                     block_rows: int = 16, act: bool = False, use: torch.Tensor | None = None) -> torch.Tensor:
+                     block_rows: int = 16, act: bool = False, use: torch.Tensor | None = None,
+                     cache_z: torch.Tensor | None = None, host_z: torch.Tensor | None = None) -> torch.Tensor:
     """``y [top_k, R]`` (float32) = expert ``ids[j]``'s int4 matrix [R, C] times ``x[j]`` (or ``x``
     for all when it is 1-D). ``table[e]`` is e's row in ``cache_q/cache_s`` or -1 for the host
     store ``host_q/host_s`` ([E, R, C/2] uint8 and [E, R, C/group] bf16). With ``act``, ``x[j]``
     is [2C] (gate, up) and the input is ``silu(gate) * up``. With ``use`` (int32 [top_k]), an
-    expert whose entry is 0 is left out (its row of ``y`` is 0): the CPU computes it."""
+    expert whose entry is 0 is left out (its row of ``y`` is 0): the CPU computes it. With zero
+    points, ``cache_z/host_z`` (uint8, shaped as the scales) give each group's zero instead of 8;
+    without them the kernel is compiled without that code."""
     k = ids.shape[0]
     r, half = host_q.shape[1:]
     c = 2 * half
@@ -91,25 +100,31 @@ def int4_expert_gemv(x: torch.Tensor, ids: torch.Tensor, table: torch.Tensor,
     while gpi * group // 2 < 128 and groups % (2 * gpi) == 0:
         gpi *= 2
     grid = (k, triton.cdiv(r, block_rows))
+    zero = host_z is not None
     _int4_gemv[grid](x, x_stride, ids, table, cache_q, cache_s, host_q, host_s, y, use if use is not None else ids,
-                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi, USE=use is not None)
+                     (cache_z if cache_z is not None else cache_q) if zero else cache_q, host_z if zero else host_q,
+                     OUT=r, IN=c, G=group, BN=block_rows, ACT=act, GPI=gpi, USE=use is not None, ZERO=zero)
     return y
 
 
 
 @triton.jit
-def _int4_dequant(q_ptr, s_ptr, rows_ptr, out_ptr, R, HALF: tl.constexpr, G: tl.constexpr,
-                  BR: tl.constexpr, BC: tl.constexpr):
+def _int4_dequant(q_ptr, s_ptr, rows_ptr, out_ptr, z_ptr, R, HALF: tl.constexpr, G: tl.constexpr,
+                  BR: tl.constexpr, BC: tl.constexpr, ZERO: tl.constexpr):
     j = tl.program_id(0)                 # which of the requested experts
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     b = tl.program_id(2) * BC + tl.arange(0, BC)      # packed byte columns
     e = tl.load(rows_ptr + j).to(tl.int64)
     m = (r < R)[:, None] & (b < HALF)[None, :]
     p = tl.load(q_ptr + e * R * HALF + r[:, None] * HALF + b[None, :], mask=m, other=0)
-    s = tl.load(s_ptr + e * R * (2 * HALF // G) + r[:, None] * (2 * HALF // G) + (2 * b[None, :]) // G,
-                mask=m, other=0.0).to(tl.float32)    # an even column and the odd one after it share a group
-    lo = ((p & 15).to(tl.float32) - 8.0) * s
-    hi = ((p >> 4).to(tl.float32) - 8.0) * s
+    soff = e * R * (2 * HALF // G) + r[:, None] * (2 * HALF // G) + (2 * b[None, :]) // G
+    s = tl.load(s_ptr + soff, mask=m, other=0.0).to(tl.float32)    # an even column and the odd one after it share a group
+    if ZERO:
+        z = tl.load(z_ptr + soff, mask=m, other=0).to(tl.float32)
+    else:
+        z = 8.0
+    lo = ((p & 15).to(tl.float32) - z) * s
+    hi = ((p >> 4).to(tl.float32) - z) * s
     w = tl.interleave(lo, hi).to(out_ptr.dtype.element_ty)              # [BR, 2 * BC]
     c = 2 * tl.program_id(2) * BC + tl.arange(0, 2 * BC)
     mo = (r < R)[:, None] & (c < 2 * HALF)[None, :]
@@ -117,11 +132,12 @@ def _int4_dequant(q_ptr, s_ptr, rows_ptr, out_ptr, R, HALF: tl.constexpr, G: tl.
 
 
 def int4_dequantize_rows(q: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
-                         block_rows: int = 16, block_bytes: int = 128) -> torch.Tensor:
+                         block_rows: int = 16, block_bytes: int = 128, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Dense ``[len(rows), R, C]`` in ``dtype`` of experts ``rows`` of ``q/s`` ([E, R, C/2] uint8,
     [E, R, C/group] bf16; on the GPU or, read in place, in pinned host memory): one pass that
     reads the packed bytes and writes the weights, where ``quant.dequantize`` makes six passes.
-    The same numbers: each weight is (nibble - 8) * scale, exact in float32 and rounded once to
+    The same numbers: each weight is (nibble - 8) * scale (or (nibble - zero) * scale with
+    ``zero``, uint8 shaped as ``s``), exact in float32 and rounded once to
     ``dtype`` (to nearest on the GPU; Triton's interpreter truncates)."""
     n = rows.shape[0]
     r, half = q.shape[1:]
@@ -129,7 +145,8 @@ def int4_dequantize_rows(q: torch.Tensor, s: torch.Tensor, rows: torch.Tensor, d
     if n:
         group = 2 * half // s.shape[2]
         grid = (n, triton.cdiv(r, block_rows), triton.cdiv(half, block_bytes))
-        _int4_dequant[grid](q, s, rows, out, r, HALF=half, G=group, BR=block_rows, BC=block_bytes)
+        _int4_dequant[grid](q, s, rows, out, zero if zero is not None else q, r, HALF=half, G=group, BR=block_rows,
+                            BC=block_bytes, ZERO=zero is not None)
     return out
 
 # ---- the resident part of a decode step, fused ------------------------------------------------

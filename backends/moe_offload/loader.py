@@ -1,10 +1,13 @@
 """Reading a Hugging Face-style folder of safetensors, one tensor at a time.
 
-Three layouts are read (see docs/moe-offload.md): a dense release (bf16/fp16/fp32), the block-FP8
-release (``quant_method: fp8``, ``weight`` float8_e4m3fn + ``weight_scale_inv``) and
-compressed-tensors FP8 (``weight`` + ``weight_scale``: tensor, channel or block). In both FP8
+Five layouts are read (see docs/moe-offload.md): a dense release (bf16/fp16/fp32), the block-FP8
+release (``quant_method: fp8``, ``weight`` float8_e4m3fn + ``weight_scale_inv``),
+compressed-tensors FP8 (``weight`` + ``weight_scale``: tensor, channel or block), and two int4
+layouts: compressed-tensors ``pack-quantized`` (``weight_packed`` + ``weight_scale`` [+
+``weight_zero_point``]) and GPTQ (``qweight`` + ``qzeros`` + ``scales`` + ``g_idx``). In both FP8
 layouts the dense weight is ``weight * scale`` broadcast over blocks, so a float8 weight is paired
-with whichever scale sits next to it. Nothing bigger than one tensor is held at a time.
+with whichever scale sits next to it. int4 weights are repacked, integers and scales as they are,
+into the store's layout (quant.py; ``Int4Layout``). Nothing bigger than one tensor is held at a time.
 """
 
 from __future__ import annotations
@@ -19,31 +22,14 @@ from typing import Any
 
 from moechat.backends.api import BackendError
 from moechat.backends.moe_offload import quant
+from moechat.backends.moe_offload.quant_config import Int4Layout, checkpoint_format, int4_layout  # noqa: F401
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
           "F8_E5M2": "float8_e5m2"}
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-SKIP_SUFFIXES = ("input_scale", "weight_zero_point", "input_zero_point", "weight_g_idx")
-
-
-def checkpoint_format(config: dict[str, Any]) -> str:
-    """'dense', 'fp8-block' or 'compressed-tensors-fp8' from config.json's quantization_config."""
-    q = config.get("quantization_config") or {}
-    method = q.get("quant_method")
-    if not method:
-        return "dense"
-    if method == "fp8":
-        return "fp8-block"
-    if method == "compressed-tensors":
-        for group in (q.get("config_groups") or {}).values():
-            w = group.get("weights") or {}
-            if w.get("type") != "float" or w.get("num_bits") != 8:
-                raise BackendError("This compressed-tensors checkpoint is not FP8 (weights "
-                                   f"{w.get('type')}{w.get('num_bits')}); moe-offload reads FP8 ones only.")
-        return "compressed-tensors-fp8"
-    raise BackendError(f"moe-offload cannot read checkpoints quantized with {method!r}; use the bf16 or "
-                       "an FP8 release of the model.")
+SKIP_SUFFIXES = ("input_scale", "weight_zero_point", "input_zero_point", "weight_g_idx", "weight_shape")
+GPTQ_SUFFIXES = ("qzeros", "scales", "g_idx")   # read with their qweight
 
 
 def fp8_block_hint(config: dict[str, Any]) -> tuple[int, int] | None:
@@ -60,9 +46,11 @@ def fp8_block_hint(config: dict[str, Any]) -> tuple[int, int] | None:
 @dataclass
 class Entry:
     name: str
-    weight: Any               # torch.Tensor
-    scale: Any | None = None  # for float8 weights
+    weight: Any               # torch.Tensor; for int4 weights uint8 [R, C/2] in the store's layout
+    scale: Any | None = None  # for float8 and int4 weights
     block: tuple[int, int] | None = None  # the block the scale grid stands for
+    zero: Any | None = None   # int4 zero points uint8 [R, C/group], or None (8)
+    group: int | None = None  # int4 weights: the group size (None for other weights)
 
 
 class Checkpoint:
@@ -75,7 +63,11 @@ class Checkpoint:
         if not cfg_path.exists():
             raise BackendError(f"{self.folder} has no config.json; choose a Hugging Face-style model folder.")
         self.config_dict = json.loads(cfg_path.read_text())
+        gptq = self.folder / "quantize_config.json"   # older GPTQ folders keep it apart
+        if not self.config_dict.get("quantization_config") and gptq.exists():
+            self.config_dict["quantization_config"] = {"quant_method": "gptq", **json.loads(gptq.read_text())}
         self.format = checkpoint_format(self.config_dict)
+        self.int4 = int4_layout(self.config_dict)
         self.block_hint = fp8_block_hint(self.config_dict)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
@@ -131,6 +123,18 @@ class Checkpoint:
                 got += n
         return buf.view(getattr(torch, dtype)).reshape(meta["shape"])
 
+    def int4_scale_dtype(self, is_expert) -> Any:
+        """The torch dtype of the int4 scales of the first tensor ``is_expert(name)`` accepts
+        (bf16 where they are float32: the store checks that they are exact)."""
+        import torch
+
+        for name in self.weight_map:
+            if is_expert(name) and name.endswith((".scales", ".weight_scale")):
+                header, _ = self._header(self.weight_map[name])
+                dtype = getattr(torch, DTYPES.get(header[name]["dtype"], "bfloat16"))
+                return dtype if dtype in quant.INT4_SCALE_DTYPES else torch.bfloat16
+        return torch.bfloat16
+
     def close(self) -> None:
         self._headers.clear()
 
@@ -143,9 +147,13 @@ class Checkpoint:
 
         names = names if names is not None else list(self.weight_map)
         order = sorted(names, key=lambda n: (self.weight_map[n], n))
+        gptq = self.int4 is not None and self.int4.kind == "gptq"
         for name in order:
             suffix = name.rsplit(".", 1)[-1]
-            if suffix in SCALE_SUFFIXES or suffix in SKIP_SUFFIXES:
+            if suffix in SCALE_SUFFIXES or suffix in SKIP_SUFFIXES or (gptq and suffix in GPTQ_SUFFIXES):
+                continue
+            if suffix in ("weight_packed", "qweight") and self.int4 is not None:
+                yield self._int4_entry(name)
                 continue
             t = self.get(name)
             scale = None
@@ -167,12 +175,85 @@ class Checkpoint:
             yield Entry(name, t, scale, block)
         self.close()
 
+    def _int4_entry(self, name: str) -> Entry:
+        """An int4 weight with its scales (and zero points) repacked into the store's layout."""
+        layout = self.int4
+        base = name.rsplit(".", 1)[0] + "."
+        if layout.kind == "gptq":
+            packed, scale, zero = gptq_to_store(self.get(base + "qweight"), self.get(base + "scales"),
+                                                self.get(base + "qzeros"), layout.zero_offset)
+            g_idx = self.get(base + "g_idx") if base + "g_idx" in self.weight_map else None
+        else:
+            shape = tuple(int(v) for v in self.get(base + "weight_shape").tolist())
+            zp = self.get(base + "weight_zero_point") if base + "weight_zero_point" in self.weight_map else None
+            packed, scale, zero = compressed_tensors_to_store(self.get(base + "weight_packed"),
+                                                               self.get(base + "weight_scale"), zp, shape)
+            g_idx = self.get(base + "weight_g_idx") if base + "weight_g_idx" in self.weight_map else None
+        c = 2 * packed.shape[1]
+        group = layout.group
+        if scale.shape[-1] * group != c or scale.shape[0] != packed.shape[0]:
+            raise BackendError(f"{name} has {scale.shape[1]} scale groups for {c} inputs, not groups of "
+                               f"{layout.group} as config.json says; the checkpoint is inconsistent.")
+        if g_idx is not None:
+            import torch
+
+            if not torch.equal(g_idx.long(), torch.arange(c) // group):
+                raise BackendError(
+                    f"{name} was quantized with act-order (desc_act / actorder=group: its g_idx puts columns "
+                    "in groups out of order), which moe-offload's int4 kernels do not read; use a checkpoint "
+                    "quantized without act-order (or with static_groups), or the bf16 or FP8 release.")
+        return Entry(base + "weight", packed, scale, None, zero, group)
+
+
+def _nibbles(t, count: int, dim: int):
+    """int32 words -> their ``count`` 4- or 8-bit fields, lowest first, as a new dim after ``dim``
+    merged into it (so word w's field k lands at index count * w + k)."""
+    import torch
+
+    bits = 32 // count
+    fields = torch.stack([(t >> (bits * k)) & ((1 << bits) - 1) for k in range(count)], dim=dim + 1)
+    shape = list(t.shape)
+    shape[dim] *= count
+    return fields.reshape(shape).to(torch.uint8)
+
+
+def compressed_tensors_to_store(packed, scale, zero_point, shape: tuple[int, int]):
+    """compressed-tensors pack-quantized -> (uint8 [R, C/2], scale [R, C/G], zero uint8 [R, C/G] or None).
+
+    ``weight_packed`` int32 [R, C/8] holds q + 8 (q signed in [-8, 7]) of columns 8w..8w+7 in bits
+    0-3, 4-7, ... of word w: its bytes are two columns each, low nibble first, which is our layout.
+    ``weight_zero_point`` int32 [ceil(R/8), C/G] packs the zero points (z + 8) the same way along
+    the rows. W = (q - z) * scale = (nibble - zero nibble) * scale."""
+    r, c = shape
+    if c % 8 or tuple(packed.shape) != (r, c // 8):
+        raise BackendError(f"weight_packed has shape {tuple(packed.shape)} for a weight of shape {shape}; "
+                           "moe-offload reads int4 weights whose input width is a multiple of 8.")
+    data = _nibbles(packed, 4, 1)                       # bytes: [R, C/2]
+    zero = None
+    if zero_point is not None:
+        zero = _nibbles(zero_point, 8, 0)[:r]           # rows 8w..8w+7 of word row w
+    return data.contiguous(), scale.contiguous(), zero
+
+
+def gptq_to_store(qweight, scales, qzeros, zero_offset: int):
+    """GPTQ -> (uint8 [R, C/2], scale [R, C/G], zero uint8 [R, C/G]).
+
+    ``qweight`` int32 [C/8, R] holds the unsigned q of inputs 8w..8w+7 of output r in bits 0-3,
+    4-7, ... of word [w, r]; ``qzeros`` int32 [C/G, R/8] the zero points of outputs 8w..8w+7 the
+    same way, stored as zero - 1 in GPTQ v1 (``zero_offset`` 1). ``scales`` [C/G, R].
+    W[r, c] = (q - zero) * scale."""
+    data = _nibbles(qweight, 4, 0).t()                   # bytes along the inputs: [R, C/2]
+    zero = _nibbles(qzeros, 8, 1).t() + zero_offset      # [R, C/G], up to 16
+    return data.contiguous(), scales.t().contiguous(), zero.contiguous()
+
 
 def dequantize_entry(entry: Entry, dtype) -> Any:
     """Dense ``dtype`` weight of a resident (non-expert) tensor."""
     import torch
 
     w = entry.weight
+    if entry.group is not None:
+        return quant.int4_dequantize(w, entry.scale.float(), torch.float32, entry.zero).to(dtype)
     if entry.scale is None:
         return w.to(dtype)
     r = w.shape[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moechat.backends.api import MemoryItem, MemoryPlan
+from moechat.backends.api import BackendError, MemoryItem, MemoryPlan
 from moechat.backends.planning import (
     CUDA_CONTEXT,
     WORKER_HOST_CPU,
@@ -37,15 +37,17 @@ WORKSPACE_BYTES = int(2.0 * GiB)
 FP8_BLOCK = 128   # fp8 experts carry one float32 scale per 128 x 128 block
 
 
-def expert_bytes(fmt: str, hidden: int, intermediate: int, group: int = 128, dtype_bytes: int = 2) -> int:
+def expert_bytes(fmt: str, hidden: int, intermediate: int, group: int = 128, dtype_bytes: int = 2,
+                 zero: bool = False) -> int:
     """Bytes of one routed expert (gate [I, H], up [I, H], down [H, I]) in the store's format:
-    int4 packs two weights a byte with one bf16 scale per ``group`` weights, fp8 one byte a
+    int4 packs two weights a byte with one bf16 (or fp16) scale per ``group`` weights, and with
+    ``zero`` (an asymmetric int4 checkpoint) one uint8 zero point per group too; fp8 one byte a
     weight and a float32 scale per block of each matrix (128 x 128, smaller where the matrix
     is), ``none`` the compute dtype."""
     shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
     n = sum(r * c for r, c in shapes)
     if fmt == "int4":
-        return n // 2 + 2 * n // group
+        return n // 2 + 2 * n // group + (n // group if zero else 0)
     if fmt == "fp8":
         return n + 4 * sum(math.ceil(r / min(FP8_BLOCK, r)) * math.ceil(c / min(FP8_BLOCK, c)) for r, c in shapes)
     return n * dtype_bytes
@@ -116,7 +118,16 @@ def plan(model: Any, settings: Any, machine: Any) -> MemoryPlan | None:
     dbytes = dtype_bytes(setting(settings, "dtype"), gpu)
     fmt = setting(settings, "expert_format", "int4")
     group = setting(settings, "int4_group_size", 128)
-    one_expert = expert_bytes(fmt, s.hidden, s.expert_intermediate, group, dbytes)
+    zero = False
+    if fmt == "int4":   # an int4 checkpoint's experts keep its group and zero points
+        from moechat.backends.moe_offload.quant_config import int4_layout
+        try:
+            layout = int4_layout(config_dict(model.config))
+        except BackendError:   # a layout moe-offload does not read: the load says so
+            layout = None
+        if layout is not None:
+            group, zero = layout.group, layout.zero
+    one_expert = expert_bytes(fmt, s.hidden, s.expert_intermediate, group, dbytes, zero)
     experts = one_expert * s.num_experts * s.moe_layers
     resident = s.resident * dbytes
     ctx = context(model, setting(settings, "max_context", 8192))

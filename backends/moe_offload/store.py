@@ -18,33 +18,45 @@ import torch
 
 from moechat.backends.moe_offload import quant
 
-STORE_VERSION = 1
+STORE_VERSION = 2   # 2: zero points, the scale dtype and the quantizer recorded
 
 
 @dataclass
 class Proj:
-    """One projection of one layer: ``data`` [E, R, C'] plus ``scale`` for quantized formats."""
+    """One projection of one layer: ``data`` [E, R, C'] plus ``scale`` for quantized formats
+    and ``zero`` for int4 experts with zero points (quant.py)."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     block: tuple[int, int] | None = None  # fp8 only
+    zero: torch.Tensor | None = None      # int4 with zero points only
 
     @property
     def expert_bytes(self) -> int:
         n = self.data[0].numel() * self.data.element_size()
-        if self.scale is not None:
-            n += self.scale[0].numel() * self.scale.element_size()
+        for t in (self.scale, self.zero):
+            if t is not None:
+                n += t[0].numel() * t.element_size()
         return n
 
 
 class ExpertStore:
-    """Every routed expert of every MoE layer, converted to ``fmt`` as it arrives."""
+    """Every routed expert of every MoE layer, converted to ``fmt`` as it arrives.
+
+    int4 experts of an int4 checkpoint (``put_int4``) keep the checkpoint's integers and scales:
+    ``zero`` says the store keeps per-group zero points, ``scale_dtype`` is the checkpoint's
+    scale dtype (bf16 or fp16); our own conversion gives bf16 scales and no zero points."""
 
     def __init__(self, fmt: str, layers: tuple[int, ...], num_experts: int, hidden: int,
-                 intermediate: int, dtype: torch.dtype, group: int = 128, pin: bool = False):
+                 intermediate: int, dtype: torch.dtype, group: int = 128, pin: bool = False,
+                 zero: bool = False, scale_dtype: torch.dtype = torch.bfloat16):
         if fmt not in ("none", "int4", "fp8"):
             raise ValueError(f"unknown expert format {fmt!r}")
+        if scale_dtype not in quant.INT4_SCALE_DTYPES:
+            raise ValueError(f"int4 scales are bf16 or fp16, not {scale_dtype}")
         self.fmt, self.group, self.dtype, self.pin = fmt, group, dtype, pin
+        self.zero = zero and fmt == "int4"
+        self.scale_dtype = scale_dtype
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.layers: dict[int, dict[str, Proj | None]] = {i: {"gate_up": None, "down": None} for i in layers}
         if fmt == "int4":
@@ -68,7 +80,8 @@ class ExpertStore:
             p = Proj(self._empty((e, r, c), self.dtype), None)
         elif self.fmt == "int4":
             p = Proj(self._empty((e, r, c // 2), torch.uint8),
-                     self._empty((e, r, c // self.group), torch.bfloat16))
+                     self._empty((e, r, c // self.group), self.scale_dtype),
+                     zero=self._empty((e, r, c // self.group), torch.uint8) if self.zero else None)
         else:
             br, bc = block
             p = Proj(self._empty((e, r, c), torch.float8_e4m3fn),
@@ -83,7 +96,7 @@ class ExpertStore:
                 return sum(p.expert_bytes for p in projs.values())
         from moechat.backends.moe_offload.plan import expert_bytes
         return expert_bytes(self.fmt, self.hidden, self.intermediate, self.group,
-                            torch.empty((), dtype=self.dtype).element_size())
+                            torch.empty((), dtype=self.dtype).element_size(), self.zero)
 
     def total_bytes(self) -> int:
         return self.expert_bytes() * self.num_experts * len(self.layers)
@@ -128,8 +141,43 @@ class ExpertStore:
             p.data[expert, row0:row0 + rows].copy_(dense.to(self.dtype))
         else:
             q, s = quant.int4_quantize(dense, self.group)
-            p.data[expert, row0:row0 + rows].copy_(q)
-            p.scale[expert, row0:row0 + rows].copy_(s)
+            self._put_int4(p, expert, row0, q, s.to(self.scale_dtype), None)
+
+    def put_int4(self, layer: int, expert: int, proj: str, packed: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, group: int) -> None:
+        """Store one expert tensor of an int4 checkpoint, already in our layout (the loader
+        repacks it): ``packed`` uint8 [R, C/2], ``scale`` [R, C/group], ``zero`` uint8
+        [R, C/group] or None (8). An int4 store keeps the integers and scales as they are;
+        other formats take the dense weights they stand for."""
+        if self.fmt != "int4":
+            self.put(layer, expert, proj, quant.int4_dequantize(packed, scale.float(), torch.float32, zero))
+            return
+        if group != self.group:
+            raise ValueError(f"int4 experts of group {group} in a store of group {self.group}")
+        target = "down" if proj == "down" else "gate_up"
+        row0 = {"gate": 0, "up": self.intermediate, "down": 0}[proj]
+        exact = scale.to(self.scale_dtype)
+        if not torch.equal(exact.to(scale.dtype), scale):
+            from moechat.backends.api import BackendError
+            raise BackendError(f"The int4 scales of layer {layer} expert {expert} {proj} ({scale.dtype}) are "
+                               f"not exact in {self.scale_dtype}; moe-offload reads bf16 or fp16 scales.")
+        if zero is not None and not self.zero:
+            if bool((zero != 8).any()):
+                from moechat.backends.api import BackendError
+                raise BackendError(f"The int4 experts of layer {layer} have zero points other than 8 although "
+                                   "config.json says they are symmetric; the checkpoint is inconsistent.")
+            zero = None
+        p = self.layers[layer][target] or self._alloc(layer, target)
+        self._put_int4(p, expert, row0, packed, exact, zero)
+
+    @staticmethod
+    def _put_int4(p: Proj, expert: int, row0: int, q: torch.Tensor, s: torch.Tensor,
+                  zero: torch.Tensor | None) -> None:
+        rows = q.shape[0]
+        p.data[expert, row0:row0 + rows].copy_(q)
+        p.scale[expert, row0:row0 + rows].copy_(s)
+        if p.zero is not None:
+            p.zero[expert, row0:row0 + rows].copy_(zero if zero is not None else torch.full_like(s, 8, dtype=torch.uint8))
 
     def check_complete(self) -> None:
         missing = [f"layer {i} {name}" for i, projs in self.layers.items() for name, p in projs.items() if p is None]
@@ -143,7 +191,7 @@ class ExpertStore:
         p = self.layers[layer][proj]
         idx = slice(None) if experts is None else experts
         return quant.dequantize(self.fmt, p.data[idx], None if p.scale is None else p.scale[idx],
-                                dtype or self.dtype, p.block)
+                                dtype or self.dtype, p.block, None if p.zero is None else p.zero[idx])
 
     @classmethod
     def random(cls, fmt: str, layers: tuple[int, ...], num_experts: int, hidden: int, intermediate: int,
@@ -170,20 +218,29 @@ class ExpertStore:
         return store
 
     # ---- the converted-experts cache on disk -------------------------------------------------
-    def save(self, folder: Path) -> None:
+    def describe(self, quantizer: str) -> dict:
+        """What a saved store must match to be read back: format, group, zero points, scale dtype
+        and the quantizer that made the experts (``quant.INT4_QUANTIZER``, or "checkpoint"
+        where an int4 checkpoint's own integers were kept)."""
+        return {"version": STORE_VERSION, "fmt": self.fmt, "group": self.group, "zero": self.zero,
+                "scale_dtype": str(self.scale_dtype), "quantizer": quantizer if self.fmt == "int4" else None}
+
+    def save(self, folder: Path, quantizer: str = quant.INT4_QUANTIZER) -> None:
         """Write the store to ``folder`` atomically (a temporary folder renamed at the end)."""
         from safetensors.torch import save_file
 
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        meta = {"version": STORE_VERSION, "fmt": self.fmt, "group": self.group, "layers": {}}
+        meta = {**self.describe(quantizer), "layers": {}}
         for layer, projs in self.layers.items():
             tensors = {}
             for name, p in projs.items():
                 tensors[f"{name}.data"] = p.data
                 if p.scale is not None:
                     tensors[f"{name}.scale"] = p.scale
+                if p.zero is not None:
+                    tensors[f"{name}.zero"] = p.zero
                 meta["layers"][str(layer)] = meta["layers"].get(str(layer), {})
                 meta["layers"][str(layer)][name] = list(p.block) if p.block else None
             save_file(tensors, str(tmp / f"layer{layer}.safetensors"))
@@ -191,15 +248,16 @@ class ExpertStore:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 
-    def load_saved(self, folder: Path, progress=None) -> bool:
-        """Fill the store from ``save``'s folder; False when it is missing or does not match."""
+    def load_saved(self, folder: Path, progress=None, quantizer: str = quant.INT4_QUANTIZER) -> bool:
+        """Fill the store from ``save``'s folder; False when it is missing or does not match
+        (another format, group or quantizer: those experts are converted anew)."""
         from safetensors import safe_open
 
         try:
             meta = json.loads((folder / "store.json").read_text())
         except (OSError, ValueError):
             return False
-        if meta.get("version") != STORE_VERSION or meta.get("fmt") != self.fmt or meta.get("group") != self.group:
+        if any(meta.get(k) != v for k, v in self.describe(quantizer).items()):
             return False
         if set(meta["layers"]) != {str(i) for i in self.layers}:
             return False
@@ -211,6 +269,8 @@ class ExpertStore:
                     p.data.copy_(f.get_tensor(f"{name}.data"))
                     if p.scale is not None:
                         p.scale.copy_(f.get_tensor(f"{name}.scale"))
+                    if p.zero is not None:
+                        p.zero.copy_(f.get_tensor(f"{name}.zero"))
             if progress:
                 progress(n + 1, len(self.layers))
         return True
