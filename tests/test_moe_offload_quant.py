@@ -76,3 +76,33 @@ def test_quant_error_script_prints_the_table(tmp_path):
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("| student-t+outliers | search | 128 |")]
     assert len(lines) == 1 and "+3.12 %" in lines[0]
     assert out.exists()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="converting on the GPU needs one")
+def test_a_load_converts_on_the_gpu_as_well_as_on_the_cpu(fp8):
+    """build.load_engine converts on the GPU where there is one; the stored experts are as good as
+    the CPU's (float32 sums in another order may pick another candidate scale for a few groups)."""
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02
+    scale = None
+    if fp8:
+        w, scale = quant.fp8_quantize(w, (128, 128))
+    stores = {}
+    for where in (None, "cuda"):
+        store = ExpertStore("int4", (0,), 1, 256, 64, torch.float32, group=64, convert_on=where)
+        store.put(0, 0, "gate", w[:64], scale[:1] if fp8 else None, (128, 128) if fp8 else None)
+        stores[where] = store.dense(0, "gate_up", dtype=torch.float32)[0, :64]
+    ref = w[:64].float() if not fp8 else quant.fp8_dequantize(w[:64], scale[:1], (128, 128), torch.float32)
+    err = {k: float(((v - ref) ** 2).mean()) for k, v in stores.items()}
+    assert err["cuda"] <= err[None] * 1.01, err
+
+
+def test_converting_on_a_named_device_stores_the_same_bytes():
+    """The CPU named as the place to convert (the code path a GPU load takes) changes nothing."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(7)) * 0.02
+    a, b = (ExpertStore("int4", (0,), 1, 256, 64, torch.float32, group=64, convert_on=where) for where in (None, "cpu"))
+    for store in (a, b):
+        store.put(0, 0, "gate", w)
+    pa, pb = a.layers[0]["gate_up"], b.layers[0]["gate_up"]
+    assert torch.equal(pa.data[0, :64], pb.data[0, :64]) and torch.equal(pa.scale[0, :64], pb.scale[0, :64])

@@ -95,7 +95,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
         scale_dtype = ckpt.int4_scale_dtype(lambda n: adapter.parse_expert(n) is not None)
     store = ExpertStore(options.expert_format, shapes.moe_layers, shapes.num_experts, shapes.hidden,
                         shapes.intermediate, options.dtype, group, pin=dev.type == "cuda", zero=zero,
-                        scale_dtype=scale_dtype)
+                        scale_dtype=scale_dtype, convert_on=dev if dev.type == "cuda" else None)
     names = [n for n in ckpt.weight_map if not adapter.skip(n)]
     cached_from = None
     cache_path = None

@@ -49,7 +49,11 @@ class ExpertStore:
 
     def __init__(self, fmt: str, layers: tuple[int, ...], num_experts: int, hidden: int,
                  intermediate: int, dtype: torch.dtype, group: int = 128, pin: bool = False,
-                 zero: bool = False, scale_dtype: torch.dtype = torch.bfloat16):
+                 zero: bool = False, scale_dtype: torch.dtype = torch.bfloat16,
+                 convert_on: torch.device | str | None = None):
+        """``convert_on``: where ``put`` dequantizes and quantizes a checkpoint tensor (the GPU
+        during a load, where there is one: the int4 scale search is tens of times faster there
+        than on the CPU; the result is copied back into the host store). None: where the tensor lies."""
         if fmt not in ("none", "int4", "fp8"):
             raise ValueError(f"unknown expert format {fmt!r}")
         if scale_dtype not in quant.INT4_SCALE_DTYPES:
@@ -57,6 +61,7 @@ class ExpertStore:
         self.fmt, self.group, self.dtype, self.pin = fmt, group, dtype, pin
         self.zero = zero and fmt == "int4"
         self.scale_dtype = scale_dtype
+        self.convert_on = torch.device(convert_on) if convert_on is not None else None
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.layers: dict[int, dict[str, Proj | None]] = {i: {"gate_up": None, "down": None} for i in layers}
         if fmt == "int4":
@@ -133,6 +138,9 @@ class ExpertStore:
             return
         if p is None:
             p = self._alloc(layer, target)
+        if self.convert_on is not None and self.fmt == "int4":
+            weight = weight.to(self.convert_on)
+            scale = scale.to(self.convert_on) if scale is not None else None
         dense = weight
         if is_fp8:
             dense = quant.fp8_dequantize(weight, scale.float().reshape(math.ceil(rows / block[0]), -1),
