@@ -74,6 +74,9 @@ typedef int32_t vi __attribute__((vector_size(4 * VB)));
 typedef uint8_t vb __attribute__((vector_size(VB)));
 
 static inline float fp16(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);                /* exact, one instruction */
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
     float f;
     if (e == 0) {                       /* zero and subnormals: m * 2^-24 */
@@ -198,8 +201,10 @@ static void rows_dot(const uint8_t *q, const uint16_t *s, const uint8_t *z, int 
         int nr = n - r < ROWS ? n - r : ROWS;
         const uint8_t *qr = q + (int64_t)r * hb, *zr = z ? z + (int64_t)r * ng : NULL;
         const uint16_t *sr = s + (int64_t)r * ng;
-        if (vec && nr == ROWS && !z && !f16 && g == 128)   /* our experts at the usual group: unrolled */
+        if (vec && nr == ROWS && !z && !f16 && g == 128)   /* the usual group, unrolled: our experts */
             rows_dot_vec(qr, sr, NULL, 0, xe, xd, xs, c, 128, out + r);
+        else if (vec && nr == ROWS && g == 128)            /* and a checkpoint's */
+            rows_dot_vec(qr, sr, zr, f16, xe, xd, xs, c, 128, out + r);
         else if (vec && nr == ROWS)
             rows_dot_vec(qr, sr, zr, f16, xe, xd, xs, c, g, out + r);
         else
