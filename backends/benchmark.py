@@ -65,7 +65,7 @@ class Machine(_Strict):
     host_total_bytes: int | None = None
     platform: str | None = None
     python: str | None = None
-    # measured GB/s (docs/benchmarks.md): cpu_copy_gb_s, h2d_pinned_gb_s, h2d_pageable_gb_s,
+    # measured GB/s (docs/benchmarks.md): cpu_copy_gb_s, cpu_read_gb_s, h2d_pinned_gb_s, h2d_pageable_gb_s,
     # gpu_copy_gb_s, and what a producer adds (an engine profile's int4 kernel rates); {} when not
     # measured, {"error": sentence} when the probe failed
     bandwidth: dict[str, Any] = Field(default_factory=dict)

@@ -6,6 +6,8 @@ allocations do not linger in the bench process:
 
 Every number is GB/s (10^9 bytes per second) of bytes moved one way; a copy reads and writes
 each byte, so ``cpu_copy_gb_s`` counts the bytes copied (read + write is twice that).
+``cpu_read_gb_s`` is a streaming reduction (each byte read once, nothing written): the bound of a
+kernel that only reads its weights, such as moe-offload's CPU experts.
 """
 
 from __future__ import annotations
@@ -27,14 +29,33 @@ def best_rate(fn, nbytes: int, repeat: int, sync=lambda: None) -> float:
     return nbytes / min(times) / 1e9
 
 
+def measure_cpu(mb: int = 256, repeat: int = 5, threads: int | None = None) -> dict:
+    """Host memory alone: copy and read rates with ``threads`` torch threads (default: torch's)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        n = mb * 1024 * 1024
+        src = torch.ones(n, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        words = src.view(torch.float32)
+        return {"probe_threads": torch.get_num_threads(),
+                "cpu_copy_gb_s": round(best_rate(lambda: dst.copy_(src), n, repeat), 2),
+                "cpu_read_gb_s": round(best_rate(lambda: words.sum(), n, repeat), 2)}
+    finally:
+        torch.set_num_threads(before)
+
+
 def measure(mb: int = 256, repeat: int = 5) -> dict:
     import torch
 
     n = mb * 1024 * 1024
     out: dict = {"buffer_mb": mb, "repeat": repeat, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    cpu = measure_cpu(mb, repeat)
+    out.update(cpu_copy_gb_s=cpu["cpu_copy_gb_s"], cpu_read_gb_s=cpu["cpu_read_gb_s"])
     src = torch.ones(n, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    out["cpu_copy_gb_s"] = round(best_rate(lambda: dst.copy_(src), n, repeat), 2)
     if torch.cuda.is_available():
         sync = torch.cuda.synchronize
         dev = torch.empty(n, dtype=torch.uint8, device="cuda")

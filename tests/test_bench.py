@@ -309,7 +309,8 @@ def test_converted_results_are_the_archived_originals_field_by_field():
 def test_hwprobe_runs_from_the_package(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moechat.backends.hwprobe", "--mb", "8", "--repeat", "2"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True).stdout
-    assert json.loads(out)["cpu_copy_gb_s"] > 0
+    probe = json.loads(out)
+    assert probe["cpu_copy_gb_s"] > 0 and probe["cpu_read_gb_s"] > 0
 
 
 def test_physical_bound_follows_the_cached_share():

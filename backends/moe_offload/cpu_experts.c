@@ -5,14 +5,16 @@
  * bytes, so there is one copy of every expert in host memory.
  *
  * experts_layer(): one token, n experts of one layer: out[H] = sum_j w[j] * down_j(silu(g_j) * u_j)
- * with [g_j, u_j] = gate_up_j x. Rows are split over a pool of threads that spin while there is
- * work and sleep when there is none. A row's dot product is sum_g s[g] * (sum_i lo_i xe_i + hi_i
- * xo_i - 8 * sum(x over g)): the inner loop is byte -> float conversions and FMAs the compiler
- * vectorises, so one core keeps up with several GB/s of weights.
+ * with [g_j, u_j] = gate_up_j x, in stages (input, gate_up rows, silu(g) * u, down rows, the
+ * weighted sum) run by a pool of threads that spin while there is work and sleep when there is
+ * none; the row stages hand out 32 KB chunks of contiguous rows. The dot products (rows_dot) widen
+ * 16 packed bytes at a time to floats with the vector instructions -march=native allows and keep
+ * 4 rows in flight, prefetching the next 4: about 20 GB/s of weights per core (AMD EPYC, AVX-512),
+ * so a few cores reach the host memory's bandwidth (docs/moe-offload.md).
  *
  * Experts of an int4 checkpoint may carry per-group zero points (uint8 [R, C/G]: z replaces the 8)
- * and fp16 scales: row_dot_ext reads them, chosen once per row, so the symmetric bf16 path is the
- * same code as before.
+ * and fp16 scales: the same pass reads them (a zero-point pointer and a scale flag), the compiler
+ * keeping a copy of the pass without them for our own symmetric bf16 experts.
  *
  * worker_*(): the hybrid decode step. A thread waits, layer after layer, for the GPU to publish a
  * token's hidden state and the experts it leaves to the CPU (flags in pinned host memory that the
@@ -23,6 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -45,25 +52,31 @@ static inline float bf16(uint16_t v) {
     return f;
 }
 
-/* one group's sum of nibble * x: hb packed bytes against the split input */
-static inline float group_dot(const uint8_t *b, const float *e, const float *o, int hb) {
-    float a = 0.f;
-#pragma omp simd reduction(+:a)
-    for (int i = 0; i < hb; i++) a += (float)(b[i] & 15) * e[i] + (float)(b[i] >> 4) * o[i];
-    return a;
-}
-
-/* one row of packed int4 [C/2] with scales [C/G] against the split input */
-static inline float row_dot(const uint8_t *q, const uint16_t *s, const float *xe, const float *xo,
-                            const float *gs, int c, int g) {
-    const int hb = g / 2;
-    float acc = 0.f;
-    for (int k = 0; k < c / g; k++)
-        acc += bf16(s[k]) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - gs[k]);
-    return acc;
-}
+/* ---- one block of rows: the dot products -----------------------------------------------------
+ * A row's dot product is sum_g s[g] * (sum_i lo_i xe_i + hi_i xo_i - z_g * xs[g]) where lo/hi are
+ * the nibbles as stored (0..15), xe/xo the input's even/odd columns, xs[g] the sum of x over group
+ * g and z_g its zero point (8 for the symmetric format of quant.py). With b_i = lo_i + 16 hi_i, the
+ * byte itself, lo_i xe_i + hi_i xo_i = b_i xe_i + hi_i xd_i where xd = xo - 16 xe (computed once
+ * per input): one mask less per 32 weights. Bytes and nibbles become floats exactly and the
+ * products are float32, so the result is the reference's up to the order of the additions and
+ * xd's one rounding.
+ *
+ * The vector path works on 16 bytes (32 weights) at a time with GCC/clang vector types: the
+ * compiler emits AVX-512, AVX2, SSE2 or NEON for whatever -march says, so one source serves the
+ * native build and the portable one. ROWS rows go together so each load of x serves ROWS rows and
+ * each row still streams its own contiguous bytes. Groups whose half width is not a multiple of
+ * 16 bytes (tiny test models) take the scalar path. */
+#define VB 16                      /* bytes of packed int4 per vector step: 32 weights */
+#define ROWS 4                     /* rows per block */
+#define PREFETCH_BYTES 16384       /* how far ahead in a run of rows the next lines are asked for */
+typedef float vf __attribute__((vector_size(4 * VB)));
+typedef int32_t vi __attribute__((vector_size(4 * VB)));
+typedef uint8_t vb __attribute__((vector_size(VB)));
 
 static inline float fp16(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);                /* exact, one instruction */
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
     float f;
     if (e == 0) {                       /* zero and subnormals: m * 2^-24 */
@@ -75,16 +88,128 @@ static inline float fp16(uint16_t h) {
     return f;
 }
 
-/* row_dot with zero points z [C/G] (or NULL: 8) and fp16 or bf16 scales: gs is 8 * sum(x over g) */
-static float row_dot_ext(const uint8_t *q, const uint16_t *s, const uint8_t *z, int f16, const float *xe,
-                         const float *xo, const float *gs, int c, int g) {
-    const int hb = g / 2;
-    float acc = 0.f;
-    for (int k = 0; k < c / g; k++) {
-        float off = z ? (float)z[k] * (0.125f * gs[k]) : gs[k];
-        acc += (f16 ? fp16(s[k]) : bf16(s[k])) * (group_dot(q + k * hb, xe + k * hb, xo + k * hb, hb) - off);
+/* the scale of entry i of a [rows, groups] grid: fp16 or bf16 */
+static inline float scale_at(const uint16_t *s, int64_t i, int f16) {
+    return f16 ? fp16(s[i]) : bf16(s[i]);
+}
+
+/* the zero point of entry i of a [rows, groups] grid: z's, or the symmetric format's 8 (z NULL) */
+static inline float group_zero(const uint8_t *z, int64_t i) {
+    return z ? (float)z[i] : 8.f;
+}
+
+/* 16 packed bytes -> the bytes (0..255) and their high nibbles (0..15) as floats, exactly.
+ * Compilers scalarise a byte vector's conversion, so the widening is written per instruction set. */
+static inline void nibbles(const uint8_t *q, vf *lo, vf *hi) {
+#if defined(__AVX512F__)
+    __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    *lo = (vf)_mm512_cvtepi32_ps(w);
+    *hi = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
+#elif defined(__AVX2__)
+    __m256i w0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    __m256i w1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+    __m256 l[2] = {_mm256_cvtepi32_ps(w0), _mm256_cvtepi32_ps(w1)};
+    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 4))};
+    memcpy(lo, l, sizeof *lo);
+    memcpy(hi, h, sizeof *hi);
+#elif defined(__ARM_NEON)
+    uint8x16_t b = vld1q_u8(q);
+    uint8x16_t bl = b, bh = vshrq_n_u8(b, 4);
+    uint16x8_t l0 = vmovl_u8(vget_low_u8(bl)), l1 = vmovl_u8(vget_high_u8(bl));
+    uint16x8_t h0 = vmovl_u8(vget_low_u8(bh)), h1 = vmovl_u8(vget_high_u8(bh));
+    float32x4_t l[4] = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(l0))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(l0))),
+                        vcvtq_f32_u32(vmovl_u16(vget_low_u16(l1))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(l1)))};
+    float32x4_t h[4] = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(h0))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(h0))),
+                        vcvtq_f32_u32(vmovl_u16(vget_low_u16(h1))), vcvtq_f32_u32(vmovl_u16(vget_high_u16(h1)))};
+    memcpy(lo, l, sizeof *lo);
+    memcpy(hi, h, sizeof *hi);
+#else
+    for (int i = 0; i < VB; i++) {
+        (*lo)[i] = (float)q[i];
+        (*hi)[i] = (float)(q[i] >> 4);
     }
-    return acc;
+#endif
+}
+
+static inline float hsum(const vf *v) {
+    float s = 0.f;
+    for (int i = 0; i < VB; i++) s += (*v)[i];
+    return s;
+}
+
+/* ROWS rows of packed int4 [.., c/2] (row stride c/2 bytes) with scales [.., c/g] against the split
+ * input: out[r] = the row's dot product. Each group of a row is g/2 bytes (64, one cache line, at
+ * group 128); meanwhile the same line PREFETCH_BYTES further on is asked for (with the hardware's
+ * prefetchers alone, one core read 8 GB/s from memory where it computed 14 from its caches). */
+static inline __attribute__((always_inline)) void rows_dot_vec(
+        const uint8_t *q, const uint16_t *s, const uint8_t *z, int f16, const float *xe, const float *xd,
+        const float *xs, int c, int g, float *out) {
+    const int hb = c / 2, gb = g / 2, ng = c / g;
+    const int64_t ahead = (PREFETCH_BYTES / hb + ROWS - 1) / ROWS * ROWS;   /* rows */
+    vf acc[ROWS];
+    float corr[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        acc[r] = (vf){0};
+        corr[r] = 0.f;
+    }
+    for (int k = 0; k < ng; k++) {
+        vf ae[ROWS], ad[ROWS];
+        for (int r = 0; r < ROWS; r++) ae[r] = ad[r] = (vf){0};
+        for (int i = k * gb; i < (k + 1) * gb; i += VB) {
+            vf e, d;
+            memcpy(&e, xe + i, sizeof e);
+            memcpy(&d, xd + i, sizeof d);
+            for (int r = 0; r < ROWS; r++) {
+                vf lo, hi;
+                nibbles(q + (int64_t)r * hb + i, &lo, &hi);
+                ae[r] += lo * e;
+                ad[r] += hi * d;
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            __builtin_prefetch(q + (ahead + r) * hb + k * gb, 0, 3);
+            float sc = scale_at(s, (int64_t)r * ng + k, f16);
+            acc[r] += sc * (ae[r] + ad[r]);
+            corr[r] += sc * group_zero(z, (int64_t)r * ng + k) * xs[k];
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum(&acc[r]) - corr[r];
+}
+
+static void rows_dot_scalar(const uint8_t *q, const uint16_t *s, const uint8_t *z, int f16, int nr,
+                            const float *xe, const float *xd, const float *xs, int c, int g, float *out) {
+    const int hb = c / 2, gb = g / 2, ng = c / g;
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *b = q + (int64_t)r * hb;
+        float acc = 0.f;
+        for (int k = 0; k < ng; k++) {
+            float a = 0.f;
+            for (int i = k * gb; i < (k + 1) * gb; i++) a += (float)b[i] * xe[i] + (float)(b[i] >> 4) * xd[i];
+            int64_t i = (int64_t)r * ng + k;
+            acc += scale_at(s, i, f16) * (a - group_zero(z, i) * xs[k]);
+        }
+        out[r] = acc;
+    }
+}
+
+/* rows [0, n) starting at q / s (/ z, the zero points, or NULL), ROWS at a time */
+static void rows_dot(const uint8_t *q, const uint16_t *s, const uint8_t *z, int f16, int n, const float *xe,
+                     const float *xd, const float *xs, int c, int g, float *out) {
+    const int hb = c / 2, ng = c / g;
+    const int vec = (g / 2) % VB == 0;
+    for (int r = 0; r < n; r += ROWS) {
+        int nr = n - r < ROWS ? n - r : ROWS;
+        const uint8_t *qr = q + (int64_t)r * hb, *zr = z ? z + (int64_t)r * ng : NULL;
+        const uint16_t *sr = s + (int64_t)r * ng;
+        if (vec && nr == ROWS && !z && !f16 && g == 128)   /* the usual group, unrolled: our experts */
+            rows_dot_vec(qr, sr, NULL, 0, xe, xd, xs, c, 128, out + r);
+        else if (vec && nr == ROWS && g == 128)            /* and a checkpoint's */
+            rows_dot_vec(qr, sr, zr, f16, xe, xd, xs, c, 128, out + r);
+        else if (vec && nr == ROWS)
+            rows_dot_vec(qr, sr, zr, f16, xe, xd, xs, c, g, out + r);
+        else
+            rows_dot_scalar(qr, sr, zr, f16, nr, xe, xd, xs, c, g, out + r);
+    }
 }
 
 /* ---- a pool of threads that spin between the stages of a layer ---------------------------- */
@@ -188,11 +313,13 @@ typedef struct {
     const uint8_t *dnq;            /* [E, H, I/2] */
     const uint16_t *dns;           /* [E, H, I/G] */
     float *out;                    /* [H] */
-    float *xe, *xo, *xg;           /* [H/2], [H/2], [H/G] */
+    float *xe, *xd, *xg;           /* [H/2], [H/2], [H/G]: see rows_dot */
     float *hid;                    /* [n, 2I] */
-    float *ae, *ao, *ag;           /* [n, I/2], [n, I/2], [n, I/G] */
+    float *ae, *ad, *ag;           /* [n, I/2], [n, I/2], [n, I/G]: the activation, as xe/xd/xg */
+    float *ydn;                    /* [n, H]: each expert's down projection */
     const uint8_t *guz, *dnz;      /* zero points [E, 2I, H/G], [E, H, I/G], or NULL (8) */
     int f16;                       /* scales are fp16 (else bf16) */
+    int next;                      /* the next row a thread takes (the row stages) */
 } layer_job;
 
 static inline void span(int total, int part, int parts, int *a, int *b) {
@@ -204,96 +331,125 @@ static inline void span(int total, int part, int parts, int *a, int *b) {
 
 static void stage_input(void *v, int part, int parts) {    /* x split into even/odd, group sums */
     layer_job *j = v;
-    int a, b;
-    span(j->h / j->g, part, parts, &a, &b);
-    for (int k = a; k < b; k++) {
+    const int ng = j->h / j->g, gb = j->g / 2;
+    if (part) return;               /* H floats: not worth a split */
+    for (int k = 0; k < ng; k++) {
         float s = 0.f;
-        for (int i = 0; i < j->g / 2; i++) {
-            int c = k * (j->g / 2) + i;
+        for (int i = 0; i < gb; i++) {
+            int c = k * gb + i;
             j->xe[c] = j->x[2 * c];
-            j->xo[c] = j->x[2 * c + 1];
+            j->xd[c] = j->x[2 * c + 1] - 16.f * j->x[2 * c];
             s += j->x[2 * c] + j->x[2 * c + 1];
         }
-        j->xg[k] = 8.f * s;
+        j->xg[k] = s;
     }
 }
 
-static void stage_gate_up(void *v, int part, int parts) {
-    layer_job *j = v;
-    const int rows = 2 * j->inter, hb = j->h / 2, ng = j->h / j->g;
+/* The row stages hand out chunks of rows through an atomic counter: each thread streams a chunk's
+ * contiguous bytes (32 KB: 32 gate_up rows or 128 down rows at the 80B model's widths), and a
+ * thread that the system holds up (a core shared with other work, the thread driving the GPU)
+ * delays the layer by one chunk at most, not by its whole share. */
+#define CHUNK_BYTES 32768
+
+static inline int take(layer_job *j, int total, int chunk, int *a, int *b) {
+    *a = __atomic_fetch_add(&j->next, chunk, __ATOMIC_RELAXED);
+    *b = *a + chunk < total ? *a + chunk : total;
+    return *a < total;
+}
+
+static inline int chunk_rows(int row_bytes) {
+    int r = CHUNK_BYTES / row_bytes;
+    r = r / ROWS * ROWS;
+    return r < ROWS ? ROWS : r;
+}
+
+/* rows [0, n x rows) of the n experts' projection q/s/z (expert ids[k]'s rows at k x rows) into
+ * out, one chunk after another; expert k's input is xe/xd + k x per_k and its group sums
+ * xs + k x per_k / (g/2) (per_k 0: one input for all) */
+static void expert_rows(layer_job *j, const uint8_t *q, const uint16_t *s, const uint8_t *z, int rows, int c,
+                        const float *xe, const float *xd, const float *xs, int per_k, float *out) {
+    const int hb = c / 2, ng = c / j->g, chunk = chunk_rows(hb);
     int a, b;
-    span(j->n * rows, part, parts, &a, &b);
-    const int ext = j->guz != NULL || j->f16;
-    for (int r = a; r < b; r++) {
-        int e = j->ids[r / rows], row = r % rows;
-        int64_t at = (int64_t)e * rows + row;
-        j->hid[r] = ext ? row_dot_ext(j->guq + at * hb, j->gus + at * ng, j->guz ? j->guz + at * ng : NULL, j->f16,
-                                      j->xe, j->xo, j->xg, j->h, j->g)
-                        : row_dot(j->guq + at * hb, j->gus + at * ng, j->xe, j->xo, j->xg, j->h, j->g);
+    while (take(j, j->n * rows, chunk, &a, &b)) {
+        while (a < b) {                     /* a chunk may end one expert and begin the next */
+            int k = a / rows, row = a % rows, m = rows - row < b - a ? rows - row : b - a;
+            int64_t first = (int64_t)j->ids[k] * rows + row, xk = (int64_t)k * per_k;
+            rows_dot(q + first * hb, s + first * ng, z ? z + first * ng : NULL, j->f16, m, xe + xk, xd + xk,
+                     xs + xk / (j->g / 2), c, j->g, out + a);
+            a += m;
+        }
     }
+}
+
+static void stage_gate_up(void *v, int part, int parts) {   /* every expert sees the same input */
+    layer_job *j = v;
+    (void)part, (void)parts;
+    expert_rows(j, j->guq, j->gus, j->guz, 2 * j->inter, j->h, j->xe, j->xd, j->xg, 0, j->hid);
 }
 
 static void stage_act(void *v, int part, int parts) {      /* silu(gate) * up, split like the input */
     layer_job *j = v;
-    const int per = j->inter / j->g;
+    const int per = j->inter / j->g, gb = j->g / 2;
     int a, b;
     span(j->n * per, part, parts, &a, &b);
     for (int k = a; k < b; k++) {
         int e = k / per, grp = k % per;
         const float *gate = j->hid + (int64_t)e * 2 * j->inter, *up = gate + j->inter;
         float s = 0.f;
-        for (int i = 0; i < j->g / 2; i++) {
-            int c = grp * (j->g / 2) + i;
+        for (int i = 0; i < gb; i++) {
+            int c = grp * gb + i;
             float g0 = gate[2 * c], g1 = gate[2 * c + 1];
             float v0 = g0 / (1.f + __builtin_expf(-g0)) * up[2 * c];
             float v1 = g1 / (1.f + __builtin_expf(-g1)) * up[2 * c + 1];
             j->ae[e * (j->inter / 2) + c] = v0;
-            j->ao[e * (j->inter / 2) + c] = v1;
+            j->ad[e * (j->inter / 2) + c] = v1 - 16.f * v0;
             s += v0 + v1;
         }
-        j->ag[k] = 8.f * s;
+        j->ag[k] = s;
     }
 }
 
-static void stage_down(void *v, int part, int parts) {
+static void stage_down(void *v, int part, int parts) {      /* each expert's own input: [n, H] */
     layer_job *j = v;
-    const int hb = j->inter / 2, ng = j->inter / j->g;
+    (void)part, (void)parts;
+    expert_rows(j, j->dnq, j->dns, j->dnz, j->h, j->inter, j->ae, j->ad, j->ag, j->inter / 2, j->ydn);
+}
+
+static void stage_sum(void *v, int part, int parts) {       /* out = sum_k w[k] y_k */
+    layer_job *j = v;
     int a, b;
     span(j->h, part, parts, &a, &b);
-    const int ext = j->dnz != NULL || j->f16;
     for (int r = a; r < b; r++) {
         float acc = 0.f;
-        for (int k = 0; k < j->n; k++) {
-            int64_t at = (int64_t)j->ids[k] * j->h + r;
-            acc += j->w[k] * (ext ? row_dot_ext(j->dnq + at * hb, j->dns + at * ng, j->dnz ? j->dnz + at * ng : NULL,
-                                                j->f16, j->ae + k * hb, j->ao + k * hb, j->ag + k * ng, j->inter, j->g)
-                                  : row_dot(j->dnq + at * hb, j->dns + at * ng, j->ae + k * hb, j->ao + k * hb,
-                                            j->ag + k * ng, j->inter, j->g));
-        }
+        for (int k = 0; k < j->n; k++) acc += j->w[k] * j->ydn[(int64_t)k * j->h + r];
         j->out[r] = acc;
     }
 }
 
 static void run_layer(pool_t *p, layer_job *j, float *scratch) {
     j->xe = scratch;
-    j->xo = j->xe + j->h / 2;
-    j->xg = j->xo + j->h / 2;
+    j->xd = j->xe + j->h / 2;
+    j->xg = j->xd + j->h / 2;
     j->hid = j->xg + j->h / j->g;
     j->ae = j->hid + (int64_t)j->n * 2 * j->inter;
-    j->ao = j->ae + (int64_t)j->n * j->inter / 2;
-    j->ag = j->ao + (int64_t)j->n * j->inter / 2;
+    j->ad = j->ae + (int64_t)j->n * j->inter / 2;
+    j->ag = j->ad + (int64_t)j->n * j->inter / 2;
+    j->ydn = j->ag + (int64_t)j->n * (j->inter / j->g);
     if (j->n == 0) {
         memset(j->out, 0, sizeof(float) * j->h);
         return;
     }
     pool_run(p, stage_input, j);
+    j->next = 0;
     pool_run(p, stage_gate_up, j);
     pool_run(p, stage_act, j);
+    j->next = 0;
     pool_run(p, stage_down, j);
+    pool_run(p, stage_sum, j);
 }
 
 static int64_t scratch_floats(int h, int inter, int g, int k) {
-    return h + h / g + (int64_t)k * (2 * inter + inter + inter / g) + 64;
+    return h + h / g + (int64_t)k * (2 * inter + inter + inter / g + h) + 64;
 }
 
 /* ---- the entry points -------------------------------------------------------------------------- */
@@ -322,6 +478,19 @@ void engine_free(void *v) {
 }
 
 int engine_threads(void *v) { return ((engine_t *)v)->pool->n; }
+
+/* the instructions this build's widening uses */
+const char *kernel_isa(void) {
+#if defined(__AVX512F__)
+    return "AVX-512";
+#elif defined(__AVX2__)
+    return "AVX2";
+#elif defined(__ARM_NEON)
+    return "NEON";
+#else
+    return "scalar widening";
+#endif
+}
 
 /* out[H] = the weighted sum of experts ids[0..n) of one layer (n <= kmax) */
 void experts_layer(void *v, const float *x, int n, const int32_t *ids, const float *w, const void *guq,
