@@ -266,8 +266,10 @@ def render_product(rows: list[Row], chart_path: Path, out_path: Path) -> list[st
         bounds = [(b, physical_bound(b, bw)) for b in sorted({c.vram_budget_gb for _, c in rs if c.vram_budget_gb})]
         bounds = [(b, v) for b, v in bounds if v]
         if bounds:
-            lines += ["Physical bound for batch-1 decode on this machine with int4 experts: " + "; ".join(
-                f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + ".", ""]
+            lines += ["Physical bound for batch-1 decode on this machine with int4 experts, when a token's "
+                      "experts are cached in proportion to the cache's share of them (uniform routing; a run "
+                      "whose routing repeats itself, as a random model's greedy reply does, hits more often and "
+                      "can beat it): " + "; ".join(f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + ".", ""]
         lines += [table(rs), ""]
         notes = sorted({c.extrapolated.note for _, c in rs if c.extrapolated})
         notes += sorted({f"{c.backend}: {n}" for _, c in rs for n in c.notes})
