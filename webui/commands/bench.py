@@ -118,6 +118,8 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
     if "gpu_memory_utilization" in fields and "gpu_memory_utilization" not in out:
         total = this_machine().gpus[0].total
         out["gpu_memory_utilization"] = round(min(0.95, budget_gib * 1024**3 / total), 4)
+    if "gpu_layers" in fields and "gpu_layers" not in out and getattr(model, "num_layers", None):
+        out["gpu_layers"] = gpu_layers_within(entry.cls, model, out, m)
     if "gpu_memory_gb" in fields and "gpu_memory_gb" not in out:
         settings = entry.cls.Settings.model_validate(out)
         plan = entry.cls.plan(model, settings, m)
@@ -126,6 +128,17 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
         if "cpu_memory_gb" in fields and "cpu_memory_gb" not in out:
             out["cpu_memory_gb"] = round(0.9 * m.host_available / 1e9, 1)
     return out
+
+
+def gpu_layers_within(cls: Any, model: Any, settings: dict[str, Any], machine: Any) -> int:
+    """The most layers a backend that splits the model by whole layers (``gpu_layers``, llama.cpp's
+    n_gpu_layers) can put on the GPU of ``machine`` by its own plan: -1 (all) when everything fits,
+    else the most that do; the rest stays on the CPU."""
+    for n in (-1, *range(model.num_layers, 0, -1)):
+        plan = cls.plan(model, cls.Settings.model_validate(dict(settings, gpu_layers=n)), machine)
+        if plan is None or plan.gpu_available is None or plan.gpu_bytes <= plan.gpu_available:
+            return n
+    return 0
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -178,6 +191,16 @@ def _depth(args) -> tuple[str, int | None, int | None]:
     return model_spec, None, None
 
 
+def shaped_model(model: Any, model_spec: str) -> Any:
+    """``model``, or where its shapes cannot be read from its config (a GGUF) but it was written from
+    a synthetic spec, that spec's model: the budget of a folder stands for the same card either way."""
+    from moechat.backends import synthetic
+    from moechat.backends.shapes import try_shapes
+
+    spec = synthetic.written_spec(model_spec) if model_spec and not synthetic.is_synthetic(model_spec) else None
+    return synthetic.model_info(spec) if spec and try_shapes(model.config) is None else model
+
+
 def asked(args) -> dict[str, Any]:
     """The run's settings as the person gave them."""
     names = {"backend": "backend", "model": "model", "layers": "layers", "vram_budget_gb": "vram_budget_gb",
@@ -220,7 +243,8 @@ def measure(args):
         model = first.model if first.model is not None else manager.resolve_model(model_spec)
         budget = None
         if args.vram_budget_gb is not None:
-            budget = benchmark.scaled_budget(args.vram_budget_gb, model, layers, full_layers)
+            budget = benchmark.scaled_budget(args.vram_budget_gb, shaped_model(model, model_spec), layers,
+                                             full_layers)
             os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
         context = args.prompt_tokens + args.gen_tokens + 64
         settings = derive_settings(entry, model, given, budget, context)
