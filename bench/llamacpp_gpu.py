@@ -94,18 +94,26 @@ def trim_sdist(sdist: Path, out: Path, trim: bool = True) -> Path:
     return target
 
 
+def download(out: Path = PACK, sdist: str | None = None) -> Path:
+    """The llama-cpp-python sdist in ``out``/download (pip's cache keeps it), unless there already."""
+    dl = out / "download"
+    dl.mkdir(parents=True, exist_ok=True)
+    target = dl / f"{SDIST}.tar.gz"
+    if sdist:
+        shutil.copy(sdist, target)
+    elif not target.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), "--no-binary",
+                        ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
+    return target
+
+
 def pack(args: argparse.Namespace) -> None:
     wh = wheelhouse()
     out = Path(args.out)
-    dl = out / "download"
-    dl.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl)]
-    if args.sdist:
-        shutil.copy(args.sdist, dl / Path(args.sdist).name)
-    else:
-        subprocess.run(pip + ["--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], check=True)
-    subprocess.run(pip + ["--only-binary", ":all:", *EXTRA_WHEELS, *BUILD_WHEELS], check=True)
-    sdist = dl / f"{SDIST}.tar.gz"
+    sdist = download(out, args.sdist)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(sdist.parent),
+                    "--only-binary", ":all:", *EXTRA_WHEELS, *BUILD_WHEELS], check=True)
+    dl = sdist.parent
     files = [trim_sdist(sdist, out, trim=not args.no_trim)]
     files += sorted(dl.glob("*.whl"))
     for old in out.glob("part-*"):
@@ -182,6 +190,31 @@ def build(args: argparse.Namespace) -> Path:
                     "--target", str(target), str(built[-1]), *extra], check=True)
     log(f"installed {built[-1].name} into {target}")
     return target
+
+
+def moechat_site() -> list[str]:
+    """Paths that make moechat and the llama.cpp plugin importable with their entry points: none
+    where they are installed (a checkout's venv); on the GPU machine, a non-editable install of
+    both into HOME/site (offline, no dependencies: the image has them), made once."""
+    from importlib.metadata import entry_points
+
+    if any(ep.value == "moechat_llamacpp" for ep in entry_points(group="moechat.backends")):
+        return []
+    site = HOME / "site"
+    if not (site / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "--no-build-isolation", "--upgrade", "--target", str(site), str(ROOT),
+                        str(ROOT / "plugins" / "moechat-llamacpp")], check=True)
+        (site / ".installed").write_text("ok\n")
+    return [str(site)]
+
+
+def python_path(*first: str) -> dict[str, str]:
+    """The environment for a child that runs moechat: ``first`` and moechat's site ahead of the rest."""
+    paths = [p for p in (*first, *moechat_site()) if p]
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    rest = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, rest] if rest else paths))
 
 
 # ---- the GGUF --------------------------------------------------------------------------------------
@@ -268,7 +301,7 @@ def write_checkpoint(spec: str, hf: Path) -> Path:
     if not (hf / "config.json").exists():
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "moechat.backends.fp8_checkpoint", str(hf), "--format", "bf16",
-                        "--model", spec], check=True)
+                        "--model", spec], check=True, env=python_path())
         log(f"wrote {spec} to {hf} in {time.monotonic() - started:.0f} s")
     return hf
 
@@ -278,6 +311,7 @@ def spec_of(args: argparse.Namespace) -> str:
 
 
 def gguf(args: argparse.Namespace) -> Path:
+    python_path()
     hf = write_checkpoint(spec_of(args), Path(args.hf))
     return gguf_folder(hf, Path(args.gguf), Path(args.llama_src), args.type, args.outtype)
 
@@ -285,8 +319,13 @@ def gguf(args: argparse.Namespace) -> Path:
 def prepare(args: argparse.Namespace) -> None:
     """assemble, then the build in a child process while the checkpoint and GGUF are written (the
     converter needs only the sdist's Python; the quantizer waits for the build)."""
+    wh = wheelhouse()
+    for part in sorted(PACK.glob("part-*")):  # the parts this call carried
+        missing = wh.store(part, Path(args.store))
+        log(f"stored {part.name}" + (f"; still missing: {', '.join(missing)}" if missing else ""))
     files = assemble(args)
     src = source_tree(files)
+    python_path()
     child = subprocess.Popen([sys.executable, __file__, "build", "--files", str(files), "--target", args.target,
                               "--timeout", str(args.timeout)] + (["--cpu"] if args.cpu else []))
     hf = write_checkpoint(spec_of(args), Path(args.hf))
@@ -299,7 +338,7 @@ def prepare(args: argparse.Namespace) -> None:
         log(f"converted to {wide.name} ({wide.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - started:.0f} s")
     if child.wait():
         raise SystemExit("The build did not finish (see above); run `prepare` again in the next call.")
-    sys.path.insert(0, args.target)
+    python_path(args.target)
     gguf_folder(hf, folder, src / "vendor" / "llama.cpp", args.type, args.outtype)
 
 
@@ -319,14 +358,12 @@ def compare(args: argparse.Namespace) -> Path:
     time limit leaves a failure record. Then bench/report.py, unless --no-report."""
     from argparse import Namespace
 
+    env = dict(python_path(args.target), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     from moechat.backends import benchmark
     from moechat.webui.commands.bench import failure_record
 
     out = Path(args.out) / f"compare-{time.strftime('%Y%m%d-%H%M', time.gmtime())}-{card_name()}-llamacpp"
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if args.target:  # the llama-cpp-python built here, first on the worker's path
-        env["PYTHONPATH"] = os.pathsep.join([args.target, str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     models = {"moe-offload": args.hf, "llama.cpp": args.gguf}
     for budget in args.budgets:
         for backend in args.backends:
@@ -373,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--outtype", default="f16", choices=("f16", "bf16"),
                        help="the converter's output, quantized from (f16 converts several times faster than bf16)")
 
+    d = sub.add_parser("download", help="here: only the sdist (the CPU test converts with its llama.cpp)")
+    d.add_argument("--out", default=str(PACK))
     b = sub.add_parser("build", help="GPU machine: build the wheel and install it into --target")
     b.add_argument("--files", default=str(HOME / "files"))
     b.add_argument("--target", default=str(HOME / "py"))
@@ -387,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     gguf_args(r, str(HOME / "hf"), str(HOME / "gguf"))
     r.add_argument("--store", default="/root/llamacpp-parts")
     r.add_argument("--target", default=str(HOME / "py"))
-    r.add_argument("--timeout", type=int, default=540)
+    r.add_argument("--timeout", type=int, default=480, help="seconds for the build (the quantizer runs after it)")
     r.add_argument("--cpu", action="store_true")
     c = sub.add_parser("compare", help="both backends at each budget, then the report")
     c.add_argument("--hf", default=str(HOME / "hf"))
@@ -405,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=str(RESULTS))
     c.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
-    {"pack": pack, "build": build, "assemble": assemble, "gguf": gguf, "prepare": prepare, "compare": compare}[args.cmd](args)
+    {"download": lambda a: download(Path(a.out)), "pack": pack, "build": build, "assemble": assemble, "gguf": gguf, "prepare": prepare, "compare": compare}[args.cmd](args)
     return 0
 
 

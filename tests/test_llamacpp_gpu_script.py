@@ -131,3 +131,15 @@ def test_a_budget_keeps_the_layers_that_do_not_fit_on_the_cpu(written, monkeypat
     assert gpu_layers_within(cls, model, settings, small) == 1
     tiny = Machine(gpus=[Gpu(0, "card", 1, 0)], host_total=10**12, host_available=10**12)
     assert gpu_layers_within(cls, model, settings, tiny) == 0
+
+    # the GGUF has 2 of the model's 4 layers: a card that would hold 2 of the full model's 4 layers
+    # gets 1 of the 2 (the scaled budget would have given it both: its fixed part is all GPU room here)
+    per_layer, output = two - one, gpu_bytes(-1, big) - two
+    fixed = one - per_layer
+    for held, want in ((2.5, 1), (1.4, 1), (0.9, 0), (3.6, 2)):
+        card = Machine(gpus=[Gpu(0, "card", int(fixed + held * per_layer), 0)], host_total=10**12,
+                       host_available=10**12)
+        assert gpu_layers_within(cls, model, settings, card, depth=2.0) == want, held
+    whole = Machine(gpus=[Gpu(0, "card", fixed + 4 * per_layer + output, 0)], host_total=10**12,
+                    host_available=10**12)
+    assert gpu_layers_within(cls, model, settings, whole, depth=2.0) == -1
