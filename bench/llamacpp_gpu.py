@@ -389,6 +389,13 @@ def compare(args: argparse.Namespace) -> Path:
         subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", args.out, *where],
                        env=env, check=True)
     log(f"results in {out}")
+    back = os.environ.get("OUT")  # the device tool returns what a command leaves under $OUT
+    if back:
+        shutil.copytree(out, Path(back) / out.name, dirs_exist_ok=True)
+        for name in ("BENCHMARKS.md", "bench/chart.png"):
+            if Path(args.out).resolve() == RESULTS and (ROOT / name).exists():
+                shutil.copy(ROOT / name, Path(back) / Path(name).name)
+        log(f"copied to {back}")
     return out
 
 

@@ -29,9 +29,9 @@ spec.loader.exec_module(llamacpp_gpu)
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # $OUT: where the GPU machine's results go
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, MOECHAT_HOME=str(home), MOECHAT_NO_GPU="1",
-                                   GRADIO_ANALYTICS_ENABLED="False"))
+                          env=dict(env, MOECHAT_HOME=str(home), MOECHAT_NO_GPU="1", GRADIO_ANALYTICS_ENABLED="False"))
 
 
 @pytest.fixture(scope="module")
