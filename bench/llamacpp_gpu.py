@@ -66,6 +66,9 @@ HOME = Path(os.environ.get("LLAMACPP_GPU_HOME", "/root/llamacpp-gpu"))  # on the
 CUDA_ARGS = ("-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=on -DLLAMA_CURL=off "
              "-DLLAVA_BUILD=off -DLLAMA_BUILD_TESTS=off -DLLAMA_BUILD_EXAMPLES=off")
 MODEL = "synthetic:qwen3-next-80b-a3b"
+# The folders on the GPU machine, named for what they hold (the report's model column shows them).
+HF = HOME / "qwen3-next-80b-a3b-4-of-48-layers-bf16"
+GGUF = HOME / "qwen3-next-80b-a3b-4-of-48-layers-gguf"
 QUANT_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}   # llama.h's LLAMA_FTYPE_MOSTLY_*
 
 
@@ -411,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     def gguf_args(q, hf_default: str, gguf_default: str) -> None:
         q.add_argument("--model", default=MODEL, help="the synthetic model (default: the 80 B shapes)")
         q.add_argument("--layers", type=int, default=4, help="its depth (default 4 of 48)")
-        q.add_argument("--hf", default=hf_default, help="the bf16 checkpoint folder (written when absent)")
+        q.add_argument("--hf", default=hf_default, help="the bf16 checkpoint folder (written when absent; "
+                                                        "name it for other --model or --layers)")
         q.add_argument("--gguf", default=gguf_default, help="the folder for the GGUF")
         q.add_argument("--type", default="Q4_0", choices=sorted(QUANT_TYPES))
         q.add_argument("--outtype", default="f16", choices=("f16", "bf16"),
@@ -427,17 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("assemble", help="GPU machine: join the stored parts")
     a.add_argument("--store", default="/root/llamacpp-parts")
     g = sub.add_parser("gguf", help="write the checkpoint folder, convert and quantize it")
-    gguf_args(g, str(HOME / "hf"), str(HOME / "gguf"))
+    gguf_args(g, str(HF), str(GGUF))
     g.add_argument("--llama-src", required=True, help="a llama.cpp tree (the sdist's vendor/llama.cpp)")
     r = sub.add_parser("prepare", help="GPU machine: assemble, build (in the background) and gguf")
-    gguf_args(r, str(HOME / "hf"), str(HOME / "gguf"))
+    gguf_args(r, str(HF), str(GGUF))
     r.add_argument("--store", default="/root/llamacpp-parts")
     r.add_argument("--target", default=str(HOME / "py"))
     r.add_argument("--timeout", type=int, default=480, help="seconds for the build (the quantizer runs after it)")
     r.add_argument("--cpu", action="store_true")
     c = sub.add_parser("compare", help="both backends at each budget, then the report")
-    c.add_argument("--hf", default=str(HOME / "hf"))
-    c.add_argument("--gguf", default=str(HOME / "gguf"))
+    c.add_argument("--hf", default=str(HF))
+    c.add_argument("--gguf", default=str(GGUF))
     c.add_argument("--target", default=str(HOME / "py"), help="where `build` installed llama-cpp-python ('' : the env's)")
     c.add_argument("--budgets", type=float, nargs="+", default=[16.0, 24.0])
     c.add_argument("--backends", nargs="+", default=["moe-offload", "llama.cpp"])

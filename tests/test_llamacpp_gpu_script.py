@@ -98,7 +98,7 @@ def test_both_backends_ran_on_the_same_weights_and_budget_and_the_report_shows_b
     cases = {c.backend: c for p in folder.glob("*.json") for c in benchmark.read(p).cases}
     assert set(cases) == {"llama.cpp", "moe-offload"}
     for c in cases.values():
-        assert c.error is None and c.decode_tok_s.median > 0
+        assert c.error is None and c.decode_tok_s.median > 0 and c.completion_tokens == 4
         # written from synthetic:tiny?layers=2 of 4: both extrapolate to 4 layers
         assert (c.layers, c.full_layers) == (2, 4) and c.extrapolated.layers == 4
     assert cases["llama.cpp"].detail["load_info"]["architecture"] == "qwen3next"
