@@ -50,8 +50,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
-# Small wheels the image lacks: llama_cpp imports diskcache; the plugin reads GGUF headers with gguf.
-EXTRA_WHEELS = ("diskcache==5.6.3", "gguf==0.19.0")
+# Small wheels the image may lack, installed there only where the image cannot import them:
+# llama_cpp imports diskcache; the plugin reads GGUF headers with gguf; moechat needs loguru (the
+# image has none), platformdirs and pydantic (not known to be there).
+EXTRA_WHEELS = ("diskcache==5.6.3", "gguf==0.19.0", "loguru==0.7.3", "platformdirs==4.14.9", "pydantic==2.14.4",
+                "annotated-types==0.8.0", "typing-inspection==0.4.5")
+# pydantic's compiled half, for the image's CPython 3.12 on x86-64 Linux
+BINARY_WHEELS = ("pydantic-core==2.50.5",)
+IMAGE_TAGS = ("--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--platform",
+              "manylinux2014_x86_64")
 # The sdist's build backend (its pyproject asks for scikit-build-core>=0.9.2; the image's version is
 # not known here), put first on the build's path: pip builds without isolation, as it cannot download.
 BUILD_WHEELS = ("scikit-build-core==1.1.2", "pathspec==1.1.1")
@@ -116,6 +123,8 @@ def pack(args: argparse.Namespace) -> None:
     sdist = download(out, args.sdist)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(sdist.parent),
                     "--only-binary", ":all:", *EXTRA_WHEELS, *BUILD_WHEELS], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(sdist.parent),
+                    "--only-binary", ":all:", *IMAGE_TAGS, *BINARY_WHEELS], check=True)
     dl = sdist.parent
     files = [trim_sdist(sdist, out, trim=not args.no_trim)]
     files += sorted(dl.glob("*.whl"))
@@ -150,6 +159,22 @@ def source_tree(files: Path) -> Path:
         with tarfile.open(files / f"{SDIST}.tar.gz") as tar:
             tar.extractall(src, filter="data")
     return src / SDIST
+
+
+def importable(wheel: Path) -> bool:
+    """Whether this Python imports the wheel's package already (the image's, kept as it is;
+    pydantic's compiled half goes with pydantic)."""
+    module = wheel.name.split("-")[0].lower()
+    return importlib.util.find_spec("pydantic" if module == "pydantic_core" else module) is not None
+
+
+def install_extras(files: Path, target: Path) -> None:
+    """The carried small wheels that this Python cannot import yet, into ``target``."""
+    extra = [str(p) for p in sorted(files.glob("*.whl")) if not is_build_wheel(p) and not importable(p)]
+    if extra:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--upgrade",
+                        "--target", str(target), *extra], check=True)
+        log(f"installed {', '.join(Path(p).name for p in extra)} into {target}")
 
 
 def is_build_wheel(path: Path) -> bool:
@@ -188,10 +213,10 @@ def build(args: argparse.Namespace) -> Path:
         log(f"built in {time.monotonic() - started:.0f} s")
         built = sorted(wheels.glob("llama_cpp_python-*.whl"))
     target = Path(args.target)
-    extra = [str(p) for p in files.glob("*.whl") if not is_build_wheel(p)]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--upgrade",
-                    "--target", str(target), str(built[-1]), *extra], check=True)
+                    "--target", str(target), str(built[-1])], check=True)
     log(f"installed {built[-1].name} into {target}")
+    install_extras(files, target)
     return target
 
 
@@ -213,11 +238,14 @@ def moechat_site() -> list[str]:
 
 
 def python_path(*first: str) -> dict[str, str]:
-    """The environment for a child that runs moechat: ``first`` and moechat's site ahead of the rest."""
-    paths = [p for p in (*first, *moechat_site()) if p]
+    """Puts ``first`` and moechat's site ahead of the rest on this process's path and on its
+    children's (PYTHONPATH); returns the environment for a child."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [p for p in (*first, *moechat_site()) if p and p not in rest]
     sys.path[:0] = [p for p in paths if p not in sys.path]
-    rest = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, rest] if rest else paths))
+    if paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + rest)
+    return dict(os.environ)
 
 
 # ---- the GGUF --------------------------------------------------------------------------------------
@@ -276,6 +304,17 @@ def quantize(src: Path, out: Path, qtype: str = "Q4_0") -> Path:
     return out
 
 
+def unquantized(hf: Path, folder: Path, llama_src: Path, outtype: str) -> Path:
+    """The converter's GGUF of ``hf`` next to ``folder`` (kept until it is quantized)."""
+    wide = folder.parent / f"{folder.name}-{outtype}.gguf"
+    if not wide.exists():
+        started = time.monotonic()
+        convert(hf, wide.with_suffix(".partial"), llama_src, outtype)
+        wide.with_suffix(".partial").rename(wide)
+        log(f"converted {hf.name} to {wide.name} ({wide.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - started:.0f} s")
+    return wide
+
+
 def gguf_folder(hf: Path, folder: Path, llama_src: Path, qtype: str = "Q4_0", outtype: str = "f16") -> Path:
     """``folder``/model-QTYPE.gguf from the checkpoint folder ``hf``, with a copy of its
     moechat_synthetic.json (the depth the benchmark extrapolates from) and tokenizer.json (the
@@ -285,10 +324,7 @@ def gguf_folder(hf: Path, folder: Path, llama_src: Path, qtype: str = "Q4_0", ou
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"model-{qtype}.gguf"
     if not final.exists():
-        wide = folder.parent / f"{folder.name}-{outtype}.gguf"
-        started = time.monotonic()
-        convert(hf, wide, llama_src, outtype)
-        log(f"converted {hf.name} to {wide.name} ({wide.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - started:.0f} s")
+        wide = unquantized(hf, folder, llama_src, outtype)
         started = time.monotonic()
         quantize(wide, final.with_suffix(".partial"), qtype)
         final.with_suffix(".partial").rename(final)
@@ -328,17 +364,14 @@ def prepare(args: argparse.Namespace) -> None:
         log(f"stored {part.name}" + (f"; still missing: {', '.join(missing)}" if missing else ""))
     files = assemble(args)
     src = source_tree(files)
-    python_path()
+    install_extras(files, Path(args.target))  # moechat's own needs first: the checkpoint writer imports it
+    python_path(args.target)
     child = subprocess.Popen([sys.executable, __file__, "build", "--files", str(files), "--target", args.target,
                               "--timeout", str(args.timeout)] + (["--cpu"] if args.cpu else []))
     hf = write_checkpoint(spec_of(args), Path(args.hf))
     folder = Path(args.gguf)
-    wide = folder.parent / f"{folder.name}-{args.outtype}.gguf"
-    if not (folder / f"model-{args.type}.gguf").exists() and not wide.exists():
-        started = time.monotonic()
-        convert(hf, wide.with_suffix(".partial"), src / "vendor" / "llama.cpp", args.outtype)
-        wide.with_suffix(".partial").rename(wide)
-        log(f"converted to {wide.name} ({wide.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - started:.0f} s")
+    if not (folder / f"model-{args.type}.gguf").exists():  # while the build runs
+        unquantized(hf, folder, src / "vendor" / "llama.cpp", args.outtype)
     if child.wait():
         raise SystemExit("The build did not finish (see above); run `prepare` again in the next call.")
     python_path(args.target)
