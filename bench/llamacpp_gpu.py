@@ -7,31 +7,32 @@ Docs: docs/llama-cpp.md, "Running the GPU comparison" (the calls, what each carr
 
 Here (PyPI reachable):
 
-    python3 bench/llamacpp_gpu.py pack            # sdist (+ small wheels) trimmed, in .llamacpp-gpu/part-NN
+    python3 bench/llamacpp_gpu.py pack            # sdist trimmed to 8 MiB + small wheels: .llamacpp-gpu/part-01
 
-On the GPU machine, one call per part, then (the machine keeps /root only while warm):
+On the GPU machine, two calls back to back (it keeps /root only while warm), the first carrying
+.llamacpp-gpu:
 
-    python3 scripts/vllm_wheelhouse.py store .llamacpp-gpu/part-01 /root/llamacpp-parts
-    python3 bench/llamacpp_gpu.py prepare         # assemble, build the CUDA wheel while the GGUF is written
+    python3 bench/llamacpp_gpu.py prepare         # store the part; build the CUDA wheel while the GGUF is written
     python3 bench/llamacpp_gpu.py compare         # both backends at 16 and 24 GB, then bench/report.py
 
-``prepare`` = ``assemble`` + ``build`` (in a child process) + ``gguf``, each also a subcommand:
+``prepare`` stores the carried parts (scripts/vllm_wheelhouse.py's format and code), assembles
+them, installs moechat and the plugin into a site folder where they are not installed, then:
 
-- ``build``: ``pip wheel`` of the sdist with ``CMAKE_ARGS="-DGGML_CUDA=on
-  -DCMAKE_CUDA_ARCHITECTURES=90 ..."`` (no build isolation: the image has scikit-build-core,
-  cmake and ninja), the build folder kept in /root so a build cut off by the call's time limit
-  goes on in the next call; then ``pip install --no-deps --target`` of the wheel and the carried
-  small wheels (diskcache, gguf).
-- ``gguf``: writes the bf16 checkpoint folder (``python -m moechat.backends.fp8_checkpoint
-  --format bf16``, which also writes moechat_synthetic.json), converts it with llama.cpp's own
-  convert_hf_to_gguf.py from the sdist (to f16), quantizes that to Q4_0 with
-  ``llama_cpp.llama_model_quantize``, and puts the GGUF in a folder of its own with a copy of
-  moechat_synthetic.json, so ``moechat bench --model THAT_FOLDER`` extrapolates like the run on
-  the checkpoint folder.
+- ``build`` (in a child process, also a subcommand): ``pip wheel`` of the sdist with
+  ``CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 ..."`` (no build isolation, as
+  nothing can be downloaded: the carried scikit-build-core first on the path), the build folder
+  kept in /root so a build cut off by the call's time limit goes on in the next call; then
+  ``pip install --no-deps --target`` of the wheel;
+- meanwhile ``gguf`` (also a subcommand): writes the bf16 checkpoint folder (``python -m
+  moechat.backends.fp8_checkpoint --format bf16``, which also writes moechat_synthetic.json),
+  converts it with llama.cpp's own convert_hf_to_gguf.py from the sdist (to f16), and once the
+  build is in, quantizes that to Q4_0 with ``llama_cpp.llama_model_quantize`` into a folder of
+  its own with a copy of moechat_synthetic.json, so ``moechat bench --model THAT_FOLDER``
+  extrapolates like the run on the checkpoint folder.
 
 The sdist's converter does not know the demo tokenizer's pre-tokenizer hash (it was trained
-here): :func:`converter_source` makes it fall back to llama.cpp's "gpt-2" pre-tokenizer, which is
-the demo tokenizer's (byte-level BPE with GPT-2's split regex), and only for such a tokenizer.
+here): CONVERTER makes it fall back to llama.cpp's "gpt-2" pre-tokenizer, which is the demo
+tokenizer's (byte-level BPE with GPT-2's split regex), and only for such a tokenizer.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -64,7 +66,7 @@ IMAGE_TAGS = ("--python-version", "3.12", "--implementation", "cp", "--abi", "cp
 BUILD_WHEELS = ("scikit-build-core==1.1.2", "pathspec==1.1.1")
 # Parts of the sdist that the wheel's build and the converter never read: its git history (the
 # build then records llama.cpp's commit as "unknown"), and vendor/llama.cpp's vocab test files,
-# docs, images, benchmarks, CI files and web UI. 73 MiB compressed -> about 11.
+# docs, images, benchmarks, CI files and web UI. 73 MiB compressed -> 7.9.
 TRIM = (".git", "vendor/llama.cpp/.git", *(f"vendor/llama.cpp/{d}" for d in (
     "models", "docs", "media", "benches", ".github", ".devops", "examples", "tests", "tools/ui")))
 RESULTS = ROOT / "bench" / "results"
@@ -76,7 +78,7 @@ MODEL = "synthetic:qwen3-next-80b-a3b"
 # The folders on the GPU machine, named for what they hold (the report's model column shows them).
 HF = HOME / "qwen3-next-80b-a3b-4-of-48-layers-bf16"
 GGUF = HOME / "qwen3-next-80b-a3b-4-of-48-layers-gguf"
-QUANT_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}   # llama.h's LLAMA_FTYPE_MOSTLY_*
+QUANT_TYPES = ("Q4_0", "Q4_K_M", "Q8_0")  # llama.h's LLAMA_FTYPE_MOSTLY_<type>
 
 
 def wheelhouse():
@@ -202,10 +204,14 @@ def build(args: argparse.Namespace) -> Path:
         log(f"building llama-cpp-python {LLAMA_CPP_PYTHON} (CMAKE_ARGS={cmake_args}), at most {args.timeout} s")
         started = time.monotonic()
         with open(HOME / "build.log", "a") as out:
+            # its own process group, so a build cut off takes its compilers with it
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+                rc = proc.wait(timeout=args.timeout)
             except subprocess.TimeoutExpired:
-                raise SystemExit(f"The build did not finish in {args.timeout} s; run `build` again in the next call "
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+                raise SystemExit(f"The build did not finish in {args.timeout} s; run `prepare` again in the next call "
                                  f"(it goes on in {HOME / 'build'} while the machine stays warm).") from None
         if rc:
             tail = (HOME / "build.log").read_text(errors="replace").splitlines()[-30:]
@@ -296,7 +302,7 @@ def quantize(src: Path, out: Path, qtype: str = "Q4_0") -> Path:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[qtype]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
     if rc:
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--hf", default=hf_default, help="the bf16 checkpoint folder (written when absent; "
                                                         "name it for other --model or --layers)")
         q.add_argument("--gguf", default=gguf_default, help="the folder for the GGUF")
-        q.add_argument("--type", default="Q4_0", choices=sorted(QUANT_TYPES))
+        q.add_argument("--type", default="Q4_0", choices=QUANT_TYPES)
         q.add_argument("--outtype", default="f16", choices=("f16", "bf16"),
                        help="the converter's output, quantized from (f16 converts several times faster than bf16)")
 
