@@ -10,7 +10,7 @@ Here (PyPI reachable):
     python3 bench/llamacpp_gpu.py pack            # sdist trimmed to 8 MiB + small wheels: .llamacpp-gpu/part-01
 
 On the GPU machine, two calls back to back (it keeps /root only while warm), the first carrying
-.llamacpp-gpu:
+.llamacpp-gpu/part-01 (not the whole folder: download/ holds the full sdist):
 
     python3 bench/llamacpp_gpu.py prepare         # store the part; build the CUDA wheel while the GGUF is written
     python3 bench/llamacpp_gpu.py compare         # both backends at 16 and 24 GB, then bench/report.py
