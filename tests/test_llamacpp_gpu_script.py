@@ -71,7 +71,6 @@ def written(llama_src, tmp_path_factory) -> dict:
 def test_the_gguf_is_llama_cpps_qwen3_next_with_the_checkpoints_depth_and_tokenizer(written):
     from tokenizers import Tokenizer
 
-    import llama_cpp
     from moechat_llamacpp import gguf_file
 
     work = written["work"]
@@ -86,11 +85,14 @@ def test_the_gguf_is_llama_cpps_qwen3_next_with_the_checkpoints_depth_and_tokeni
     # pre-tokenizer the converter was told is the demo tokenizer's
     text = "Hello there, it's 2026!  Numbers 12345 and   spaces\nnew line's end"
     hf_ids = Tokenizer.from_file(str(work / "hf" / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    llm = llama_cpp.Llama(model_path=str(file), vocab_only=True, verbose=False)
-    try:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf_ids
-    finally:
-        llm.close()
+    # in a process of its own, as the backend's worker runs llama.cpp (here, next to torch and the
+    # rest of the suite's libraries, loading it crashed once)
+    code = ("import json, sys, llama_cpp\n"
+            "llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
+            "print(json.dumps(llm.tokenize(sys.argv[2].encode(), add_bos=False, special=False)))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(file), text], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == hf_ids
 
 
 def test_both_backends_ran_on_the_same_weights_and_budget_and_the_report_shows_both(written):
