@@ -37,6 +37,7 @@ run: install
 		$(foreach s,$(SET),--set '$(s)')
 
 test: install system-deps
+	$(BIN)/python bench/llamacpp_gpu.py download  # llama.cpp's GGUF converter, for tests/test_llamacpp_gpu_script.py
 	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # vLLM needs its own environment (it pins a CUDA torch): see docs/vllm.md.

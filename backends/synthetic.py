@@ -138,6 +138,16 @@ def written_from(folder: str | Path) -> tuple[int, int] | None:
         return None
 
 
+def written_spec(folder: str | Path) -> str | None:
+    """The synthetic spec a checkpoint folder was written from (its PROVENANCE file); None for any
+    other folder."""
+    try:
+        meta = json.loads((Path(folder) / PROVENANCE).read_text())
+        return str(Spec(meta["name"], meta["layers"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def full_layers(model: str | Spec) -> int:
     spec = model if isinstance(model, Spec) else parse(model)
     return known_config(spec.name)["num_hidden_layers"]

@@ -15,6 +15,7 @@
 # The backends that stream offloaded weights through accelerate (SLOW, seconds per token at 4
 # layers on an H200) run at SLOW_LAYERS layers with a short prompt, a few tokens, no warm-up.
 #
+# llama.cpp runs GGUF files, not synthetic specs: bench/llamacpp_gpu.py runs it next to moe-offload.
 # Needs: torch with CUDA, transformers, accelerate, and moechat's own small dependencies
 # (pluggy, loguru, pydantic, psutil, platformdirs, tokenizers; bitsandbytes for transformers-bnb4;
 # matplotlib for the chart). Wheels in $WHEELS (default shared/wheels) are installed offline first.

@@ -98,10 +98,12 @@ def prompt_text(model_path: str, tokens: int) -> str:
 # ---- settings derived from the budget -----------------------------------------------------------
 
 def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: float | None,
-                    context: int) -> dict[str, Any]:
+                    context: int, card: tuple[float, int, int] | None = None) -> dict[str, Any]:
     """Settings the person did not give, sized for the benchmark: a context just long enough, and
     for a VRAM budget the backend's own knobs (vram_budget_gb, gpu_memory_gb + cpu_memory_gb,
-    gpu_memory_utilization), so the backend plans for the budget rather than the whole card."""
+    gpu_memory_utilization), so the backend plans for the budget rather than the whole card. A
+    backend that splits the model by whole layers (``gpu_layers``) gets the most its plan fits;
+    ``card`` = (the card's GiB, layers, full layers) for a model cut in depth: see gpu_layers_within."""
     from moechat.backends.machine import this_machine
     from moechat.backends.planning import effective_machine
 
@@ -118,6 +120,11 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
     if "gpu_memory_utilization" in fields and "gpu_memory_utilization" not in out:
         total = this_machine().gpus[0].total
         out["gpu_memory_utilization"] = round(min(0.95, budget_gib * 1024**3 / total), 4)
+    if "gpu_layers" in fields and "gpu_layers" not in out and getattr(model, "num_layers", None):
+        from dataclasses import replace
+        card_gib, layers, full = card if card else (budget_gib, 1, 1)
+        whole = replace(m, gpus=[replace(g, total=int(card_gib * 1024**3), used=0) for g in m.gpus])
+        out["gpu_layers"] = gpu_layers_within(entry.cls, model, out, whole, full / layers)
     if "gpu_memory_gb" in fields and "gpu_memory_gb" not in out:
         settings = entry.cls.Settings.model_validate(out)
         plan = entry.cls.plan(model, settings, m)
@@ -126,6 +133,35 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
         if "cpu_memory_gb" in fields and "cpu_memory_gb" not in out:
             out["cpu_memory_gb"] = round(0.9 * m.host_available / 1e9, 1)
     return out
+
+
+def gpu_layers_within(cls: Any, model: Any, settings: dict[str, Any], machine: Any, depth: float = 1.0) -> int:
+    """``gpu_layers`` for a backend that splits the model by whole layers (llama.cpp's n_gpu_layers),
+    by its own plan on ``machine``'s GPU: -1 (all) when everything fits, else the most that do; the
+    rest stays on the CPU. For a model cut to 1/``depth`` of its layers, ``machine`` is the whole
+    card: the plan's bytes per layer and fixed part (the two-point line through one layer and all
+    but the output) say how many of the full model's layers the card holds, and the cut model gets
+    the same share of its layers, the nearest (the scaled budget of the other backends would hand it the
+    fixed part of a budget reserved for embeddings that llama.cpp keeps on the CPU)."""
+    def gpu_bytes(n: int) -> int | None:
+        plan = cls.plan(model, cls.Settings.model_validate(dict(settings, gpu_layers=n)), machine)
+        return None if plan is None or plan.gpu_available is None else plan.gpu_bytes
+
+    layers = model.num_layers
+    available = machine.gpus[0].total - machine.gpus[0].used if machine.gpus else None
+    if depth > 1 and layers > 1 and available is not None and gpu_bytes(1) is not None:
+        one, most = gpu_bytes(1), gpu_bytes(layers)
+        per_layer = (most - one) / (layers - 1)
+        fixed = one - per_layer
+        if fixed + per_layer * layers * depth + (gpu_bytes(-1) - most) <= available:
+            return -1
+        held = max(int((available - fixed) // per_layer), 0) if per_layer > 0 else 0
+        return min(int(held / depth + 0.5), layers)  # the nearest share, halves up
+    for n in (-1, *range(layers, 0, -1)):
+        used = gpu_bytes(n)
+        if used is None or used <= available:
+            return n
+    return 0
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -178,6 +214,16 @@ def _depth(args) -> tuple[str, int | None, int | None]:
     return model_spec, None, None
 
 
+def shaped_model(model: Any, model_spec: str) -> Any:
+    """``model``, or where its shapes cannot be read from its config (a GGUF) but it was written from
+    a synthetic spec, that spec's model: the budget of a folder stands for the same card either way."""
+    from moechat.backends import synthetic
+    from moechat.backends.shapes import try_shapes
+
+    spec = synthetic.written_spec(model_spec) if model_spec and not synthetic.is_synthetic(model_spec) else None
+    return synthetic.model_info(spec) if spec and try_shapes(model.config) is None else model
+
+
 def asked(args) -> dict[str, Any]:
     """The run's settings as the person gave them."""
     names = {"backend": "backend", "model": "model", "layers": "layers", "vram_budget_gb": "vram_budget_gb",
@@ -220,10 +266,12 @@ def measure(args):
         model = first.model if first.model is not None else manager.resolve_model(model_spec)
         budget = None
         if args.vram_budget_gb is not None:
-            budget = benchmark.scaled_budget(args.vram_budget_gb, model, layers, full_layers)
+            budget = benchmark.scaled_budget(args.vram_budget_gb, shaped_model(model, model_spec), layers,
+                                             full_layers)
             os.environ[VRAM_BUDGET_ENV] = f"{budget:.4f}"
         context = args.prompt_tokens + args.gen_tokens + 64
-        settings = derive_settings(entry, model, given, budget, context)
+        card = (args.vram_budget_gb, layers, full_layers) if args.vram_budget_gb and layers and full_layers else None
+        settings = derive_settings(entry, model, given, budget, context, card)
         checked = manager.check(args.backend, settings)
     except BaseException:
         manager.close()
