@@ -37,7 +37,9 @@ class MoeOffloadSettings(BackendSettings):
                             "per weight), fp8 (e4m3 with block scales) or none (the checkpoint's dtype; "
                             "for testing, needs the most memory).")
     int4_group_size: int = Field(128, ge=16, description="Weights per int4 scale (along the input dimension). "
-                                                          "An int4 checkpoint (GPTQ, compressed-tensors) keeps its own.")
+                                                          "An int4 checkpoint (GPTQ, compressed-tensors) keeps its own; "
+                                                          "where it does not divide the experts' widths, the widest "
+                                                          "group that divides it and them is used.")
     vram_budget_gb: float | None = Field(
         None, gt=0, description="Most GPU memory to use, in GB. What is left after the resident weights, KV "
                                 "cache, Gated DeltaNet state and a work area becomes the expert cache. "

@@ -7,7 +7,6 @@ written to a disk cache, so the next load of the same folder and format reads th
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from moechat.backends.moe_offload import quant
 from moechat.backends.moe_offload.adapters import adapter_for
 from moechat.backends.moe_offload.engine import Engine, Options
 from moechat.backends.moe_offload.loader import Checkpoint, dequantize_entry
+from moechat.backends.moe_offload.plan import int4_group
 from moechat.backends.moe_offload.store import ExpertStore
 
 
@@ -66,8 +66,7 @@ def synthetic_engine(spec: str, options: Options, progress=lambda p: None) -> En
     adapter = adapter_for(config.model_type)
     shapes = adapter.shapes(config)
     progress(Progress("Making random int4 experts in host memory"))
-    # tiny synthetic shapes are narrower than the default group; any group that divides them will do
-    group = math.gcd(options.int4_group_size, shapes.hidden, shapes.intermediate)
+    group = int4_group(options.int4_group_size, shapes.hidden, shapes.intermediate)
     store = ExpertStore.random("int4", shapes.moe_layers, shapes.num_experts, shapes.hidden, shapes.intermediate,
                                options.dtype, group, pin=torch.device(options.device).type == "cuda")
     progress(Progress("Placing random resident weights"))
@@ -88,7 +87,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
     dev = torch.device(options.device)
     # an int4 checkpoint's experts keep their integers, scales (and zero points): its group wins
     native = ckpt.int4 if options.expert_format == "int4" else None
-    group, zero, scale_dtype = options.int4_group_size, False, torch.bfloat16
+    group, zero, scale_dtype = int4_group(options.int4_group_size, shapes.hidden, shapes.intermediate), False, torch.bfloat16
     quantizer = quant.INT4_QUANTIZER
     if native is not None:
         group, zero, quantizer = native.group, native.zero, "checkpoint"
@@ -157,4 +156,6 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
         "checkpoint_format": ckpt.format, "experts_from_disk_cache": cached_from is not None,
         "load_s": round(time.perf_counter() - t_start, 2), "model_type": config.model_type,
     })
+    if options.expert_format == "int4":
+        engine.info["int4_group"] = group
     return engine

@@ -37,6 +37,13 @@ WORKSPACE_BYTES = int(2.0 * GiB)
 FP8_BLOCK = 128   # fp8 experts carry one float32 scale per 128 x 128 block
 
 
+def int4_group(requested: int, hidden: int, intermediate: int) -> int:
+    """The int4 group a conversion uses: ``requested`` where it divides both expert widths, else
+    the largest group that divides it and both (a model narrower than the default 128, such as
+    the tests' tiny ones). The plan, the synthetic build and a checkpoint's load all use this one."""
+    return math.gcd(requested, hidden, intermediate)
+
+
 def expert_bytes(fmt: str, hidden: int, intermediate: int, group: int = 128, dtype_bytes: int = 2,
                  zero: bool = False) -> int:
     """Bytes of one routed expert (gate [I, H], up [I, H], down [H, I]) in the store's format:
@@ -117,7 +124,7 @@ def plan(model: Any, settings: Any, machine: Any) -> MemoryPlan | None:
     gpu = bool(m.gpus) and device != "cpu"
     dbytes = dtype_bytes(setting(settings, "dtype"), gpu)
     fmt = setting(settings, "expert_format", "int4")
-    group = setting(settings, "int4_group_size", 128)
+    group = int4_group(setting(settings, "int4_group_size", 128), s.hidden, s.expert_intermediate)
     zero = False
     if fmt == "int4":   # an int4 checkpoint's experts keep its group and zero points
         from moechat.backends.moe_offload.quant_config import int4_layout
