@@ -127,25 +127,15 @@ def config(model: str | Spec) -> dict[str, Any]:
     return cfg
 
 
-def written_from(folder: str | Path) -> tuple[int, int] | None:
-    """(layers, full layers) of a checkpoint folder written from a synthetic spec; None for any
-    other folder."""
-    path = Path(folder) / PROVENANCE
-    try:
-        meta = json.loads(path.read_text())
-        return int(meta["layers"] or meta["full_layers"]), int(meta["full_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def written_spec(folder: str | Path) -> str | None:
+def written_from(folder: str | Path) -> Spec | None:
     """The synthetic spec a checkpoint folder was written from (its PROVENANCE file); None for any
     other folder."""
     try:
         meta = json.loads((Path(folder) / PROVENANCE).read_text())
-        return str(Spec(meta["name"], meta["layers"]))
+        spec = Spec(str(meta["name"]), meta["layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return spec if spec.name in CONFIGS else None
 
 
 def full_layers(model: str | Spec) -> int:

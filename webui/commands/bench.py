@@ -210,7 +210,8 @@ def _depth(args) -> tuple[str, int | None, int | None]:
         return model_spec, spec.layers or full, full
     written = synthetic.written_from(model_spec) if model_spec else None
     if written is not None:  # a checkpoint folder written from a synthetic spec: extrapolate it too
-        return model_spec, written[0], written[1]
+        full = synthetic.full_layers(written)
+        return model_spec, written.layers or full, full
     return model_spec, None, None
 
 
@@ -220,8 +221,8 @@ def shaped_model(model: Any, model_spec: str) -> Any:
     from moechat.backends import synthetic
     from moechat.backends.shapes import try_shapes
 
-    spec = synthetic.written_spec(model_spec) if model_spec and not synthetic.is_synthetic(model_spec) else None
-    return synthetic.model_info(spec) if spec and try_shapes(model.config) is None else model
+    spec = synthetic.written_from(model_spec) if model_spec and not synthetic.is_synthetic(model_spec) else None
+    return synthetic.model_info(str(spec)) if spec and try_shapes(model.config) is None else model
 
 
 def asked(args) -> dict[str, Any]:
