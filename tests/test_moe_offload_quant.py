@@ -98,11 +98,20 @@ def test_a_load_converts_on_the_gpu_as_well_as_on_the_cpu(fp8):
     assert err["cuda"] <= err[None] * 1.01, err
 
 
-def test_converting_on_a_named_device_stores_the_same_bytes():
-    """The CPU named as the place to convert (the code path a GPU load takes) changes nothing."""
+def test_a_store_converts_on_the_device_it_is_given(monkeypatch):
+    """Each checkpoint tensor is quantized where ``convert_on`` says (the GPU during a load); the
+    meta device stands in for it here, the bytes stored come back to the host store."""
+    seen = []
+    real = quant.int4_quantize
+
+    def spy(w, group):
+        seen.append(w.device.type)
+        return real(torch.zeros(w.shape), group)
+
+    monkeypatch.setattr(quant, "int4_quantize", spy)
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(7)) * 0.02
-    a, b = (ExpertStore("int4", (0,), 1, 256, 64, torch.float32, group=64, convert_on=where) for where in (None, "cpu"))
-    for store in (a, b):
+    for where, expected in ((None, "cpu"), ("meta", "meta")):
+        store = ExpertStore("int4", (0,), 1, 256, 64, torch.float32, group=64, convert_on=where)
         store.put(0, 0, "gate", w)
-    pa, pb = a.layers[0]["gate_up"], b.layers[0]["gate_up"]
-    assert torch.equal(pa.data[0, :64], pb.data[0, :64]) and torch.equal(pa.scale[0, :64], pb.scale[0, :64])
+        assert seen[-1] == expected
+        assert store.layers[0]["gate_up"].data.device.type == "cpu"
