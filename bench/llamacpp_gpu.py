@@ -111,7 +111,7 @@ def download(out: Path = PACK, sdist: str | None = None) -> Path:
     dl = out / "download"
     dl.mkdir(parents=True, exist_ok=True)
     target = dl / f"{SDIST}.tar.gz"
-    if sdist:
+    if sdist and Path(sdist).resolve() != target.resolve():  # the one already there is taken as it is
         shutil.copy(sdist, target)
     elif not target.exists():
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), "--no-binary",
@@ -407,8 +407,10 @@ def compare(args: argparse.Namespace) -> Path:
     out = Path(args.out) / f"compare-{time.strftime('%Y%m%d-%H%M', time.gmtime())}-{card_name()}-llamacpp"
     out.mkdir(parents=True, exist_ok=True)
     models = {"moe-offload": args.hf, "llama.cpp": args.gguf}
+    extra = dict(item.split("=", 1) for item in args.also)  # e.g. vllm on the FP8 checkpoint of the same shapes
+    models.update(extra)
     for budget in args.budgets:
-        for backend in args.backends:
+        for backend in [*args.backends, *extra]:
             path = out / f"{backend}-{budget:g}gb.json"
             cmd = [sys.executable, "-m", "moechat.webui.cli", "bench", "--backend", backend, "--model", models[backend],
                    "--vram-budget-gb", f"{budget:g}", "--prompt-tokens", str(args.prompt), "--gen-tokens", str(args.gen),
@@ -439,6 +441,13 @@ def compare(args: argparse.Namespace) -> Path:
                 shutil.copy(ROOT / name, Path(back) / Path(name).name)
         log(f"copied to {back}")
     return out
+
+
+def also_item(text: str) -> str:
+    backend, sep, folder = text.partition("=")
+    if not (sep and backend and folder):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a backend and its model folder, as BACKEND=FOLDER")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--prompt", type=int, default=256)
     c.add_argument("--gen", type=int, default=32)
     c.add_argument("--repeat", type=int, default=2)
+    c.add_argument("--also", action="append", default=[], metavar="BACKEND=FOLDER", type=also_item,
+                   help="one more backend in the same run, on its own folder (e.g. vllm=/root/qwen3-next-fp8)")
     c.add_argument("--per-run-s", type=int, default=130)
     c.add_argument("--bandwidth-mb", type=int, default=None)
     c.add_argument("--set", dest="settings", action="append", default=[], metavar="BACKEND:KEY=VALUE",

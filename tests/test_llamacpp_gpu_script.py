@@ -63,7 +63,7 @@ def written(llama_src, tmp_path_factory) -> dict:
     results = work / "results"
     proc = run("compare", "--hf", str(work / "hf"), "--gguf", str(work / "gguf"), "--target", "", "--budgets", "16",
                "--prompt", "16", "--gen", "4", "--repeat", "1", "--bandwidth-mb", "0", "--out", str(results),
-               "--set", "moe-offload:int4_group_size=32", home=home)
+               "--set", "moe-offload:int4_group_size=32", "--also", "fake=synthetic:tiny", home=home)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return {"work": work, "results": results}
 
@@ -98,7 +98,10 @@ def test_the_gguf_is_llama_cpps_qwen3_next_with_the_checkpoints_depth_and_tokeni
 def test_both_backends_ran_on_the_same_weights_and_budget_and_the_report_shows_both(written):
     folder, = written["results"].glob("compare-*-llamacpp")
     cases = {c.backend: c for p in folder.glob("*.json") for c in benchmark.read(p).cases}
-    assert set(cases) == {"llama.cpp", "moe-offload"}
+    # --also put a third backend (vllm on the GPU machine) into the same run, on its own model
+    assert set(cases) == {"llama.cpp", "moe-offload", "fake"}
+    assert cases["fake"].error is None and cases["fake"].model == "synthetic:tiny"
+    del cases["fake"]
     for c in cases.values():
         assert c.error is None and c.decode_tok_s.median > 0 and c.completion_tokens == 4
         # written from synthetic:tiny?layers=2 of 4: both extrapolate to 4 layers
