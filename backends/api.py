@@ -226,6 +226,13 @@ class Backend:
     # False for backends that run no local model folder (a remote server, a fake): the app then
     # neither checks nor creates a model folder, and ``plan`` gets ``model=None``.
     needs_model: ClassVar[bool] = True
+    # True when the backend's GPU memory in its worker goes through torch's allocator: a VRAM
+    # budget (``moechat bench --vram-budget-gb``) is then enforced there by torch's per-process cap.
+    # False for an engine with its own allocator or its own process (llama.cpp, vLLM): the budget
+    # reaches it only through the settings derived from it, and its worker never initializes
+    # torch's CUDA (the cap would not hold it, the context costs GPU memory, and next to
+    # llama.cpp's CUDA build a torch CUDA context crashed the worker).
+    torch_gpu_memory: ClassVar[bool] = True
 
     # ---- cheap, called in the app process --------------------------------------------
     @classmethod

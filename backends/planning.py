@@ -207,8 +207,8 @@ def cap_vram(budget_gib: float) -> float | None:
     """Cap this process's CUDA allocations at ``budget_gib`` GiB on every GPU (torch's
     per-process memory fraction: an allocation beyond it raises out-of-memory; the CUDA context
     is not counted). Returns the fraction, or None without CUDA. The one place a VRAM budget is
-    enforced: the worker calls it for ``MOECHAT_VRAM_BUDGET_GB``, moe-offload for
-    ``vram_budget_gb``."""
+    enforced: the worker calls it for ``MOECHAT_VRAM_BUDGET_GB`` (for backends whose
+    ``torch_gpu_memory`` is True), moe-offload for ``vram_budget_gb``."""
     import torch
     if not torch.cuda.is_available():
         return None

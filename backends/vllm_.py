@@ -441,6 +441,7 @@ class VllmBackend(Backend):
     description = ("vLLM's AsyncLLM in its own environment (`make vllm-env`). Fast when the whole model fits "
                    "on the GPU: FP8, compressed-tensors, or AWQ/GPTQ INT4 checkpoints.")
     Settings = VllmSettings
+    torch_gpu_memory = False  # the engine core is a process of its own; a budget arrives as gpu_memory_utilization
 
     engine: Any = None
     tokenizer: Any = None

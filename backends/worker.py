@@ -176,7 +176,7 @@ class Worker:
         try:
             from moechat.backends.planning import VRAM_BUDGET_ENV
             budget = os.environ.get(VRAM_BUDGET_ENV)
-            if budget:  # the benchmark's VRAM budget: enforced, not only requested
+            if budget and self.backend_cls.torch_gpu_memory:  # the benchmark's VRAM budget: enforced
                 from moechat.backends.planning import cap_vram
                 cap_vram(float(budget))
             settings = self.backend_cls.Settings.model_validate(raw_settings)

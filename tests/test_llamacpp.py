@@ -238,3 +238,21 @@ def test_bench_measures_llama_cpp_on_a_gguf(gguf, tmp_path):
     assert case["backend"] == "llama.cpp" and case["model"] == str(gguf)
     assert case["decode_tok_s"]["median"] > 0 and case["prefill_tok_s"]["median"] > 0
     assert case["backend_stats"]["llama_eval_tokens"] >= 1
+
+
+def test_a_vram_budget_never_brings_torch_into_the_llama_cpp_worker(gguf, tmp_path, monkeypatch):
+    """`moechat bench --vram-budget-gb` caps torch's allocations in the worker; llama.cpp allocates
+    its own, and on the GPU machine a torch CUDA context next to llama.cpp's CUDA build killed the
+    worker with SIGSEGV. Here torch cannot be imported in the worker at all, and the load still works."""
+    blocker = tmp_path / "no-torch"
+    (blocker / "torch").mkdir(parents=True)
+    (blocker / "torch" / "__init__.py").write_text('raise ImportError("torch must not be imported in this worker")\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("MOECHAT_VRAM_BUDGET_GB", "16")
+    manager = BackendManager(get_plugin_manager(), tmp_path / "home")
+    try:
+        manager.load("llama.cpp", {"model": str(gguf)})
+        text = "".join(c.text for c in manager.generate(chat("Hi", max_new_tokens=4, temperature=0)))
+        assert manager.state.info["architecture"] == "llama" and isinstance(text, str)
+    finally:
+        manager.close()

@@ -149,6 +149,7 @@ class LlamaCppBackend(Backend):
     description = ("Runs a .gguf file with llama.cpp through llama-cpp-python, in the worker process. "
                    "GPU layers need a GPU build (CMAKE_ARGS=-DGGML_CUDA=on).")
     Settings = LlamaCppSettings
+    torch_gpu_memory = False  # llama.cpp allocates its own; a budget arrives as gpu_layers
 
     @classmethod
     def probe(cls, settings=None) -> Probe:

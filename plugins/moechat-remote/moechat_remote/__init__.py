@@ -248,6 +248,7 @@ class RemoteBackend(Backend):
                    "a multi-GPU box. Nothing runs here but the connection.")
     Settings = RemoteSettings
     needs_model = False
+    torch_gpu_memory = False  # nothing runs here
 
     @classmethod
     def probe(cls, settings=None) -> Probe:
