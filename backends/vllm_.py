@@ -36,7 +36,10 @@ GiB = 1024**3
 GB = 1e9
 
 # Facts about vLLM versions (docs/facts.md): the hybrid-model offload assert is gone since 0.20.0
-# (PR 36461); the V2 model runner honours cpu_offload_gb since 0.28.0 (PR 51413).
+# (PR 36461); the V2 model runner honours cpu_offload_gb since 0.28.0 (PR 51413). Before that the
+# V1 runner does: measured on 0.26.0 (docs/runs/vllm-gpu-check-20261206b-H100), weight offload of
+# Qwen3-Next ran on V1 (vLLM's own pick for hybrid models) and was dropped with V2 forced, so
+# offload on 0.20-0.27 runs with the V1 runner forced (engine_env).
 HYBRID_OFFLOAD_FIXED = (0, 20, 0)
 V2_RUNNER_OFFLOAD_FIXED = (0, 28, 0)
 PINNED_FACTOR = 1.9  # pinned offload takes about 1.9x the offloaded bytes of host RAM (issues 56410, 58178)
@@ -72,6 +75,10 @@ class VllmSettings(BackendSettings):
     max_num_seqs: int = Field(4, ge=1, le=1024, description="Most requests decoded together. A few is plenty "
                                                            "for a chat on a LAN; each costs KV cache.")
     tensor_parallel_size: int = Field(1, ge=1, le=16, description="Split the model over this many GPUs.")
+    deep_gemm: bool = Field(
+        False, description="Use DeepGEMM's FP8 kernels (Hopper and newer). Off: vLLM takes CUTLASS's, which "
+                           "need no compiling. On: the first start compiles DeepGEMM's kernels one by one, "
+                           "for many minutes (over 9 on an H100 for a 4-layer Qwen3-Next, against under 3 without).")
     gdn_prefill_backend: Literal["triton", "flashinfer", "auto"] = Field(
         "triton", description="Kernel for the Gated DeltaNet prompt pass (Qwen3-Next). triton: vLLM's own, "
                               "starts at once. flashinfer: FlashInfer's; on Hopper (H100/H200) it needs the "
@@ -232,10 +239,6 @@ def refusal(settings: VllmSettings, *, vllm_version: str | None, config: dict[st
             return (f"vLLM {shown} cannot offload the weights of a hybrid model like {model_type}: it stops "
                     f"with \u201c{HYBRID_ERROR}\u201d. Install vLLM 0.28 or newer in the vLLM environment "
                     "(`make vllm-env`), or use the vllm backend without offload and a smaller (INT4) checkpoint.")
-        if HYBRID_OFFLOAD_FIXED <= version < V2_RUNNER_OFFLOAD_FIXED:
-            return (f"vLLM {shown} ignores weight offload: its V2 model runner drops cpu_offload_gb and then "
-                    "runs out of GPU memory. Install vLLM 0.28 or newer in the vLLM environment "
-                    "(`make vllm-env`).")
     if uses_offload(settings) and host_total and weight_bytes:
         text = text_config(config)
         offloaded = offload_bytes(settings, weight_bytes, text.get("num_hidden_layers"))
@@ -288,13 +291,23 @@ def engine_kwargs(settings: VllmSettings, model_path: str) -> dict[str, Any]:
     return kw
 
 
-def engine_env(settings: VllmSettings) -> dict[str, str]:
-    """Environment variables the engine needs for ``settings`` (set before vllm is imported)."""
+def engine_env(settings: VllmSettings, vllm_version: str | None = None) -> dict[str, str]:
+    """Environment variables the engine needs for ``settings`` on ``vllm_version`` (set before the
+    engine starts)."""
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # the worker has threads (its reader, the engine's event loop): forking it is unsafe
-           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-    if isinstance(settings, VllmOffloadSettings) and not settings.pin_memory:
-        env["VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY"] = "1"
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+           # DeepGEMM's kernels are compiled at the first start, one after another: on an H100 the
+           # first start of a 4-layer Qwen3-Next FP8 was still compiling them after 9 minutes (a C++
+           # build ran beside it); without DeepGEMM (vLLM then takes CUTLASS's block-FP8 kernel) the
+           # first start took 164 s and later ones 13 s (docs/vllm.md)
+           "VLLM_USE_DEEP_GEMM": "1" if settings.deep_gemm else "0"}
+    if isinstance(settings, VllmOffloadSettings):
+        if not settings.pin_memory:
+            env["VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY"] = "1"
+        version = parse_version(vllm_version)
+        if version is not None and HYBRID_OFFLOAD_FIXED <= version < V2_RUNNER_OFFLOAD_FIXED:
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # V2 drops cpu_offload_gb before 0.28; V1 honours it
     return env
 
 
@@ -492,7 +505,7 @@ class VllmBackend(Backend):
                          host_total=psutil.virtual_memory().total, weight_bytes=weights)
         if reason:
             raise BackendError(reason)
-        os.environ.update(engine_env(settings))
+        os.environ.update(engine_env(settings, vllm_version))
         self.model_path = str(folder)
         progress(Progress("Starting vLLM (loading weights, profiling memory, capturing CUDA graphs)"))
         before = vllm_engine.measure_memory()

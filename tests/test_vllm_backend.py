@@ -23,7 +23,7 @@ from moechat.backends.machine import GiB, Gpu, Machine
 from moechat.backends.manager import BackendManager
 from moechat.backends.modelinfo import ModelInfo
 from moechat.backends.plugins import get_plugin_manager
-from moechat.backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, VllmOffloadSettings, VllmSettings,
+from moechat.backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, engine_env, VllmOffloadSettings, VllmSettings,
                             explain_engine_error, gpu_weights_measured, is_hybrid, kv_bytes_per_token, memory_plan,
                             offload_warning, parse_version, refusal, state_bytes_per_sequence)
 from moechat.backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
@@ -118,13 +118,16 @@ def test_hybrid_model_with_offload_on_vllm_before_0_20_is_refused_with_the_error
     assert "Install vLLM 0.28 or newer" in reason
 
 
-@pytest.mark.parametrize("version", ["0.20.0", "0.24.2", "0.27.9rc1"])
+@pytest.mark.parametrize("version", ["0.20.0", "0.24.2", "0.26.0", "0.27.9rc1"])
 @pytest.mark.parametrize("config", [QWEN3_NEXT_80B, LLAMA], ids=["hybrid", "dense"])
-def test_any_offload_on_vllm_0_20_to_0_27_is_refused(version, config):
-    reason = refusal(offload(), vllm_version=version, config=config, host_total=None)
-    assert reason == (f"vLLM {version} ignores weight offload: its V2 model runner drops cpu_offload_gb and "
-                      "then runs out of GPU memory. Install vLLM 0.28 or newer in the vLLM environment "
-                      "(`make vllm-env`).")
+def test_offload_on_vllm_0_20_to_0_27_runs_on_the_v1_runner_which_honours_it(version, config):
+    """Measured on 0.26.0 (docs/runs/vllm-gpu-check-20261206b-H100): offload of Qwen3-Next ran on the
+    V1 runner (host RAM +4.1 GiB, more KV blocks, the same greedy tokens) and was dropped with the V2
+    runner forced; 0.28 fixed V2 (PR 51413)."""
+    assert refusal(offload(), vllm_version=version, config=config, host_total=None) is None
+    assert engine_env(offload(), version)["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in engine_env(offload(), "0.28.0")
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in engine_env(VllmSettings(), version)  # no offload: vLLM's pick
 
 
 @pytest.mark.parametrize("settings,version,config", [
