@@ -58,8 +58,8 @@ from moechat.backends.demo import build_selfcheck_models  # noqa: E402
 from moechat.backends.manager import BackendManager  # noqa: E402
 from moechat.backends.replies import chat, collect, stop_after  # noqa: E402
 from moechat.backends.plugins import get_plugin_manager  # noqa: E402
-from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_kwargs, interpreter_facts,  # noqa: E402
-                                   is_hybrid, vllm_python)
+from moechat.backends.vllm_ import (VllmOffloadSettings, VllmSettings, engine_env, engine_kwargs,  # noqa: E402
+                                   interpreter_facts, is_hybrid, vllm_python)
 
 SIGNATURES_SCRIPT = r"""
 import dataclasses, inspect, json
@@ -485,6 +485,8 @@ def offload_experiment(report: Report, python: Path, model: str, util: float, ma
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the direct starts (LLM(...) in a child process) get the backends' DeepGEMM default too
+    os.environ.setdefault("VLLM_USE_DEEP_GEMM", engine_env(VllmSettings())["VLLM_USE_DEEP_GEMM"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder for both backends (default: a tiny trained model built here)")
     parser.add_argument("--offload-gb", type=float, default=None,
