@@ -65,6 +65,8 @@ if [ ! -f "$VENV/.installed" ]; then
     touch "$VENV/.installed"
 fi
 
+# another process may be writing it (scripts/gpu-session.sh does, in the background): wait for it
+for _ in $(seq 100); do [ -d "$CKPT.partial" ] && [ ! -d "$CKPT" ] && sleep 3; done
 if [ ! -d "$CKPT" ]; then
     started=$(date +%s)
     "$VENV/bin/python" -m moechat.backends.fp8_checkpoint "$CKPT" || exit 1

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Every GPU run the open work needs, in one session of the lent GPU machine (docs/gpu-session.md):
+# moe-offload's loads at full width (bench/load_at_scale.py), the int4 kernels' check, vLLM's check
+# through moechat (scripts/vllm_gpu_check.py), and llama.cpp next to moe-offload and vLLM
+# (bench/llamacpp_gpu.py). The machine keeps /root only while warm (a call within ~30 s of the
+# last), so the calls go back to back, and the long work runs in the background between them.
+#
+# Here, once (PyPI reachable):
+#     python3 scripts/vllm_wheelhouse.py build ...   # the vLLM parts, .whl-vllm/part-01..07 (docs/vllm.md)
+#     python3 bench/llamacpp_gpu.py pack              # llama.cpp's source and moechat's small wheels
+# There:
+#     call 1, carry .whl-vllm/part-07 and .llamacpp-gpu/part-01:   bash scripts/gpu-session.sh start
+#     calls 2-7, carry .whl-vllm/part-01 .. part-06, one a call:   bash scripts/vllm-gpu-run.sh
+#         (the call that completes the parts installs vLLM, ~1 min)
+#     call 8:                                                       bash scripts/gpu-session.sh chain
+#     then, until it prints "session done":                         bash scripts/gpu-session.sh wait 540
+# Every `wait` leaves what is finished so far in $OUT/session.tgz (results and logs, no weights).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+S=${GPU_SESSION_DIR:-/root/gpu-session}
+FP8=${VLLM_CHECKPOINT:-/root/qwen3-next-80b-4layers-fp8}
+SITE=$S/site                      # moechat and its small dependencies for the image's python3
+BUDGETS=${BUDGETS:-"16 24 80"}     # 80: a whole H100, where vLLM's FP8 weights fit too
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+# the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
+export MOECHAT_GIT_COMMIT=${MOECHAT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+mkdir -p "$S"
+
+in_background() {  # NAME COMMAND...: run in a session of its own (it outlives the call), log in $S/NAME.log
+    local name=$1; shift
+    setsid nohup bash -c "$*" > "$S/$name.log" 2>&1 < /dev/null &
+    echo "started $name in the background ($S/$name.log)"
+}
+
+phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width, int4 kernels
+    set -x
+    python3 scripts/vllm_wheelhouse.py store .llamacpp-gpu/part-01 /root/llamacpp-parts || return 1
+    python3 bench/llamacpp_gpu.py assemble --store /root/llamacpp-parts || return 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" \
+        /root/llamacpp-gpu/files/*.whl . || return 1
+    export PYTHONPATH=$SITE MOECHAT_HOME=$S/home-a
+    nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
+    [ -d "$FP8" ] || python3 -m moechat.backends.fp8_checkpoint "$FP8" || return 1
+    touch "$S/checkpoint-ready"
+    timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats fp8 bf16 \
+        --layers 2 4 --reuse "fp8:4=$FP8"
+    timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
+    echo "int4 check: rc $?"
+}
+
+phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
+    set -x
+    while [ ! -f "$S/a.done" ]; do sleep 3; done
+    ( CMAKE_BUILD_PARALLEL_LEVEL=10 python3 bench/llamacpp_gpu.py prepare > "$S/llama-prepare.log" 2>&1
+      echo "llama.cpp prepare: rc $?"; touch "$S/llama.ready" ) &
+    env -u PYTHONPATH OUT="$S/results/vllm" bash scripts/vllm-gpu-run.sh backends,cancel \
+        > "$S/vllm-check.log" 2>&1
+    echo "vLLM check: rc $?"
+    while [ ! -f "$S/llama.ready" ]; do sleep 3; done
+    # budgets: $BUDGETS
+    MOECHAT_VLLM_PYTHON=/root/vllm-venv/bin/python MOECHAT_HOME=$S/home-b python3 bench/llamacpp_gpu.py compare \
+        --budgets $BUDGETS --also "vllm=$FP8" --per-run-s 200 --out "$S/results" --no-report > "$S/compare.log" 2>&1
+    echo "comparison: rc $?"
+}
+
+pack_out() {
+    [ -n "${OUT:-}" ] || return 0
+    tar czf "$OUT/session.tgz" -C "$S" --exclude='home-*' --exclude=site --exclude='*.gguf' \
+        --exclude='*.safetensors' . 2>/dev/null
+}
+
+case "${1:-}" in
+    start)
+        [ -n "$MOECHAT_GIT_COMMIT" ] || echo "MOECHAT_GIT_COMMIT is not set: the results will name no commit"
+        bash scripts/vllm-gpu-run.sh | tail -2    # stores the carried vLLM part
+        in_background a "bash $0 _a; touch $S/a.done"
+        ;;
+    chain)
+        [ -f /root/vllm-venv/.installed ] || { echo "vLLM is not installed yet: carry the missing parts (bash scripts/vllm-gpu-run.sh says which)"; exit 1; }
+        in_background b "bash $0 _b; touch $S/session.done"
+        ;;
+    wait)
+        limit=${2:-540}; started=$(date +%s)
+        while [ ! -f "$S/session.done" ] && [ $(( $(date +%s) - started )) -lt "$limit" ]; do sleep 5; done
+        date; ls "$S"
+        for f in a b vllm-check llama-prepare compare; do
+            [ -f "$S/$f.log" ] && { echo "--- $f"; tail -n 4 "$S/$f.log" | cut -c1-300; }
+        done
+        nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+        df -h /root | tail -1
+        pack_out
+        [ -f "$S/session.done" ] && echo "session done"
+        ;;
+    _a) phase_a ;;
+    _b) phase_b ;;
+    *) sed -n 2,17p "$0"; exit 2 ;;
+esac
