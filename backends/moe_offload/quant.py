@@ -154,8 +154,17 @@ def expand_scale(scale: torch.Tensor, block: tuple[int, int], r: int, c: int) ->
 
 def fp8_dequantize(data: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                    dtype: torch.dtype) -> torch.Tensor:
+    """Dense [..., R, C] = data * the scale of its block, in float32 then ``dtype``; a leading
+    batch dim on ``data`` goes with one on ``scale``. Where the blocks tile the matrix the scale
+    is broadcast over a blocked view (no expanded copy of it): the same products either way."""
     r, c = data.shape[-2:]
-    return (data.to(torch.float32) * expand_scale(scale.float(), block, r, c)).to(dtype)
+    br, bc = block
+    s = scale.float()
+    if r % br == 0 and c % bc == 0 and s.dim() >= 2 and tuple(s.shape[-2:]) == (r // br, c // bc):
+        lead = data.shape[:-2]
+        blocks = data.to(torch.float32).reshape(*lead, r // br, br, c // bc, bc)
+        return (blocks * s.unsqueeze(-1).unsqueeze(-3)).reshape(*lead, r, c).to(dtype)
+    return (data.to(torch.float32) * expand_scale(s, block, r, c)).to(dtype)
 
 
 def dequantize(fmt: str, data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
