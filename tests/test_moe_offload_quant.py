@@ -182,3 +182,25 @@ def test_a_store_with_experts_still_to_convert_is_not_complete():
         store.check_complete()
     store.flush()
     store.check_complete()
+
+
+def test_float8_codes_read_on_the_cpu_as_torch_casts_them():
+    """The CPU's table lookup (quant.fp8_to_float32) gives every one of the 256 float8 codes the
+    value torch's cast gives it (NaN where it is NaN), and dequantization multiplies by the scales."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(2, 128)
+    got, cast = quant.fp8_to_float32(codes), codes.to(torch.float32)
+    assert torch.equal(got.isnan(), cast.isnan()) and torch.equal(got.nan_to_num(), cast.nan_to_num())
+    scale = torch.tensor([[0.5, 2.0]])
+    dense = quant.fp8_dequantize(codes.reshape(1, 256).expand(2, 256), scale.expand(1, 2), (2, 128), torch.float32)
+    expected = cast.reshape(1, 256).expand(2, 256) * torch.tensor([0.5] * 128 + [2.0] * 128)
+    assert torch.equal(dense.nan_to_num(), expected.nan_to_num())
+
+
+def test_convert_speed_script_prints_both_ways(tmp_path):
+    out = tmp_path / "c.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "convert_speed.py"), "--experts", "1", "--rounds", "1",
+                           "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [ln for ln in done.stdout.splitlines() if ln.startswith(("| fp8 |", "| bf16 |"))]
+    assert len(rows) == 4 and sum("one tensor at a time" in r for r in rows) == 2
+    assert out.exists()
