@@ -174,8 +174,7 @@ class ExpertStore:
         batch = self._pending.setdefault(key, [])
         batch.append((expert, weight, scale))
         self._pending_weights += weight.numel()
-        where = (self.convert_on or weight.device).type
-        cap = CONVERT_BATCH_WEIGHTS.get(where, CONVERT_BATCH_WEIGHTS["cpu"])
+        cap = CONVERT_BATCH_WEIGHTS.get(self._converts_on(weight).type, CONVERT_BATCH_WEIGHTS["cpu"])
         if len(batch) * weight.numel() >= cap:
             self._convert(layer, proj, self._pending.pop(key), block)
             self._pending_weights -= len(batch) * weight.numel()
@@ -183,15 +182,26 @@ class ExpertStore:
             self._convert_pending()
 
     def flush(self) -> None:
-        """Convert every tensor ``add`` still holds and wait until all are in the store."""
+        """Convert every tensor ``add`` still holds and wait until all are in the store; then
+        give the GPU memory of the batches back (the expert cache is sized from the free memory
+        after the load) and the pinned staging buffers too, where torch can."""
         self._convert_pending()
         self._land()
+        if self.convert_on is not None and self.convert_on.type == "cuda":
+            torch.cuda.empty_cache()
+            release_pinned = getattr(getattr(torch.accelerator, "memory", None), "empty_host_cache", None)
+            if release_pinned is not None:
+                release_pinned()
 
     def _convert_pending(self) -> None:
         for (layer, proj, *_, block), batch in self._pending.items():
             self._convert(layer, proj, batch, block)
         self._pending.clear()
         self._pending_weights = 0
+
+    def _converts_on(self, weight: torch.Tensor) -> torch.device:
+        """``convert_on`` for int4 conversion; a dense store takes the weights where they lie."""
+        return self.convert_on if self.convert_on is not None and self.fmt == "int4" else weight.device
 
     def _convert(self, layer: int, proj: str, batch: list, block: tuple[int, int] | None) -> None:
         """Dequantize and quantize the tensors of ``batch`` ([(expert, weight, scale)], one layer,
@@ -201,7 +211,7 @@ class ExpertStore:
         target, row0 = self._place(proj)
         p = self.layers[layer][target] or self._alloc(layer, target)
         experts = [e for e, _, _ in batch]
-        where = self.convert_on or batch[0][1].device
+        where = self._converts_on(batch[0][1])
         weight = _stack([w for _, w, _ in batch], where).to(where, non_blocking=True)
         rows = weight.shape[1]
         if batch[0][2] is not None:
