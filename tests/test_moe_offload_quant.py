@@ -151,7 +151,7 @@ def test_batched_conversion_stores_the_same_bytes_as_one_tensor_at_a_time(monkey
     stores = {}
     for how in ("put", "add"):
         store = ExpertStore(fmt, (0,), experts, hidden, inter, torch.bfloat16, group=64, zero=zero,
-                            scale_dtype=scale_dtype, convert_on=convert_on)
+                            scale_dtype=scale_dtype, convert_on=convert_on, pin=convert_on == "cuda")
         for e, proj, w, scale in tensors:
             getattr(store, how)(0, e, proj, w, scale, (128, 128) if fp8 else None)
         store.flush()

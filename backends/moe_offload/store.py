@@ -206,8 +206,9 @@ class ExpertStore:
     def _convert(self, layer: int, proj: str, batch: list, block: tuple[int, int] | None) -> None:
         """Dequantize and quantize the tensors of ``batch`` ([(expert, weight, scale)], one layer,
         projection and layout) as one stacked tensor on ``convert_on``. From a GPU the results
-        come back into pinned buffers without waiting; ``_land`` copies them into the store once
-        they are there, so the GPU converts while the next tensors are read."""
+        come back without the host waiting, straight into a pinned store (else into pinned
+        buffers that ``_land`` copies into the store once they are there), so the GPU converts
+        while the next tensors are read; ``_land`` waits for them."""
         target, row0 = self._place(proj)
         p = self.layers[layer][target] or self._alloc(layer, target)
         experts = [e for e, _, _ in batch]
@@ -229,7 +230,14 @@ class ExpertStore:
                 outs.append((p.zero, None))
         event = None
         if any(t is not None and t.device.type == "cuda" for _, t in outs):
-            outs = [(dst, t if t is None else _to_pinned(t)) for dst, t in outs]
+            if self.pin:   # straight into the pinned store, one copy an expert, none waited for
+                for dst, t in outs:
+                    for k, e in enumerate(experts):
+                        if t is not None:
+                            dst[e, row0:row0 + rows].copy_(t[k], non_blocking=True)
+                outs = [(dst, t) for dst, t in outs if t is None]
+            else:
+                outs = [(dst, t if t is None else _to_pinned(t)) for dst, t in outs]
             event = torch.cuda.Event()
             event.record()
         else:
