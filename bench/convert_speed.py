@@ -10,7 +10,8 @@ times the conversion into an int4 ``ExpertStore`` (group 128, the load's quantiz
 ``put``, one tensor at a time (the load before batching), and ``add`` + ``flush``, the load's
 batched path (``store.CONVERT_BATCH_WEIGHTS`` weights a batch on the converting device, or each
 ``--batch-weights`` given). The tensors start in pageable host memory, as the checkpoint reader
-leaves them; the time ends when every converted byte is in the host store. Each way is timed
+leaves them; the time ends when every converted byte is in the host store (the GPU's and pinned
+buffers kept from round to round, as they are from batch to batch in a load). Each way is timed
 ``--rounds`` times in turn and the best kept, so other work on a shared machine slows none more
 than the others. It prints seconds per GB of checkpoint and per layer of 512 experts (the per-GB
 figure times one layer's bytes: 1.61 GB of FP8 with its scales, 3.22 GB of bf16).
@@ -33,7 +34,7 @@ HIDDEN, INTERMEDIATE, EXPERTS_PER_LAYER, GROUP = 2048, 512, 512, 128
 BLOCK = (128, 128)
 
 
-def checkpoint_tensors(fmt: str, experts: int, seed: int = 0) -> list[tuple[int, str, torch.Tensor, torch.Tensor | None]]:
+def checkpoint_tensors(fmt: str, experts: int, seed: int = 0) -> list[tuple]:
     """(expert, proj, weight, scale) in the checkpoint's order (experts as strings: 0, 1, 10, ...)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -66,7 +67,7 @@ def convert(tensors, how: str, device: torch.device | None, experts: int) -> flo
     t0 = time.perf_counter()
     for e, proj, w, s in tensors:
         getattr(store, how)(0, e, proj, w, s, BLOCK if s is not None else None)
-    store.flush()
+    store.flush(release=False)   # a load gives the buffers back once, not every 8 experts
     if pin:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -98,8 +99,8 @@ def measure(experts: int = 8, rounds: int = 3, device: str = "auto",
             rows.append({"checkpoint": fmt, "way": "one tensor at a time" if how == "put" else
                          f"batches of {n / 2**20:g} M weights", "seconds": s, "checkpoint_gb": gb,
                          "s_per_gb": per_gb, "s_per_layer": per_gb * layer_gb})
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
-            "experts": experts, "rounds": rounds, "rows": rows}
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {"device": name, "experts": experts, "rounds": rounds, "rows": rows}
 
 
 def table(result: dict) -> str:

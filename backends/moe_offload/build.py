@@ -2,7 +2,8 @@
 
 Resident tensors go straight to their place on the compute device (float8 ones dequantized);
 routed experts are converted in batches into the ``ExpertStore`` (``ExpertStore.add``). Converted
-experts are then written to a disk cache, so the next load of the same folder and format reads them back as they are.
+experts are then written to a disk cache, so the next load of the same folder and format reads
+them back as they are.
 """
 
 from __future__ import annotations

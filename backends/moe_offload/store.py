@@ -181,13 +181,13 @@ class ExpertStore:
         if self._pending_weights >= 3 * cap:   # projections or layers that never fill a batch
             self._convert_pending()
 
-    def flush(self) -> None:
+    def flush(self, release: bool = True) -> None:
         """Convert every tensor ``add`` still holds and wait until all are in the store; then
-        give the GPU memory of the batches back (the expert cache is sized from the free memory
-        after the load) and the pinned staging buffers too, where torch can."""
+        (``release``) give the GPU memory of the batches back (the expert cache is sized from the
+        free memory after the load) and the pinned staging buffers too, where torch can."""
         self._convert_pending()
         self._land()
-        if self.convert_on is not None and self.convert_on.type == "cuda":
+        if release and self.convert_on is not None and self.convert_on.type == "cuda":
             torch.cuda.empty_cache()
             release_pinned = getattr(getattr(torch.accelerator, "memory", None), "empty_host_cache", None)
             if release_pinned is not None:
