@@ -46,6 +46,10 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
         --layers 2 4 --reuse "fp8:4=$FP8"
     timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
     echo "int4 check: rc $?"
+    timeout 120 python3 bench/convert_speed.py --experts 64 --json "$S/convert-speed.json" > "$S/convert-speed.txt" 2>&1
+    echo "conversion speed: rc $?"
+    # what the load stage "Reading the tokenizer" spends (docs/moe-offload.md, "Converting experts in batches")
+    python3 -X importtime -c "import torch; from transformers import AutoTokenizer" 2> "$S/transformers-importtime.txt"
 }
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison

@@ -1,8 +1,9 @@
 """Loading a model folder into an ``Engine``: one streaming pass over the checkpoint.
 
 Resident tensors go straight to their place on the compute device (float8 ones dequantized);
-routed experts are converted one at a time into the ``ExpertStore``. Converted experts are then
-written to a disk cache, so the next load of the same folder and format reads them back as they are.
+routed experts are converted in batches into the ``ExpertStore`` (``ExpertStore.add``). Converted
+experts are then written to a disk cache, so the next load of the same folder and format reads
+them back as they are.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
                 if suffix == "weight" and layer in store.layers and entry.group is not None:
                     store.put_int4(layer, expert, proj, entry.weight, entry.scale, entry.zero, entry.group)
                 elif suffix == "weight" and layer in store.layers:
-                    store.put(layer, expert, proj, entry.weight, entry.scale, entry.block)
+                    store.add(layer, expert, proj, entry.weight, entry.scale, entry.block)
             elif entry.name in params:
                 p = params[entry.name]
                 w = dequantize_entry(entry, p.dtype)
@@ -135,6 +136,7 @@ def load_engine(folder: str | Path, options: Options, progress=lambda p: None) -
                 progress(Progress("Loading weights" + (" and converting experts" if cached_from is None and
                                                        options.expert_format != "none" else ""),
                                   done, total, "tensors"))
+        store.flush()
         missing = [n for n in params if n not in loaded]
         if missing == ["lm_head.weight"] and getattr(config, "tie_word_embeddings", False):
             with torch.no_grad():

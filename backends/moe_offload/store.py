@@ -20,6 +20,19 @@ from moechat.backends.moe_offload import quant
 
 STORE_VERSION = 2   # 2: zero points, the scale dtype and the quantizer recorded
 
+# How many weights of checkpoint tensors ``add`` converts together, by the device converting them
+# (a batch holds at least one tensor). GPU: one tensor converted alone is a synchronous copy in, a
+# dozen kernels of microseconds and a synchronous copy out, so per-tensor overhead (launches,
+# synchronizations, pageable copies) was most of a load's conversion time; 32 M weights (32
+# [512, 2048] expert tensors: 32 MB of FP8 or 64 MB of bf16 in a pinned staging buffer) make each
+# kernel long enough to run at the GPU's bandwidth, while the quantizer's float32 temporaries
+# (about six of 128 MB) stay well inside the 2 GiB work area the plan keeps free. CPU: the
+# quantizer's passes are memory-bound, and one [512, 2048] tensor at a time was as fast as batches
+# of them (bench/convert_speed.py; bigger batches leave the caches and page-fault fresh
+# allocations), so only tensors much smaller than a real expert's are batched there: 256 K weights
+# keep those temporaries at about 1 MB each, a small part of the load's host peak.
+CONVERT_BATCH_WEIGHTS = {"cuda": 32 << 20, "cpu": 256 << 10}
+
 
 @dataclass
 class Proj:
@@ -64,6 +77,11 @@ class ExpertStore:
         self.convert_on = torch.device(convert_on) if convert_on is not None else None
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.layers: dict[int, dict[str, Proj | None]] = {i: {"gate_up": None, "down": None} for i in layers}
+        # ``add``'s checkpoint tensors waiting for their batch: key -> [(expert, weight, scale)]
+        self._pending: dict[tuple, list] = {}
+        self._pending_weights = 0
+        # converted batches on their way back from the GPU: (event, copies to make when it is done)
+        self._landing: list[tuple] = []
         if fmt == "int4":
             for width in (hidden, intermediate):
                 if width % group:
@@ -107,13 +125,15 @@ class ExpertStore:
         return self.expert_bytes() * self.num_experts * len(self.layers)
 
     # ---- filling --------------------------------------------------------------------------
+    def _place(self, proj: str) -> tuple[str, int]:
+        """(the store's projection, first row) of a checkpoint's gate, up or down tensor."""
+        return ("down" if proj == "down" else "gate_up"), {"gate": 0, "up": self.intermediate, "down": 0}[proj]
+
     def put(self, layer: int, expert: int, proj: str, weight: torch.Tensor,
             scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
         """Store one checkpoint tensor of one expert: ``proj`` is gate, up or down; ``weight``
         is dense, or float8 with its ``scale`` (any granularity)."""
-        target = "down" if proj == "down" else "gate_up"
-        i = self.intermediate
-        row0 = {"gate": 0, "up": i, "down": 0}[proj]
+        target, row0 = self._place(proj)
         rows = weight.shape[0]
         is_fp8 = weight.dtype == torch.float8_e4m3fn
         if is_fp8 and scale is not None and block is None:
@@ -136,20 +156,107 @@ class ExpertStore:
             s0 = row0 // block[0]
             p.scale[expert, s0:s0 + s.shape[0]].copy_(s)
             return
-        if p is None:
-            p = self._alloc(layer, target)
-        if self.convert_on is not None and self.fmt == "int4":
-            weight = weight.to(self.convert_on)
-            scale = scale.to(self.convert_on) if scale is not None else None
-        dense = weight
-        if is_fp8:
-            dense = quant.fp8_dequantize(weight, scale.float().reshape(math.ceil(rows / block[0]), -1),
-                                         block, torch.float32)
+        self._convert(layer, proj, [(expert, weight, scale)], block)
+        self._land()
+
+    def add(self, layer: int, expert: int, proj: str, weight: torch.Tensor,
+            scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+        """``put``, batched: the tensor waits until ``CONVERT_BATCH_WEIGHTS`` weights of the same
+        layer, projection and layout have come, which are then converted together (the same
+        numbers as ``put``). ``flush`` converts what is left; until then the store is incomplete."""
+        is_fp8 = weight.dtype == torch.float8_e4m3fn
+        if self.fmt == "fp8" or (is_fp8 and scale is None):
+            self.put(layer, expert, proj, weight, scale, block)
+            return
+        if is_fp8 and block is None:
+            block = quant.fp8_block_of(tuple(weight.shape), tuple(scale.shape))
+        key = (layer, proj, weight.dtype, tuple(weight.shape), None if scale is None else tuple(scale.shape), block)
+        batch = self._pending.setdefault(key, [])
+        batch.append((expert, weight, scale))
+        self._pending_weights += weight.numel()
+        cap = CONVERT_BATCH_WEIGHTS.get(self._converts_on(weight).type, CONVERT_BATCH_WEIGHTS["cpu"])
+        if len(batch) * weight.numel() >= cap:
+            self._convert(layer, proj, self._pending.pop(key), block)
+            self._pending_weights -= len(batch) * weight.numel()
+        if self._pending_weights >= 3 * cap:   # projections or layers that never fill a batch
+            self._convert_pending()
+
+    def flush(self, release: bool = True) -> None:
+        """Convert every tensor ``add`` still holds and wait until all are in the store; then
+        (``release``) give the GPU memory of the batches back (the expert cache is sized from the
+        free memory after the load) and the pinned staging buffers too, where torch can."""
+        self._convert_pending()
+        self._land()
+        if release and self.convert_on is not None and self.convert_on.type == "cuda":
+            torch.cuda.empty_cache()
+            release_pinned = getattr(getattr(torch.accelerator, "memory", None), "empty_host_cache", None)
+            if release_pinned is not None:
+                release_pinned()
+
+    def _convert_pending(self) -> None:
+        for (layer, proj, *_, block), batch in self._pending.items():
+            self._convert(layer, proj, batch, block)
+        self._pending.clear()
+        self._pending_weights = 0
+
+    def _converts_on(self, weight: torch.Tensor) -> torch.device:
+        """``convert_on`` for int4 conversion; a dense store takes the weights where they lie."""
+        return self.convert_on if self.convert_on is not None and self.fmt == "int4" else weight.device
+
+    def _convert(self, layer: int, proj: str, batch: list, block: tuple[int, int] | None) -> None:
+        """Dequantize and quantize the tensors of ``batch`` ([(expert, weight, scale)], one layer,
+        projection and layout) as one stacked tensor on ``convert_on``. From a GPU the results
+        come back without the host waiting, straight into a pinned store (else into pinned
+        buffers that ``_land`` copies into the store once they are there), so the GPU converts
+        while the next tensors are read; ``_land`` waits for them."""
+        target, row0 = self._place(proj)
+        p = self.layers[layer][target] or self._alloc(layer, target)
+        experts = [e for e, _, _ in batch]
+        where = self._converts_on(batch[0][1])
+        weight = _stack([w for _, w, _ in batch], where).to(where, non_blocking=True)
+        rows = weight.shape[1]
+        if batch[0][2] is not None:
+            grid = (math.ceil(rows / block[0]), -1)
+            scale = _stack([s.float().reshape(grid) for _, _, s in batch], where).to(where, non_blocking=True)
+            dense = quant.fp8_dequantize(weight, scale, block, torch.float32)
+        else:
+            dense = weight
         if self.fmt == "none":
-            p.data[expert, row0:row0 + rows].copy_(dense.to(self.dtype))
+            outs = [(p.data, dense.to(self.dtype))]
         else:
             q, s = quant.int4_quantize(dense, self.group)
-            self._put_int4(p, expert, row0, q, s.to(self.scale_dtype), None)
+            outs = [(p.data, q), (p.scale, s.to(self.scale_dtype))]
+            if p.zero is not None:
+                outs.append((p.zero, None))
+        event = None
+        if any(t is not None and t.device.type == "cuda" for _, t in outs):
+            if self.pin:   # straight into the pinned store, one copy an expert, none waited for
+                for dst, t in outs:
+                    for k, e in enumerate(experts):
+                        if t is not None:
+                            dst[e, row0:row0 + rows].copy_(t[k], non_blocking=True)
+                outs = [(dst, t) for dst, t in outs if t is None]
+            else:
+                outs = [(dst, t if t is None else _to_pinned(t)) for dst, t in outs]
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            outs = [(dst, t if t is None else t.to("cpu")) for dst, t in outs]
+        self._land()                       # the batch before this one is back by now
+        self._landing.append((event, experts, row0, rows, outs))
+
+    def _land(self) -> None:
+        """Copy converted batches into the store, once their copies from the device are done."""
+        for event, experts, row0, rows, outs in self._landing:
+            if event is not None:
+                event.synchronize()
+            for dst, t in outs:
+                for k, e in enumerate(experts):
+                    if t is None:
+                        dst[e, row0:row0 + rows].fill_(8)    # zero points of symmetric experts
+                    else:
+                        dst[e, row0:row0 + rows].copy_(t[k])
+        self._landing.clear()
 
     def put_int4(self, layer: int, expert: int, proj: str, packed: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, group: int) -> None:
@@ -162,8 +269,7 @@ class ExpertStore:
             return
         if group != self.group:
             raise ValueError(f"int4 experts of group {group} in a store of group {self.group}")
-        target = "down" if proj == "down" else "gate_up"
-        row0 = {"gate": 0, "up": self.intermediate, "down": 0}[proj]
+        target, row0 = self._place(proj)
         exact = scale.to(self.scale_dtype)
         if not torch.equal(exact.to(scale.dtype), scale):
             from moechat.backends.api import BackendError
@@ -188,6 +294,8 @@ class ExpertStore:
             p.zero[expert, row0:row0 + rows].copy_(zero if zero is not None else torch.full_like(s, 8, dtype=torch.uint8))
 
     def check_complete(self) -> None:
+        if self._pending or self._landing:
+            raise RuntimeError("experts added to the store are not all converted yet; call flush() first")
         missing = [f"layer {i} {name}" for i, projs in self.layers.items() for name, p in projs.items() if p is None]
         if missing:
             from moechat.backends.api import BackendError
@@ -282,3 +390,21 @@ class ExpertStore:
             if progress:
                 progress(n + 1, len(self.layers))
         return True
+
+
+def _stack(tensors: list[torch.Tensor], where: torch.device) -> torch.Tensor:
+    """The tensors stacked on a new dim 0, in pinned memory where they go to a GPU from the host
+    (so the copy over is one DMA that does not hold the host up)."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    pin = torch.device(where).type == "cuda" and tensors[0].device.type == "cpu"
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, device=tensors[0].device,
+                      pin_memory=pin)
+    return torch.stack(tensors, out=out)
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a GPU tensor on its way into pinned host memory (done once the stream passes it)."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
