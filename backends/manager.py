@@ -153,7 +153,8 @@ class WorkerProcess:
         self.streams: dict[str, Queue[P.Message | P.WorkerExited]] = {}
         self.lock = threading.Lock()
         self.alive = True
-        self.stderr_tail: deque[str] = deque(maxlen=30)
+        # the worker's last stderr lines: room for a crash dump of a few threads (faulthandler)
+        self.stderr_tail: deque[str] = deque(maxlen=200)
         self.expected_exit = False
         key = secrets.token_bytes(16)
         self._tmp = tempfile.mkdtemp(prefix="moechat-")
@@ -178,7 +179,8 @@ class WorkerProcess:
             listener.close()
             raise BackendError(f"The {entry.name} worker process did not start: {python or sys.executable}: "
                                f"{exc.strerror}. Check the Python interpreter the backend is set to use.") from exc
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        self._stderr_pump = threading.Thread(target=self._pump_stderr, daemon=True)
+        self._stderr_pump.start()
         accepted: list = []
         t = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
         t.start()
@@ -194,6 +196,19 @@ class WorkerProcess:
         self.conn = accepted[0]
         self.pid = self.proc.pid
         threading.Thread(target=self._read, daemon=True, name=f"manager-reader-{entry.name}").start()
+
+    def last_words(self, wait_s: float = 2.0) -> str:
+        """What the ended worker's stderr said last: where it holds a crash dump (the worker
+        enables faulthandler), the fatal error and the two innermost frames of the thread that
+        crashed; else its last line."""
+        self._stderr_pump.join(wait_s)   # the pipe closes once the process is gone
+        lines = [line.strip() for line in self.stderr_tail if line.strip()]
+        fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), None)
+        if fatal is None:
+            return lines[-1] if lines else ""
+        current = next((i for i in range(fatal, len(lines)) if lines[i].startswith("Current thread")), fatal)
+        frames = [x for x in lines[current + 1:] if x.startswith("File ")][:2]
+        return lines[fatal] + (f" ({'; '.join(frames)})" if frames else "")
 
     def _pump_stderr(self) -> None:
         with self.proc.stderr:
@@ -497,7 +512,7 @@ class BackendManager:
             elif isinstance(msg, P.WorkerExited):
                 if self._cancel_load.is_set():
                     raise Cancelled("Loading was cancelled.")
-                tail = next((line for line in reversed(worker.stderr_tail) if line.strip()), "")
+                tail = worker.last_words()
                 raise BackendError(f"The {worker.entry.name} worker {worker.exit_description()} while "
                                    f"loading{': ' + tail if tail else ''}. Check the settings and load again.")
 
@@ -550,7 +565,8 @@ class BackendManager:
             return
         message = (f"The {worker.entry.name} backend process {worker.exit_description()}. "
                    "Your chats are kept; load the model again to continue.")
-        logger.error(message)
+        # its last words go to the log only: the page's sentence reaches every user on the LAN
+        logger.error("{} Its last words: {}", message, worker.last_words(wait_s=0.5) or "none")
         self._worker = None
         self.state = LoadState(status="failed", backend=worker.entry.name, error=message,
                                model=self.state.model, settings=self.state.settings, crashed=True)

@@ -15,6 +15,7 @@ numbers do not include the trip through the connection.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
 import sys
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True)
     parser.add_argument("--backend", required=True, help="module:Class of the backend")
     args = parser.parse_args(argv)
+    # a crash in native code (a CUDA library, llama.cpp) prints the Python stack to stderr, whose
+    # last lines the app puts into its sentence (WorkerProcess.last_words)
+    faulthandler.enable()
     authkey = bytes.fromhex(os.environ.pop("MOECHAT_WORKER_KEY"))
     conn = Client(args.address, family="AF_UNIX", authkey=authkey)
     logger.remove()

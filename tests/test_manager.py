@@ -232,3 +232,18 @@ def test_a_load_probes_the_settings_it_was_given(manager, tmp_path):
     with pytest.raises(BackendError) as err:
         manager.load("vllm", {"python": str(missing)})
     assert str(missing) in str(err.value) and "python setting" in str(err.value)
+
+
+def test_a_crash_in_native_code_while_loading_names_the_error_and_where(manager):
+    """A backend whose native library crashes (llama.cpp's CUDA build did, on the GPU machine)
+    gets a sentence with the signal, the fatal error and the frame it happened in, and the app
+    loads something else afterwards."""
+    with pytest.raises(BackendError) as err:
+        manager.load("fake", {"segfault_on_load": True})
+    text = str(err.value)
+    assert text.startswith("The fake worker was killed by SIGSEGV while loading: Fatal Python error: "
+                           "Segmentation fault (File ")
+    assert "moechat_fake" in text and "in load)" in text and text.endswith("Check the settings and load again.")
+    manager.load("fake", {})
+    reply, _ = collect(manager.generate(chat("still here")))
+    assert reply == "still here"

@@ -17,6 +17,8 @@ class FakeSettings(BackendSettings):
     delay_s: float = Field(0.0, ge=0, description="Seconds to wait before each token.")
     crash_after: int | None = Field(None, ge=0, description="Kill the worker process after this many tokens (to test crash handling).")
     fail_load: str = Field("", description="If set, loading fails with this sentence.")
+    segfault_on_load: bool = Field(False, description="Crash the worker in native code while loading, as a "
+                                                      "broken CUDA library would (to test crash reports).")
     context_length: int = Field(4096, ge=8, description="Most tokens per chat (prompt + reply).")
     hold_file: str = Field("", description="While this file exists, a reply waits before each token after its "
                                            "first (so a test can keep a reply running as long as it needs). "
@@ -46,6 +48,9 @@ class FakeBackend(Backend):
     def load(self, settings, progress):
         if settings.fail_load:
             raise BackendError(settings.fail_load)
+        if settings.segfault_on_load:
+            import ctypes
+            ctypes.string_at(0)   # reads address 0: SIGSEGV
         for i in range(3):
             progress(Progress("Pretending to load", i + 1, 3, "steps"))
             time.sleep(settings.delay_s)
