@@ -23,7 +23,8 @@ SITE=$S/site                      # moechat and its small dependencies for the i
 BUDGETS=${BUDGETS:-"16 24 80"}     # 80: a whole H100, where vLLM's FP8 weights fit too
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
-export MOECHAT_GIT_COMMIT=${MOECHAT_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+[ -n "${MOECHAT_GIT_COMMIT:-}" ] || MOECHAT_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null)
+[ -n "$MOECHAT_GIT_COMMIT" ] && export MOECHAT_GIT_COMMIT
 mkdir -p "$S"
 
 in_background() {  # NAME COMMAND...: run in a session of its own (it outlives the call), log in $S/NAME.log
@@ -34,6 +35,7 @@ in_background() {  # NAME COMMAND...: run in a session of its own (it outlives t
 
 phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width, int4 kernels
     set -x
+    unset OUT   # the starting call's $OUT is emptied for the next call: `wait` packs the results
     python3 scripts/vllm_wheelhouse.py store .llamacpp-gpu/part-01 /root/llamacpp-parts || return 1
     python3 bench/llamacpp_gpu.py assemble --store /root/llamacpp-parts || return 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" \
@@ -54,6 +56,7 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
     set -x
+    unset OUT
     while [ ! -f "$S/a.done" ]; do sleep 3; done
     ( CMAKE_BUILD_PARALLEL_LEVEL=10 python3 bench/llamacpp_gpu.py prepare > "$S/llama-prepare.log" 2>&1
       echo "llama.cpp prepare: rc $?"; touch "$S/llama.ready" ) &
