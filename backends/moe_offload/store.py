@@ -282,16 +282,13 @@ class ExpertStore:
                                    "config.json says they are symmetric; the checkpoint is inconsistent.")
             zero = None
         p = self.layers[layer][target] or self._alloc(layer, target)
-        self._put_int4(p, expert, row0, packed, exact, zero)
-
-    @staticmethod
-    def _put_int4(p: Proj, expert: int, row0: int, q: torch.Tensor, s: torch.Tensor,
-                  zero: torch.Tensor | None) -> None:
-        rows = q.shape[0]
-        p.data[expert, row0:row0 + rows].copy_(q)
-        p.scale[expert, row0:row0 + rows].copy_(s)
-        if p.zero is not None:
-            p.zero[expert, row0:row0 + rows].copy_(zero if zero is not None else torch.full_like(s, 8, dtype=torch.uint8))
+        rows = slice(row0, row0 + packed.shape[0])
+        p.data[expert, rows].copy_(packed)
+        p.scale[expert, rows].copy_(exact)
+        if p.zero is not None and zero is not None:
+            p.zero[expert, rows].copy_(zero)
+        elif p.zero is not None:
+            p.zero[expert, rows].fill_(8)   # a symmetric tensor in a store with zero points
 
     def check_complete(self) -> None:
         if self._pending or self._landing:
