@@ -187,7 +187,7 @@ def test_int4_checkpoint_layouts_load_to_the_logits_of_their_weights(models, tmp
 
 def test_int4_layouts_moe_offload_does_not_read_get_a_sentence(models, tmp_path):
     from moechat.backends.api import BackendError
-    from moechat.backends.moe_offload.loader import checkpoint_format
+    from moechat.backends.moe_offload.quant_config import checkpoint_format
 
     ct = {"quant_method": "compressed-tensors", "format": "pack-quantized",
           "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "int", "strategy": "group",

@@ -106,7 +106,8 @@ def test_the_tiny_fp8_checkpoint_reads_back_through_moechat_and_transformers(tmp
 
     from moechat.backends import fp8_checkpoint
     from moechat.backends.moe_offload import quant
-    from moechat.backends.moe_offload.loader import Checkpoint, checkpoint_format
+    from moechat.backends.moe_offload.loader import Checkpoint
+    from moechat.backends.moe_offload.quant_config import checkpoint_format
 
     folder = fp8_checkpoint.write("synthetic:tiny", tmp_path / "ckpt", device="cpu", shard_bytes=50_000,
                                   progress=lambda _: None)

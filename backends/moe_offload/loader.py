@@ -7,7 +7,7 @@ layouts: compressed-tensors ``pack-quantized`` (``weight_packed`` + ``weight_sca
 ``weight_zero_point``]) and GPTQ (``qweight`` + ``qzeros`` + ``scales`` + ``g_idx``). In both FP8
 layouts the dense weight is ``weight * scale`` broadcast over blocks, so a float8 weight is paired
 with whichever scale sits next to it. int4 weights are repacked, integers and scales as they are,
-into the store's layout (quant.py; ``Int4Layout``). Nothing bigger than one tensor is held at a time.
+into the store's layout (quant.py; ``quant_config.Int4Layout``). Nothing bigger than one tensor is held at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from moechat.backends.api import BackendError
 from moechat.backends.moe_offload import quant
-from moechat.backends.moe_offload.quant_config import Int4Layout, checkpoint_format, int4_layout  # noqa: F401
+from moechat.backends.moe_offload.quant_config import checkpoint_format, int4_layout
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
