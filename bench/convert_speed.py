@@ -27,10 +27,17 @@ from pathlib import Path
 
 import torch
 
+from moechat.backends import synthetic
+from moechat.backends.moe_offload import MoeOffloadSettings
 from moechat.backends.moe_offload import quant
 from moechat.backends.moe_offload import store as store_mod
+from moechat.backends.shapes import shapes
 
-HIDDEN, INTERMEDIATE, EXPERTS_PER_LAYER, GROUP = 2048, 512, 512, 128
+# Qwen3-Next-80B-A3B's expert shapes (its config, as moechat.backends.synthetic keeps it) and the
+# default int4 group of moe-offload's settings
+EIGHTY_B = shapes(synthetic.config("synthetic:qwen3-next-80b-a3b"))
+HIDDEN, INTERMEDIATE, EXPERTS_PER_LAYER = EIGHTY_B.hidden, EIGHTY_B.expert_intermediate, EIGHTY_B.num_experts
+GROUP = MoeOffloadSettings.model_fields["int4_group_size"].default
 BLOCK = (128, 128)
 
 

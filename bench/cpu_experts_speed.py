@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 PRODUCER = "bench/cpu_experts_speed.py"
-HIDDEN, INTER, GROUP = 2048, 512, 128          # Qwen3-Next-80B-A3B's expert shapes, int4 group 128
 
 
 def kernel_rate(cpu, store, n: int, calls: int, repeat: int, hot: bool = False) -> dict:
@@ -103,13 +102,20 @@ def main() -> None:
 
     import torch
 
-    from moechat.backends import benchmark, hwprobe
+    from moechat.backends import benchmark, hwprobe, synthetic
+    from moechat.backends.moe_offload import MoeOffloadSettings
     from moechat.backends.moe_offload.cpu import SOURCE, CpuExperts, default_threads
     from moechat.backends.moe_offload.store import ExpertStore
+    from moechat.backends.shapes import shapes
+
+    # Qwen3-Next-80B-A3B's expert shapes and moe-offload's default int4 group
+    eighty_b = shapes(synthetic.config("synthetic:qwen3-next-80b-a3b"))
+    hidden, inter = eighty_b.hidden, eighty_b.expert_intermediate
+    group = MoeOffloadSettings.model_fields["int4_group_size"].default
 
     cores = os.cpu_count() or 1
     threads = args.threads or sorted({1, min(2, cores), default_threads()})
-    store = ExpertStore.random("int4", (0,), args.layer_experts, HIDDEN, INTER, torch.float32, GROUP,
+    store = ExpertStore.random("int4", (0,), args.layer_experts, hidden, inter, torch.float32, group,
                                distinct_layers=1)
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +140,7 @@ def main() -> None:
     out = {"producer": PRODUCER, "date": benchmark.now(), "commit": commit, "dirty": dirty,
            "cpu": benchmark.cpu_name(), "cpu_count": cores, "torch": torch.__version__,
            "settings": {"runs": args.runs, "repeat": args.repeat, "calls": args.calls, "probe_mb": args.probe_mb},
-           "shapes": {"hidden": HIDDEN, "intermediate": INTER, "group": GROUP, "layer_experts": args.layer_experts,
+           "shapes": {"hidden": hidden, "intermediate": inter, "group": group, "layer_experts": args.layer_experts,
                       "expert_bytes": store.expert_bytes()},
            "cases": cases}
     text = json.dumps(out, indent=1)

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
+from moechat.backends import synthetic
 from moechat.backends.moe_offload import plan, quant
+from moechat.backends.shapes import shapes
+
+# Qwen3-Next-80B-A3B's expert shapes: an expert's gate/up matrix is [INTERMEDIATE, HIDDEN]
+_EIGHTY_B = shapes(synthetic.config("synthetic:qwen3-next-80b-a3b"))
+HIDDEN, INTERMEDIATE = _EIGHTY_B.hidden, _EIGHTY_B.expert_intermediate
 
 GROUPS = (128, 64, 32)
 QUANTIZERS = {"nearest": quant.int4_quantize_rtn, "search": quant.int4_quantize}
@@ -48,7 +54,7 @@ def weights(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
     return w
 
 
-def decode_cost(group: int, hidden: int = 2048, intermediate: int = 512) -> float:
+def decode_cost(group: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> float:
     """Extra expert bytes over the int4 payload at this group, as a fraction: decode's predicted cost."""
     n = 3 * hidden * intermediate
     return plan.expert_bytes("int4", hidden, intermediate, group) / (n / 2) - 1
@@ -81,7 +87,7 @@ def seconds_per_gb(rows: int, cols: int, matrices: int, rounds: int = 9) -> dict
     return {k: v / (matrices * rows * cols * 2 / 1e9) for k, v in best.items()}
 
 
-def measure(rows: int = 512, cols: int = 2048, matrices: int = 4, seed: int = 0) -> dict:
+def measure(rows: int = INTERMEDIATE, cols: int = HIDDEN, matrices: int = 4, seed: int = 0) -> dict:
     """Every (distribution, quantizer, group): errors averaged over ``matrices`` matrices; and
     the conversion cost per GB of each (quantizer, group)."""
     x = torch.randn(64, cols, generator=torch.Generator().manual_seed(seed + 1000))
@@ -113,8 +119,8 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=512)
-    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=INTERMEDIATE)
+    ap.add_argument("--cols", type=int, default=HIDDEN)
     ap.add_argument("--matrices", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the numbers here")

@@ -16,9 +16,15 @@ import sys
 
 import torch
 
-from moechat.backends.moe_offload import kernels, quant
+from moechat.backends import synthetic
+from moechat.backends.moe_offload import MoeOffloadSettings, kernels, quant
+from moechat.backends.shapes import shapes
 
-E, H, I, G, K = 64, 2048, 512, 128, 10   # experts, hidden, expert width, group, top_k
+# Qwen3-Next-80B-A3B's expert shapes (hidden, expert width, top_k), moe-offload's default int4
+# group, and 64 experts of a layer
+_S = shapes(synthetic.config("synthetic:qwen3-next-80b-a3b"))
+E, H, I, K = 64, _S.hidden, _S.expert_intermediate, _S.experts_per_token
+G = MoeOffloadSettings.model_fields["int4_group_size"].default
 
 
 def layouts(g: torch.Generator):
