@@ -297,10 +297,8 @@ def engine_env(settings: VllmSettings, vllm_version: str | None = None) -> dict[
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # the worker has threads (its reader, the engine's event loop): forking it is unsafe
            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-           # DeepGEMM's kernels are compiled at the first start, one after another: on an H100 the
-           # first start of a 4-layer Qwen3-Next FP8 was still compiling them after 9 minutes (a C++
-           # build ran beside it); without DeepGEMM (vLLM then takes CUTLASS's block-FP8 kernel) the
-           # first start took 164 s and later ones 13 s (docs/vllm.md)
+           # off unless asked: its kernels compile for many minutes at the first start (the
+           # setting's description; measured in docs/vllm.md)
            "VLLM_USE_DEEP_GEMM": "1" if settings.deep_gemm else "0"}
     if isinstance(settings, VllmOffloadSettings):
         if not settings.pin_memory:

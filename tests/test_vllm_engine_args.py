@@ -168,6 +168,11 @@ def test_pinned_memory_off_sets_vllms_environment_variable():
         assert set(engine_env(s, "0.26.0")) <= ENV_VARS
 
 
+def test_deep_gemm_is_off_unless_the_setting_asks_for_it():
+    assert engine_env(VllmSettings())["VLLM_USE_DEEP_GEMM"] == "0"
+    assert engine_env(VllmOffloadSettings(deep_gemm=True))["VLLM_USE_DEEP_GEMM"] == "1"
+
+
 @pytest.mark.parametrize("sampling", [
     SamplingParams(),
     SamplingParams(temperature=0, top_k=0, seed=None, stop=[]),
