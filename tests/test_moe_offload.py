@@ -222,6 +222,21 @@ def test_converted_experts_are_cached_on_disk(models, tmp_path):
     assert other.info["experts_from_disk_cache"] is False
 
 
+def test_a_damaged_expert_cache_is_converted_anew(models, tmp_path):
+    folder = models["wide"]
+    first = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
+    (saved,) = [d for d in (tmp_path / "cache").iterdir() if (d / "store.json").exists()]
+    layer_file = sorted(saved.glob("layer*.safetensors"))[-1]
+    layer_file.write_bytes(layer_file.read_bytes()[:-100])   # a disk that filled up, a killed copy
+    second = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)
+    assert second.info["experts_from_disk_cache"] is False
+    ids = prompt(5)
+    assert torch.equal(first.forward(ids)[0], second.forward(ids)[0])
+    third = engine(folder, tmp_path, expert_format="int4", int4_group_size=16)   # rewritten whole
+    assert third.info["experts_from_disk_cache"] is True
+    assert torch.equal(first.forward(ids)[0], third.forward(ids)[0])
+
+
 def test_experts_converted_by_another_quantizer_are_converted_anew(models, tmp_path, monkeypatch):
     from moechat.backends.moe_offload import quant
 

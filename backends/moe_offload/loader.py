@@ -43,6 +43,31 @@ def fp8_block_hint(config: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the header, the file offset its tensors' ``data_offsets`` count from) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def read_into(f: Any, offset: int, out: Any) -> None:
+    """Fill the host tensor ``out`` (contiguous) with the bytes at ``offset`` of the unbuffered file
+    ``f``: plain reads straight into its memory (pinned memory too), no mmap and no second copy.
+    Raises EOFError where the file ends first. (Reading through safetensors' mmap instead faults the
+    file in a little at a time: the converted-expert cache came back at less than half the disk's
+    speed that way on the GPU machine; docs/moe-offload.md, "Loading at full size".)"""
+    import torch
+
+    f.seek(offset)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise EOFError(f"{Path(f.name).name} ends {len(view) - got} bytes early")
+        got += n
+
+
 @dataclass
 class Entry:
     name: str
@@ -94,9 +119,7 @@ class Checkpoint:
 
     def _header(self, shard: str) -> tuple[dict[str, Any], int]:
         if shard not in self._headers:
-            with open(self.folder / shard, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[shard] = (json.loads(f.read(n)), 8 + n)
+            self._headers[shard] = safetensors_header(self.folder / shard)
         return self._headers[shard]
 
     def get(self, name: str):
@@ -113,14 +136,10 @@ class Checkpoint:
         start, end = meta["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
         with open(self.folder / shard, "rb", buffering=0) as f:
-            f.seek(base + start)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise BackendError(f"{shard} ends early; the download is incomplete.")
-                got += n
+            try:
+                read_into(f, base + start, buf)
+            except EOFError:
+                raise BackendError(f"{shard} ends early; the download is incomplete.") from None
         return buf.view(getattr(torch, dtype)).reshape(meta["shape"])
 
     def int4_scale_dtype(self, is_expert) -> Any:

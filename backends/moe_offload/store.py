@@ -362,9 +362,10 @@ class ExpertStore:
         os.replace(tmp, folder)
 
     def load_saved(self, folder: Path, progress=None, quantizer: str = quant.INT4_QUANTIZER) -> bool:
-        """Fill the store from ``save``'s folder; False when it is missing or does not match
-        (another format, group or quantizer: those experts are converted anew)."""
-        from safetensors import safe_open
+        """Fill the store from ``save``'s folder; False when it is missing, does not match (another
+        format, group or quantizer) or is damaged: those experts are converted anew. The bytes are
+        read straight into the store's (pinned) memory."""
+        from moechat.backends.moe_offload.loader import DTYPES, read_into, safetensors_header
 
         try:
             meta = json.loads((folder / "store.json").read_text())
@@ -375,15 +376,23 @@ class ExpertStore:
         if set(meta["layers"]) != {str(i) for i in self.layers}:
             return False
         for n, layer in enumerate(self.layers):
-            with safe_open(str(folder / f"layer{layer}.safetensors"), framework="pt") as f:
-                for name in ("gate_up", "down"):
-                    block = meta["layers"][str(layer)][name]
-                    p = self._alloc(layer, name, tuple(block) if block else None)
-                    p.data.copy_(f.get_tensor(f"{name}.data"))
-                    if p.scale is not None:
-                        p.scale.copy_(f.get_tensor(f"{name}.scale"))
-                    if p.zero is not None:
-                        p.zero.copy_(f.get_tensor(f"{name}.zero"))
+            path = folder / f"layer{layer}.safetensors"
+            try:
+                header, base = safetensors_header(path)
+                with open(path, "rb", buffering=0) as f:
+                    for name in ("gate_up", "down"):
+                        block = meta["layers"][str(layer)][name]
+                        p = self._alloc(layer, name, tuple(block) if block else None)
+                        for part, t in (("data", p.data), ("scale", p.scale), ("zero", p.zero)):
+                            if t is None:
+                                continue
+                            saved = header.get(f"{name}.{part}")
+                            if (saved is None or saved["shape"] != list(t.shape)
+                                    or f"torch.{DTYPES.get(saved['dtype'])}" != str(t.dtype)):
+                                return False
+                            read_into(f, base + saved["data_offsets"][0], t)
+            except (OSError, ValueError, EOFError):
+                return False
             if progress:
                 progress(n + 1, len(self.layers))
         return True
