@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,15 +202,85 @@ def uses_offload(settings: VllmSettings) -> bool:
     return isinstance(settings, VllmOffloadSettings)
 
 
-def offload_bytes(settings: VllmSettings, weight_bytes: int, num_layers: int | None) -> int:
-    """Bytes of weights (per GPU) the settings move to host RAM."""
-    if not isinstance(settings, VllmOffloadSettings):
-        return 0
+# vLLM offloads decoder layers only: ``make_layers`` (vllm/model_executor/models/utils.py) hands the
+# layers it builds to ``get_offloader().wrap_modules``, its one call site, so the embeddings, the
+# lm_head and the final norm always stay on the GPU. In those layers both offloaders take the
+# parameters whose name has a segment in offload_params (``f".{p}." in f".{name}."``).
+# UVA (vllm/model_executor/offloader/uva.py) moves them to host RAM until cpu_offload_gb is reached.
+# Prefetch (vllm/model_executor/offloader/prefetch.py, PrefetchOffloader) moves those of layer i
+# when ``i % group_size >= group_size - num_in_group``, then allocates a StaticBufferPool on the
+# GPU with ``slot_capacity=prefetch_step`` copies of each offloaded parameter (name, shape, dtype),
+# so prefetch_step layers' worth of the offloaded weights sit on the GPU as well. vLLM 0.26.0 logs
+# both ("[PrefetchOffloader] Initialized 2 modules. Total GPU memory saved: 3.2220 GB, Static
+# buffer pool: 1.6110 GB"), and its "Model loading took" leaves the pool out:
+# docs/runs/vllm-gpu-check-20261206c-H100.
+OFFLOAD_PARTS = {"experts": ("routed_experts",)}  # offload_params segments the plan can size from the config
+
+
+def param_segments(text: str) -> set[str]:
+    return {p.strip() for p in text.split(",") if p.strip()}
+
+
+@dataclass(frozen=True)
+class WeightOffload:
+    """Where the settings put the weights, in bytes per GPU: ``resident`` on the GPU, ``host`` in
+    host RAM, and ``pool`` of GPU buffers the offloaded layers are copied into ahead of use (prefetch)."""
+
+    resident: int
+    host: int = 0
+    pool: int = 0
+    sized: bool = True  # False: offload_params names parts the plan cannot size; whole layers assumed
+
+    @property
+    def gpu(self) -> int:
+        """Weights on the GPU after loading, prefetch buffers included (what nvidia-smi sees)."""
+        return self.resident + self.pool
+
+
+def non_layer_bytes(config: dict[str, Any]) -> int:
+    """Bytes of the embeddings, the lm_head (unless tied) and the final norm, from the config: vocab
+    x hidden elements each, kept in the model's dtype (16-bit) by FP8 and INT4 checkpoints alike."""
+    text = text_config(config)
+    hidden, vocab = text.get("hidden_size") or 0, text.get("vocab_size") or 0
+    dtype = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "")
+    element = 4 if dtype in ("float32", "F32") else 2
+    return (vocab * hidden * (1 if text.get("tie_word_embeddings") else 2) + hidden) * element
+
+
+def offloadable_share(config: dict[str, Any], params: set[str]) -> tuple[float, bool]:
+    """The share of the decoder layers' parameters that the offload_params segments pick, and
+    whether the plan could size them (parameter counts from the config's shapes)."""
+    if not params:
+        return 1.0, True
+    s = try_shapes(config)
+    if s is None or not params <= OFFLOAD_PARTS.keys():
+        return 1.0, False
+    layers = s.total - s.embed - s.lm_head - s.hidden
+    picked = sum(getattr(s, part) for p in params for part in OFFLOAD_PARTS[p])
+    return (min(1.0, picked / layers) if layers > 0 else 1.0), True
+
+
+def weight_offload(settings: VllmSettings, weight_bytes: int, config: dict[str, Any]) -> WeightOffload:
+    """What ``settings`` move to host RAM (and, for prefetch, what they add on the GPU) of a model of
+    ``weight_bytes`` with ``config``: the one formula for the plan, the host-RAM refusal and the
+    check after loading."""
     per_gpu = weight_bytes // settings.tensor_parallel_size
+    if not isinstance(settings, VllmOffloadSettings):
+        return WeightOffload(per_gpu)
+    share, sized = offloadable_share(config, param_segments(settings.offload_params))
+    offloadable = int(max(weight_bytes - non_layer_bytes(config), 0) * share) // settings.tensor_parallel_size
     if settings.offload_backend == "uva":
-        return min(int(settings.cpu_offload_gb * GiB), per_gpu)
-    share = min(1.0, settings.offload_num_in_group / settings.offload_group_size)
-    return int(per_gpu * share)
+        host = min(int(settings.cpu_offload_gb * GiB), offloadable)
+        return WeightOffload(per_gpu - host, host, 0, sized)
+    group, in_group = settings.offload_group_size, settings.offload_num_in_group
+    layers = text_config(config).get("num_hidden_layers")
+    if not layers:
+        host = int(offloadable * min(1.0, in_group / group))
+        return WeightOffload(per_gpu - host, host, 0, sized)
+    chosen = sum(1 for i in range(layers) if i % group >= group - in_group)
+    per_layer = offloadable // layers
+    host = chosen * per_layer
+    return WeightOffload(per_gpu - host, host, settings.offload_prefetch_step * per_layer if chosen else 0, sized)
 
 
 def host_bytes_needed(settings: VllmSettings, offloaded: int) -> int:
@@ -240,8 +311,7 @@ def refusal(settings: VllmSettings, *, vllm_version: str | None, config: dict[st
                     f"with \u201c{HYBRID_ERROR}\u201d. Install vLLM 0.28 or newer in the vLLM environment "
                     "(`make vllm-env`), or use the vllm backend without offload and a smaller (INT4) checkpoint.")
     if uses_offload(settings) and host_total and weight_bytes:
-        text = text_config(config)
-        offloaded = offload_bytes(settings, weight_bytes, text.get("num_hidden_layers"))
+        offloaded = weight_offload(settings, weight_bytes, config).host
         needed = host_bytes_needed(settings, offloaded) * settings.tensor_parallel_size
         if needed > host_total:
             pinned = " (pinned: about 1.9 times the offloaded bytes)" if settings.pin_memory else ""
@@ -253,10 +323,6 @@ def refusal(settings: VllmSettings, *, vllm_version: str | None, config: dict[st
 
 
 # ---- settings -> vLLM ---------------------------------------------------------------------------
-def param_segments(text: str) -> set[str]:
-    return {p.strip() for p in text.split(",") if p.strip()}
-
-
 def engine_kwargs(settings: VllmSettings, model_path: str) -> dict[str, Any]:
     """Keyword arguments of vLLM's ``AsyncEngineArgs`` for ``settings``. Pure: checked in the
     tests against the field names and types recorded from vLLM's source."""
@@ -375,12 +441,19 @@ def memory_plan(model: Any, settings: VllmSettings, machine: Any) -> MemoryPlan:
         weights = weights * 1 // (4 if model.dtype == "F32" else 2)
         notes.append("fp8 quantizes the weights while loading: about 1 byte per parameter on the GPU.")
     tp = settings.tensor_parallel_size
-    offloaded = offload_bytes(settings, weights, model.num_layers)
-    gpu_weights = weights // tp - offloaded
+    off = weight_offload(settings, weights, model.config)
+    offloaded = off.host
+    if not off.sized:
+        notes.append(f"offload_params names parts ({settings.offload_params}) whose size the plan cannot tell "
+                     "from the config: it assumes whole decoder layers are offloaded.")
     context = settings.max_model_len or model.context_length or 4096
     kv = kv_bytes_per_token(model.config, settings.kv_cache_dtype) * context // tp
     state = state_bytes_per_sequence(model.config) * settings.max_num_seqs // tp
-    items = [MemoryItem("weights on the GPU", "gpu", gpu_weights, f"per GPU, {tp} GPU(s)" if tp > 1 else "")]
+    per = f"per GPU, {tp} GPU(s)" if tp > 1 else ""
+    items = [MemoryItem("weights on the GPU", "gpu", off.resident, per)]
+    if off.pool:
+        items.append(MemoryItem("prefetch buffers for the offloaded layers", "gpu", off.pool,
+                                f"{settings.offload_prefetch_step} layer(s) copied ahead" + (f", {per}" if per else "")))
     items.append(MemoryItem("KV cache for one full-length chat", "gpu", kv, f"{context} tokens"))
     if state:
         items.append(MemoryItem("linear-attention state", "gpu", state, f"{settings.max_num_seqs} sequences"))
@@ -399,7 +472,10 @@ def memory_plan(model: Any, settings: VllmSettings, machine: Any) -> MemoryPlan:
     plan = MemoryPlan(items=items, gpu_available=gpu_available, host_available=machine.host_available,
                       notes=notes)
     if gpu_available is not None and plan.gpu_bytes > gpu_available:
-        if isinstance(settings, VllmOffloadSettings):
+        if isinstance(settings, VllmOffloadSettings) and settings.offload_backend == "prefetch":
+            advice.append("Offload more layers per group (raise offload_num_in_group or lower offload_group_size), "
+                          "lower max_model_len, or use an INT4 checkpoint.")
+        elif isinstance(settings, VllmOffloadSettings):
             advice.append("Raise cpu_offload_gb, lower max_model_len, or use an INT4 checkpoint.")
         else:
             advice.append("Use an INT4 (AWQ/GPTQ) checkpoint, lower max_model_len, set kv_cache_dtype to fp8, "
@@ -522,13 +598,13 @@ class VllmBackend(Backend):
                                                 for k, v in engine_kwargs(settings, self.model_path).items()},
                                 "warnings": []}
         info["memory_after_load"] = vllm_engine.memory_growth(before, after)
-        asked = offload_bytes(settings, weights, text_config(config).get("num_hidden_layers"))
+        offload = weight_offload(settings, weights, config)
+        asked = offload.host
         growth = info["memory_after_load"]
         growth["kv_cache_tokens"] = self.engine.kv_cache_tokens()
         growth["gpu_weights_bytes"] = gpu_weights_measured(growth.get("gpu_bytes"), growth["kv_cache_tokens"],
                                                            config, settings.kv_cache_dtype)
-        gpu_share = weights // settings.tensor_parallel_size
-        expected = (gpu_share - asked) * settings.tensor_parallel_size
+        expected = offload.gpu * settings.tensor_parallel_size
         warning = offload_warning(asked * settings.tensor_parallel_size, growth.get("host_bytes"),
                                   growth["gpu_weights_bytes"], expected)
         if warning:

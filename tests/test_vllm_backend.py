@@ -25,7 +25,7 @@ from moechat.backends.modelinfo import ModelInfo
 from moechat.backends.plugins import get_plugin_manager
 from moechat.backends.vllm_ import (HYBRID_ERROR, PYTHON_ENV, VllmBackend, engine_env, VllmOffloadSettings, VllmSettings,
                             explain_engine_error, gpu_weights_measured, is_hybrid, kv_bytes_per_token, memory_plan,
-                            offload_warning, parse_version, refusal, state_bytes_per_sequence)
+                            offload_warning, parse_version, refusal, state_bytes_per_sequence, weight_offload)
 from moechat.backends.vllm_engine import perplexity_from_prompt_logprobs, request_metrics
 
 GB = 1e9
@@ -152,9 +152,10 @@ def test_a_plan_that_needs_more_host_ram_than_the_machine_has_is_refused():
     unpinned = offload(cpu_offload_gb=70, pin_memory=False)
     assert refusal(unpinned, vllm_version="0.33.0", config=QWEN3_NEXT_80B, host_total=int(128 * GB),
                    weight_bytes=int(80 * GB)) is None
+    # more than the model asked: what offload_params picks (the decoder layers' experts) is all that moves
     huge = offload(cpu_offload_gb=200, pin_memory=False)
     assert refusal(huge, vllm_version="0.33.0", config=QWEN3_NEXT_80B, host_total=int(64 * GB),
-                   weight_bytes=int(160 * GB)).startswith("This load needs about 163 GB of host RAM for 160 GB of offloaded weights, but")
+                   weight_bytes=int(160 * GB)).startswith("This load needs about 158 GB of host RAM for 155 GB of offloaded weights, but")
 
 
 def test_quantization_that_contradicts_the_checkpoint_is_refused():
@@ -223,6 +224,57 @@ def test_offload_plan_counts_pinned_host_ram_at_1_9x_and_advises_turning_pinning
     unpinned = memory_plan(target_model(80 * GB, "block-fp8"),
                            VllmOffloadSettings(cpu_offload_gb=66, max_model_len=8192, pin_memory=False), RTX_4090)
     assert unpinned.fits, unpinned.advice
+
+
+# The 4-layer block-FP8 checkpoint at the 80 B widths that vLLM 0.26.0 loaded on an H100
+# (docs/runs/vllm-gpu-check-20261206c-H100, check.log): "Checkpoint size: 7.30 GiB"; without
+# offload "Model loading took 7.33 GiB"; UVA with cpu_offload_gb = a third of the weights: 4.83 GiB;
+# prefetch (group 2, 1 in group, step 1): 4.33 GiB, and "[PrefetchOffloader] Initialized 2 modules.
+# Total GPU memory saved: 3.2220 GB, Static buffer pool: 1.6110 GB", the pool outside that 4.33.
+FOUR_LAYERS_FP8 = dict(synthetic.config("synthetic:qwen3-next-80b-a3b?layers=4"), torch_dtype="bfloat16",
+                       quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+FOUR_LAYERS_BYTES = round(7.30 * GiB)
+H100 = Machine(gpus=[Gpu(0, "NVIDIA H100 80GB HBM3", 85520809984, 0)], host_total=135129059328,
+               host_available=int(117 * GiB))
+RUN = dict(max_model_len=1024, gpu_memory_utilization=0.85, enforce_eager=True)  # scripts/vllm_gpu_check.py
+
+
+def gpu_weights(plan) -> int:
+    return sum(i.bytes for i in plan.items if i.device == "gpu" and ("weights" in i.what or "prefetch" in i.what))
+
+
+@pytest.mark.parametrize("settings, measured", [
+    (VllmSettings(**RUN), 7.33),
+    (VllmOffloadSettings(cpu_offload_gb=7.30 / 3, **RUN), 4.83),
+    (VllmOffloadSettings(offload_backend="prefetch", offload_group_size=2, offload_num_in_group=1, **RUN), 4.33 + 1.50),
+])
+def test_plan_puts_the_weights_on_the_gpu_where_vllm_0_26_did(settings, measured):
+    model = target_model(FOUR_LAYERS_BYTES, "block-fp8", FOUR_LAYERS_FP8)
+    plan = memory_plan(model, settings, H100)
+    assert gpu_weights(plan) == pytest.approx(measured * GiB, rel=0.05)
+    # the check after loading compares the measured GPU weights with the same number
+    assert gpu_weights(plan) == weight_offload(settings, model.weight_bytes, model.config).gpu
+
+
+def test_prefetch_offloads_decoder_layers_and_keeps_a_pool_of_prefetch_step_layers_on_the_gpu():
+    settings = VllmOffloadSettings(offload_backend="prefetch", offload_group_size=2, offload_num_in_group=1, **RUN)
+    off = weight_offload(settings, FOUR_LAYERS_BYTES, FOUR_LAYERS_FP8)
+    assert off.host == pytest.approx(3.2220e9, rel=0.01) and off.pool == pytest.approx(1.6110e9, rel=0.01)
+    plan = memory_plan(target_model(FOUR_LAYERS_BYTES, "block-fp8", FOUR_LAYERS_FP8), settings, H100)
+    assert next(i for i in plan.items if i.what == "weights on the GPU").bytes == pytest.approx(4.33 * GiB, rel=0.02)
+    # the embeddings and lm_head (151936 x 2048 x bf16, twice) never leave the GPU, whatever is offloaded
+    everything = VllmOffloadSettings(offload_backend="prefetch", offload_group_size=1, offload_params="", **RUN)
+    kept = weight_offload(everything, FOUR_LAYERS_BYTES, FOUR_LAYERS_FP8).resident
+    assert kept == pytest.approx(2 * 151936 * 2048 * 2 + 2048 * 2, abs=8)  # layer bytes split by 4: rounding
+    deeper = VllmOffloadSettings(offload_backend="prefetch", offload_group_size=2, offload_num_in_group=1,
+                                 offload_prefetch_step=2, **RUN)
+    assert weight_offload(deeper, FOUR_LAYERS_BYTES, FOUR_LAYERS_FP8).pool == 2 * off.pool
+
+
+def test_offload_params_the_plan_cannot_size_are_said_so():
+    settings = VllmOffloadSettings(offload_backend="prefetch", offload_params="w2_weight", **RUN)
+    plan = memory_plan(target_model(FOUR_LAYERS_BYTES, "block-fp8", FOUR_LAYERS_FP8), settings, H100)
+    assert any("offload_params names parts (w2_weight)" in n and "whole decoder layers" in n for n in plan.notes)
 
 
 # ---- what the worker computes from vLLM's outputs -------------------------------------------------
