@@ -373,8 +373,15 @@ def cancel_mid_load(report: Report, name: str, settings: dict[str, Any]) -> None
             time.sleep(0.2)
         if not t.is_alive():
             raise RuntimeError(f"the load ended before it could be cancelled: {errors}")
-        time.sleep(10)  # let vLLM start its engine process and take GPU memory
+        # cancel once vLLM's engine process holds GPU memory (on 2026-12-06 a fixed 10 s wait cancelled
+        # before it had any: docs/runs/vllm-gpu-check-20261206c-H100/README.md)
         during = gpu_used()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and t.is_alive() and sum(during) - sum(baseline) < 256 * 2**20:
+            time.sleep(0.5)
+            during = gpu_used()
+        if not t.is_alive():
+            raise RuntimeError(f"the load ended before it could be cancelled: {errors}")
         manager.cancel_load()
         t.join(60)
         samples = []
@@ -385,7 +392,8 @@ def cancel_mid_load(report: Report, name: str, settings: dict[str, Any]) -> None
         r.update(gpu_used_before=baseline, gpu_used_during_load=during, load_result=errors,
                  gpu_used_after_cancel=samples, leftover_compute_apps=compute_apps())
         r["ok"] = left < 512 * 2**20 and not r["leftover_compute_apps"]
-        r["summary"] = (f"{left / 2**20:.0f} MiB above the level before load 30 s after cancelling; GPU processes "
+        r["summary"] = (f"cancelled with {(sum(during) - sum(baseline)) / 2**20:.0f} MiB of GPU memory taken; "
+                        f"{left / 2**20:.0f} MiB above the level before load 30 s after cancelling; GPU processes "
                         f"left: {r['leftover_compute_apps'] or 'none'}")
     manager.close()
 
