@@ -93,7 +93,8 @@ class VllmOffloadSettings(VllmSettings):
                                          "every forward (slow: under 1 tok/s for large offloads).")
     offload_backend: Literal["uva", "prefetch"] = Field(
         "uva", description="uva: the GPU reads offloaded weights from pinned host RAM (cpu_offload_gb). "
-                           "prefetch: whole layers are offloaded and copied ahead (offload_group_size).")
+                           "prefetch: the offload_params of some layers (offload_group_size) are offloaded and "
+                           "copied ahead into GPU buffers that hold offload_prefetch_step layers.")
     offload_params: str = Field(
         "experts", description="Which parameters to offload: comma-separated name segments "
                                "('experts' puts MoE expert weights first). Empty: any parameter.")
