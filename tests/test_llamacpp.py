@@ -156,8 +156,9 @@ def test_a_file_that_does_not_fit_gets_a_plan_and_advice(gguf):
 
 
 def test_the_plan_splits_layers_between_gpu_and_ram_as_llama_cpp_does(gguf, monkeypatch):
-    """With a GPU build: the last gpu_layers blocks on the GPU, the output layer too when all are,
-    token embeddings in RAM; a card too small gets the gpu_layers that fits."""
+    """With a GPU build, as llama.cpp places them (llama-model.cpp, i_gpu_start): gpu_layers counts
+    the output layer first, then blocks from the end; token embeddings stay in RAM; the logits of a
+    batch are computed where the output layer is; a card too small gets the gpu_layers that fits."""
     from gguf import GGUFReader
 
     import moechat_llamacpp as plugin
@@ -170,6 +171,7 @@ def test_the_plan_splits_layers_between_gpu_and_ram_as_llama_cpp_does(gguf, monk
         sizes[where] = sizes.get(where, 0) + int(t.n_bytes)
     model = plugin.gguf_file.model_info(gguf)
     host = 8 * 1024**3
+    output_layer = sizes["output_norm"] + sizes["output"]
 
     def plan(gpu_layers: int, gpu_bytes: int = 16 * 1024**3):
         machine = Machine([Gpu(0, "a test card", gpu_bytes, 0)], host, host, 2)
@@ -179,17 +181,30 @@ def test_the_plan_splits_layers_between_gpu_and_ram_as_llama_cpp_does(gguf, monk
     def weights(p, device: str) -> int:
         return sum(i.bytes for i in p.items if i.device == device and "weights" in i.what)
 
+    def logits(p) -> tuple[str, int]:
+        item, = (i for i in p.items if i.what.startswith("logits"))
+        return item.device, item.bytes
+
     every = plan(-1)
-    assert weights(every, "gpu") == sizes["0"] + sizes["1"] + sizes["output_norm"] + sizes["output"]
+    assert weights(every, "gpu") == sizes["0"] + sizes["1"] + output_layer
     assert weights(every, "host") == sizes["token_embd"]
-    one = plan(1)
-    assert weights(one, "gpu") == sizes["1"] and one.fits
+    assert plan(3).items == every.items  # 2 blocks and the output layer: all of them
+    vocab = plugin.gguf_file.read(gguf).vocab_size
+    assert logits(every) == ("gpu", 512 * vocab * 4)  # a batch of 512 (n_ubatch), f32
+    only_output = plan(1)
+    assert weights(only_output, "gpu") == output_layer and logits(only_output)[0] == "gpu"
+    two = plan(2)
+    assert weights(two, "gpu") == sizes["1"] + output_layer and two.fits
+    assert weights(two, "host") == sizes["0"] + sizes["token_embd"]
     none = plan(0)
-    assert weights(none, "gpu") == 0 and none.gpu_available is None
-    kv = [i for i in one.items if i.what.startswith("KV cache")]
+    assert weights(none, "gpu") == 0 and none.gpu_available is None and logits(none)[0] == "host"
+    kv = [i for i in two.items if i.what.startswith("KV cache")]
     assert sorted(i.device for i in kv) == ["gpu", "host"] and kv[0].bytes == kv[1].bytes  # one block each
-    small = plan(-1, gpu_bytes=one.gpu_bytes)
-    assert not small.fits and "Set gpu_layers to 1 (of 2)" in " ".join(small.advice)
+    # the worker of a GPU build holds the CUDA runtime's host memory too
+    on_gpu, on_cpu = (next(i.bytes for i in p.items if i.what.startswith("worker")) for p in (every, none))
+    assert on_gpu == plugin.WORKER_GPU_BYTES > on_cpu == plugin.WORKER_BYTES
+    small = plan(-1, gpu_bytes=two.gpu_bytes)
+    assert not small.fits and "Set gpu_layers to 2 (of 3: 2 blocks and the output layer)" in " ".join(small.advice)
 
 
 def test_a_quantized_kv_cache_without_flash_attention_is_refused_with_a_sentence(gguf, tmp_path):

@@ -78,6 +78,10 @@ def test_the_gguf_is_llama_cpps_qwen3_next_with_the_checkpoints_depth_and_tokeni
     g = gguf_file.read(file)
     assert g.architecture == "qwen3next" and g.layers == 2 and g.quantization.startswith("Q4_0")
     assert g.meta["tokenizer.ggml.pre"] == "gpt-2"
+    # the converter writes no qwen3next.vocab_size: the plan's logits take the vocabulary from the
+    # token embeddings
+    assert "qwen3next.vocab_size" not in g.meta
+    assert g.vocab_size == json.loads((work / "hf" / "config.json").read_text())["vocab_size"]
     assert json.loads((work / "gguf" / "moechat_synthetic.json").read_text()) == \
         json.loads((work / "hf" / "moechat_synthetic.json").read_text())
     assert not list(work.glob("*.gguf")), "the unquantized GGUF is deleted"
@@ -124,27 +128,32 @@ def test_a_budget_keeps_the_layers_that_do_not_fit_on_the_cpu(written, monkeypat
     cls = moechat_llamacpp.LlamaCppBackend
     settings = {"model": model.path, "max_context": 64}
 
-    def gpu_bytes(n: int, machine: Machine) -> int:
-        return cls.plan(model, cls.Settings.model_validate(dict(settings, gpu_layers=n)), machine).gpu_bytes
+    def card(size: float) -> Machine:
+        return Machine(gpus=[Gpu(0, "card", int(size), 0)], host_total=10**12, host_available=10**12)
 
-    big = Machine(gpus=[Gpu(0, "card", 10**12, 0)], host_total=10**12, host_available=10**12)
+    big = card(10**12)
+
+    def gpu_bytes(n: int) -> int:
+        return cls.plan(model, cls.Settings.model_validate(dict(settings, gpu_layers=n)), big).gpu_bytes
+
     assert gpu_layers_within(cls, model, settings, big) == -1
-    # a card that holds one layer and its buffers but not two
-    one, two = gpu_bytes(1, big), gpu_bytes(2, big)
-    assert one < two
-    small = Machine(gpus=[Gpu(0, "card", (one + two) // 2, 0)], host_total=10**12, host_available=10**12)
-    assert gpu_layers_within(cls, model, settings, small) == 1
-    tiny = Machine(gpus=[Gpu(0, "card", 1, 0)], host_total=10**12, host_available=10**12)
-    assert gpu_layers_within(cls, model, settings, tiny) == 0
+    # llama.cpp's gpu_layers counts the output layer first: 1 is it alone, 2 adds the last block
+    output, last, every = gpu_bytes(1), gpu_bytes(2), gpu_bytes(-1)
+    assert output < last < every
+    assert gpu_layers_within(cls, model, settings, card((last + every) // 2)) == 2
+    assert gpu_layers_within(cls, model, settings, card((output + last) // 2)) == 1
+    assert gpu_layers_within(cls, model, settings, card(1)) == 0
 
-    # the GGUF has 2 of the model's 4 layers: a card that would hold 2 of the full model's 4 layers
-    # gets 1 of the 2 (the scaled budget would have given it both: its fixed part is all GPU room here)
-    per_layer, output = two - one, gpu_bytes(-1, big) - two
-    fixed = one - per_layer
-    for held, want in ((2.5, 1), (1.4, 1), (0.9, 0), (3.6, 2)):
-        card = Machine(gpus=[Gpu(0, "card", int(fixed + held * per_layer), 0)], host_total=10**12,
-                       host_available=10**12)
-        assert gpu_layers_within(cls, model, settings, card, depth=2.0) == want, held
-    whole = Machine(gpus=[Gpu(0, "card", fixed + 4 * per_layer + output, 0)], host_total=10**12,
-                    host_available=10**12)
-    assert gpu_layers_within(cls, model, settings, whole, depth=2.0) == -1
+    # the GGUF has 2 of the model's 4 blocks: a card that holds the output layer and `held` of the
+    # full model's blocks gets the same share of the 2, rounded down (a whole block of the cut
+    # model stands for 2 of the full one's): never more than the card holds, and more for a bigger card
+    per_block = last - output
+    chosen = []
+    for held in (0.5, 1.9, 2.0, 2.5, 3.9):
+        n = gpu_layers_within(cls, model, settings, card(output + held * per_block), depth=2.0)
+        assert n == (1 if held < 2 else 2), held
+        assert (n - 1) * 2 <= held
+        chosen.append(n)
+    assert chosen == sorted(chosen)
+    assert gpu_layers_within(cls, model, settings, card(output // 2), depth=2.0) == 0
+    assert gpu_layers_within(cls, model, settings, card(every + 2 * per_block), depth=2.0) == -1

@@ -136,12 +136,14 @@ def derive_settings(entry: Any, model: Any, given: dict[str, Any], budget_gib: f
 
 
 def gpu_layers_within(cls: Any, model: Any, settings: dict[str, Any], machine: Any, depth: float = 1.0) -> int:
-    """``gpu_layers`` for a backend that splits the model by whole layers (llama.cpp's n_gpu_layers),
-    by its own plan on ``machine``'s GPU: -1 (all) when everything fits, else the most that do; the
-    rest stays on the CPU. For a model cut to 1/``depth`` of its layers, ``machine`` is the whole
-    card: the plan's bytes per layer and fixed part (the two-point line through one layer and all
-    but the output) say how many of the full model's layers the card holds, and the cut model gets
-    the same share of its layers, the nearest (the scaled budget of the other backends would hand it the
+    """``gpu_layers`` for a backend that splits the model by whole layers the way llama.cpp's
+    n_gpu_layers does (the output layer counted first, then blocks from the end), by its own plan
+    on ``machine``'s GPU: -1 (all) when everything fits, else the most that do; the rest stays on
+    the CPU. For a model cut to 1/``depth`` of its blocks, ``machine`` is the whole card: the plan's
+    bytes per block (the line through 1 and all but the output layer) and its part that does not
+    grow with depth (output layer, logits, buffers) say how many of the full model's blocks the
+    card holds, and the cut model gets the same share of its blocks, rounded down, so that it never
+    stands for more than the card holds (the scaled budget of the other backends would hand it the
     fixed part of a budget reserved for embeddings that llama.cpp keeps on the CPU)."""
     def gpu_bytes(n: int) -> int | None:
         plan = cls.plan(model, cls.Settings.model_validate(dict(settings, gpu_layers=n)), machine)
@@ -150,13 +152,14 @@ def gpu_layers_within(cls: Any, model: Any, settings: dict[str, Any], machine: A
     layers = model.num_layers
     available = machine.gpus[0].total - machine.gpus[0].used if machine.gpus else None
     if depth > 1 and layers > 1 and available is not None and gpu_bytes(1) is not None:
-        one, most = gpu_bytes(1), gpu_bytes(layers)
-        per_layer = (most - one) / (layers - 1)
-        fixed = one - per_layer
-        if fixed + per_layer * layers * depth + (gpu_bytes(-1) - most) <= available:
+        output, most = gpu_bytes(1), gpu_bytes(layers)  # the output layer alone; it and layers - 1 blocks
+        per_block = (most - output) / (layers - 1)
+        if gpu_bytes(-1) + per_block * layers * (depth - 1) <= available:
             return -1
-        held = max(int((available - fixed) // per_layer), 0) if per_layer > 0 else 0
-        return min(int(held / depth + 0.5), layers)  # the nearest share, halves up
+        if output > available:
+            return 0
+        blocks = int((available - output) // (per_block * depth)) if per_block > 0 else layers
+        return min(1 + blocks, layers)  # layers + 1 (all) did not fit
     for n in (-1, *range(layers, 0, -1)):
         used = gpu_bytes(n)
         if used is None or used <= available:

@@ -40,8 +40,13 @@ NAME = "llama.cpp"
 INSTALL = "pip install llama-cpp-python gguf (or `make install` in a moechat checkout)"
 # GPU backends of ggml, as the shared libraries a GPU build of llama-cpp-python installs.
 GPU_LIBRARIES = ("libggml-cuda", "libggml-hip", "libggml-vulkan", "libggml-metal", "libggml-sycl")
-# The worker process itself (Python, numpy, llama.cpp's code), measured on the CPU build.
+# The worker process itself (Python, numpy, llama.cpp's code), measured on the CPU build; a CUDA
+# build's worker holds more host RAM (the CUDA runtime): 0.58 GB after loading with every layer on
+# an H100, 0.17 GB of it the token embeddings (bench/results/compare-20261206-2013-*-llamacpp).
 WORKER_BYTES = 200 * 1024**2
+WORKER_GPU_BYTES = 380 * 1024**2
+# The most prompt tokens llama.cpp computes at once (n_ubatch): its compute buffer is sized for it.
+UBATCH = 512
 GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 NO_CPU_MOE = ("This llama-cpp-python does not expose llama.cpp's tensor overrides (--n-cpu-moe, "
               "-ot exps=CPU), so it cannot keep experts on the CPU")
@@ -53,8 +58,9 @@ class LlamaCppSettings(BackendSettings):
     max_context: int = Field(4096, ge=16, le=1_048_576,
                              description="Context size (llama.cpp's n_ctx): most tokens per chat, prompt and "
                                          "reply; sizes the KV cache. Capped at the model's own limit.")
-    gpu_layers: int = Field(-1, ge=-1, description="Layers on the GPU (n_gpu_layers): -1 puts all of them there, "
-                                                   "0 none. Needs a GPU build of llama-cpp-python (see the "
+    gpu_layers: int = Field(-1, ge=-1, description="Layers on the GPU (n_gpu_layers), counted from the end with the "
+                                                   "output layer first: 1 is the output layer alone, 2 adds the last "
+                                                   "block; -1 puts all of them there, 0 none. Needs a GPU build of llama-cpp-python (see the "
                                                    "plugin's README); a CPU build runs everything on the CPU.")
     n_cpu_moe: int = Field(0, ge=0, description="Keep the routed experts of the first N layers in host RAM "
                                                 "(llama.cpp's --n-cpu-moe). " + NO_CPU_MOE + ": leave it at 0 "
@@ -91,13 +97,20 @@ def gpu_build() -> bool:
     return lib.is_dir() and any(p.name.startswith(GPU_LIBRARIES) for p in lib.iterdir())
 
 
+def output_on_gpu(gpu_layers: int, on_gpu: bool) -> bool:
+    """Whether llama.cpp puts the output layer on the GPU: it is the first of ``gpu_layers``."""
+    return on_gpu and gpu_layers != 0
+
+
 def placement(g: gguf_file.GgufFile, gpu_layers: int, n_cpu_moe: int, on_gpu: bool) -> tuple[int, int, int]:
     """Bytes of weights on the GPU, in host RAM, and attention blocks on the GPU, the way llama.cpp
-    places them: the last ``gpu_layers`` blocks on the GPU, the output layer too when every block
-    is, token embeddings on the CPU, experts of the first ``n_cpu_moe`` blocks on the CPU."""
+    places them (llama-model.cpp, ``i_gpu_start``): ``gpu_layers`` counts the output layer as one
+    layer after the blocks, from the end, so the GPU holds the output layer and the last
+    ``gpu_layers - 1`` blocks (all of them from ``gpu_layers`` = blocks + 1, or -1); token
+    embeddings stay on the CPU, and so do the experts of the first ``n_cpu_moe`` blocks."""
     n_layer = g.layers
-    ngl = n_layer + 1 if gpu_layers < 0 else gpu_layers
-    first = max(n_layer - ngl, 0) if on_gpu else n_layer
+    ngl = n_layer + 1 if gpu_layers < 0 else min(gpu_layers, n_layer + 1)
+    first = n_layer + 1 - ngl if on_gpu else n_layer + 1  # the output layer is layer n_layer
     gpu = host = 0
     attn_blocks: set[int] = set()
     for t in g.tensors:
@@ -108,7 +121,7 @@ def placement(g: gguf_file.GgufFile, gpu_layers: int, n_cpu_moe: int, on_gpu: bo
             if here and ".attn_k" in t.name:
                 attn_blocks.add(layer)
         else:
-            here = on_gpu and ngl > n_layer and t.name.startswith("output")
+            here = output_on_gpu(gpu_layers, on_gpu) and t.name.startswith("output")
         if here:
             gpu += t.bytes
         else:
@@ -123,16 +136,21 @@ def memory_items(g: gguf_file.GgufFile, settings: LlamaCppSettings, gpu_layers: 
     kv = g.kv_bytes_per_token(settings.kv_cache_type) * context
     kv_gpu = kv * gpu_attn // g.attention_layers if g.attention_layers else 0
     width = g.arch_key("embedding_length") or 0
-    vocab = g.arch_key("vocab_size") or 0
-    batch = min(settings.batch_size, context)
-    compute = batch * (vocab + 16 * width) * 4  # llama.cpp's compute buffer: logits and activations of a batch
+    batch = min(settings.batch_size, UBATCH, context)  # llama.cpp's n_ubatch for the load's n_batch and n_ctx
+    # llama.cpp's compute buffers: activations of a batch on each device that computes blocks, and
+    # the logits of a batch (f32) where the output layer is
+    acts = batch * 16 * width * 4
+    on_cpu = not on_gpu or 0 <= gpu_layers <= g.layers  # some blocks computed on the CPU
     fmt = f"{g.quantization}, mmap" if settings.use_mmap else g.quantization
     kv_what = f"KV cache for {context} tokens ({settings.kv_cache_type})"
-    items = [MemoryItem("worker process (Python, llama.cpp)", "host", WORKER_BYTES),
+    acts_what = f"activations of a batch of {batch}"
+    items = [MemoryItem("worker process (Python, llama.cpp)", "host", WORKER_GPU_BYTES if on_gpu else WORKER_BYTES),
              MemoryItem("weights on the GPU", "gpu", gpu_w, fmt),
              MemoryItem("weights in host RAM", "host", host_w, fmt),
              MemoryItem(kv_what, "gpu", kv_gpu), MemoryItem(kv_what, "host", kv - kv_gpu),
-             MemoryItem(f"compute buffer (batch of {batch})", "gpu" if on_gpu else "host", compute, "estimate")]
+             MemoryItem(acts_what, "gpu", acts if on_gpu else 0, "estimate"),
+             MemoryItem(acts_what, "host", acts if on_cpu else 0, "estimate"),
+             MemoryItem(f"logits of a batch of {batch} ({g.vocab_size} tokens)", "gpu" if output_on_gpu(gpu_layers, on_gpu) else "host", batch * g.vocab_size * 4)]
     return [i for i in items if i.bytes]
 
 
@@ -183,7 +201,8 @@ class LlamaCppBackend(Backend):
             fitting = next((n for n in range(g.layers, -1, -1)
                             if sum(i.bytes for i in memory_items(g, settings, n, True, context)
                                    if i.device == "gpu") <= plan.gpu_available), 0)
-            plan.advice.append(f"Set gpu_layers to {fitting} (of {g.layers}) so the rest run on the CPU, or "
+            plan.advice.append(f"Set gpu_layers to {fitting} (of {g.layers + 1}: {g.layers} blocks and the output "
+                               f"layer) so the rest run on the CPU, or "
                                f"lower max_context (now {context}), or pick a smaller quantization of the model.")
         if plan.host_available is not None and plan.host_bytes > plan.host_available:
             more = ", or put more layers on the GPU (gpu_layers)" if on_gpu and settings.gpu_layers >= 0 else ""
@@ -209,7 +228,7 @@ class LlamaCppBackend(Backend):
             self.llm = llama_cpp.Llama(
                 model_path=str(file), n_ctx=context, n_gpu_layers=settings.gpu_layers,
                 n_threads=settings.threads, n_threads_batch=settings.threads, n_batch=settings.batch_size,
-                n_ubatch=min(settings.batch_size, 512), flash_attn=settings.flash_attention,
+                n_ubatch=min(settings.batch_size, UBATCH), flash_attn=settings.flash_attention,
                 use_mmap=settings.use_mmap, use_mlock=settings.use_mlock, type_k=kv_type, type_v=kv_type,
                 verbose=False,
             )

@@ -52,6 +52,17 @@ class GgufFile:
         return int(self.arch_key("block_count") or 0)
 
     @property
+    def vocab_size(self) -> int:
+        """Tokens in the vocabulary: the architecture's key where the file has one (llama.cpp's
+        converter writes it for few models), else the rows of the token embeddings."""
+        given = self.arch_key("vocab_size")
+        if given:
+            return int(given)
+        width = self.arch_key("embedding_length") or 0
+        embd = next((t for t in self.tensors if t.name == "token_embd.weight"), None)
+        return embd.elements // width if embd and width else 0
+
+    @property
     def quantization(self) -> str:
         """The file type llama.cpp's quantizer wrote (Q4_K_M, Q8_0, F16, ...), else the type of
         most weight bytes."""
