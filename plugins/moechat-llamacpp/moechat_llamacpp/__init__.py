@@ -58,10 +58,11 @@ class LlamaCppSettings(BackendSettings):
     max_context: int = Field(4096, ge=16, le=1_048_576,
                              description="Context size (llama.cpp's n_ctx): most tokens per chat, prompt and "
                                          "reply; sizes the KV cache. Capped at the model's own limit.")
-    gpu_layers: int = Field(-1, ge=-1, description="Layers on the GPU (n_gpu_layers), counted from the end with the "
-                                                   "output layer first: 1 is the output layer alone, 2 adds the last "
-                                                   "block; -1 puts all of them there, 0 none. Needs a GPU build of llama-cpp-python (see the "
-                                                   "plugin's README); a CPU build runs everything on the CPU.")
+    gpu_layers: int = Field(-1, ge=-1, description="Layers on the GPU (n_gpu_layers), counted from the end with "
+                                                   "the output layer first: 1 is the output layer alone, 2 adds the "
+                                                   "last block; -1 puts all of them there, 0 none. Needs a GPU "
+                                                   "build of llama-cpp-python (see the plugin's README); a CPU build "
+                                                   "runs everything on the CPU.")
     n_cpu_moe: int = Field(0, ge=0, description="Keep the routed experts of the first N layers in host RAM "
                                                 "(llama.cpp's --n-cpu-moe). " + NO_CPU_MOE + ": leave it at 0 "
                                                 "and lower gpu_layers instead, or use moe-offload.")
@@ -144,13 +145,14 @@ def memory_items(g: gguf_file.GgufFile, settings: LlamaCppSettings, gpu_layers: 
     fmt = f"{g.quantization}, mmap" if settings.use_mmap else g.quantization
     kv_what = f"KV cache for {context} tokens ({settings.kv_cache_type})"
     acts_what = f"activations of a batch of {batch}"
+    logits = MemoryItem(f"logits of a batch of {batch} ({g.vocab_size} tokens)",
+                        "gpu" if output_on_gpu(gpu_layers, on_gpu) else "host", batch * g.vocab_size * 4)
     items = [MemoryItem("worker process (Python, llama.cpp)", "host", WORKER_GPU_BYTES if on_gpu else WORKER_BYTES),
              MemoryItem("weights on the GPU", "gpu", gpu_w, fmt),
              MemoryItem("weights in host RAM", "host", host_w, fmt),
              MemoryItem(kv_what, "gpu", kv_gpu), MemoryItem(kv_what, "host", kv - kv_gpu),
              MemoryItem(acts_what, "gpu", acts if on_gpu else 0, "estimate"),
-             MemoryItem(acts_what, "host", acts if on_cpu else 0, "estimate"),
-             MemoryItem(f"logits of a batch of {batch} ({g.vocab_size} tokens)", "gpu" if output_on_gpu(gpu_layers, on_gpu) else "host", batch * g.vocab_size * 4)]
+             MemoryItem(acts_what, "host", acts if on_cpu else 0, "estimate"), logits]
     return [i for i in items if i.bytes]
 
 
