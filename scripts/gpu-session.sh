@@ -14,6 +14,7 @@
 #         (the call that completes the parts installs vLLM, ~1 min)
 #     call 8:                                                       bash scripts/gpu-session.sh chain
 #     then, until it prints "session done":                         bash scripts/gpu-session.sh wait 540
+# Without vLLM (VLLM=0 on calls 1 and 8): no parts 2-7, and the comparison is moe-offload and llama.cpp.
 # Every `wait` leaves what is finished so far in $OUT/session.tgz (results and logs, no weights).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ S=${GPU_SESSION_DIR:-/root/gpu-session}
 FP8=${VLLM_CHECKPOINT:-/root/qwen3-next-80b-4layers-fp8}
 SITE=$S/site                      # moechat and its small dependencies for the image's python3
 BUDGETS=${BUDGETS:-"16 24 80"}     # 80: a whole H100, where vLLM's FP8 weights fit too
+VLLM=${VLLM:-1}                    # 0: no vLLM (no parts to carry, no check, not in the comparison)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
 [ -n "${MOECHAT_GIT_COMMIT:-}" ] || MOECHAT_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null)
@@ -60,13 +62,17 @@ phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GP
     while [ ! -f "$S/a.done" ]; do sleep 3; done
     ( CMAKE_BUILD_PARALLEL_LEVEL=10 python3 bench/llamacpp_gpu.py prepare > "$S/llama-prepare.log" 2>&1
       echo "llama.cpp prepare: rc $?"; touch "$S/llama.ready" ) &
-    env -u PYTHONPATH OUT="$S/results/vllm" bash scripts/vllm-gpu-run.sh backends,cancel \
-        > "$S/vllm-check.log" 2>&1
-    echo "vLLM check: rc $?"
+    also=()
+    if [ "$VLLM" = 1 ]; then
+        env -u PYTHONPATH OUT="$S/results/vllm" bash scripts/vllm-gpu-run.sh backends,cancel \
+            > "$S/vllm-check.log" 2>&1
+        echo "vLLM check: rc $?"
+        also=(--also "vllm=$FP8")
+    fi
     while [ ! -f "$S/llama.ready" ]; do sleep 3; done
     # budgets: $BUDGETS
     MOECHAT_VLLM_PYTHON=/root/vllm-venv/bin/python MOECHAT_HOME=$S/home-b python3 bench/llamacpp_gpu.py compare \
-        --budgets $BUDGETS --also "vllm=$FP8" --per-run-s 200 --out "$S/results" --no-report > "$S/compare.log" 2>&1
+        --budgets $BUDGETS "${also[@]}" --per-run-s 200 --out "$S/results" --no-report > "$S/compare.log" 2>&1
     echo "comparison: rc $?"
 }
 
@@ -79,12 +85,12 @@ pack_out() {
 case "${1:-}" in
     start)
         [ -n "$MOECHAT_GIT_COMMIT" ] || echo "MOECHAT_GIT_COMMIT is not set: the results will name no commit"
-        bash scripts/vllm-gpu-run.sh | tail -2    # stores the carried vLLM part
+        [ "$VLLM" = 0 ] || bash scripts/vllm-gpu-run.sh | tail -2    # stores the carried vLLM part
         in_background a "bash $0 _a; touch $S/a.done"
         ;;
     chain)
-        [ -f /root/vllm-venv/.installed ] || { echo "vLLM is not installed yet: carry the missing parts (bash scripts/vllm-gpu-run.sh says which)"; exit 1; }
-        in_background b "bash $0 _b; touch $S/session.done"
+        [ "$VLLM" = 0 ] || [ -f /root/vllm-venv/.installed ] || { echo "vLLM is not installed yet: carry the missing parts (bash scripts/vllm-gpu-run.sh says which)"; exit 1; }
+        in_background b "VLLM=$VLLM bash $0 _b; touch $S/session.done"
         ;;
     wait)
         limit=${2:-540}; started=$(date +%s)
