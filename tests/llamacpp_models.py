@@ -53,3 +53,54 @@ def tiny_gguf(folder: Path, qtype: str = "Q8_0", seed: int = 1, **sizes: int) ->
     head[muted, 0] = -1000.0
     save_file(w, weights_file, metadata={"format": "pt"})
     return convert(hf, folder / f"tiny-llama-{qtype.lower()}.gguf", qtype)
+
+
+# Qwen's vocabulary (Qwen2 to Qwen3-Next): 151,936 tokens, 151,387 merges.
+QWEN_VOCAB, QWEN_MERGES = 151_936, 151_387
+
+
+def qwen_vocab_gguf(path: Path) -> Path:
+    """A GGUF at ``path`` with the header of a Qwen model: its vocabulary (151,936 token strings,
+    their types, 151,387 merges), Qwen3-Next metadata (a per-layer array, a float, a bool, a
+    chat template), a 64-byte alignment, and tiny tensors of several types (F32, F16, Q8_0,
+    Q4_K). Its header is what makes reading a real Qwen GGUF slow; the tensors are a few KB."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
+
+    w = GGUFWriter(path, "qwen3next")
+    w.add_custom_alignment(64)
+    w.add_name("qwen-vocab")
+    w.add_block_count(2)
+    w.add_context_length(262144)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv([0, 2])           # a small array: kept
+    w.add_layer_norm_rms_eps(1e-6)        # a float32
+    w.add_expert_count(8)
+    w.add_expert_used_count(2)
+    w.add_bool("qwen3next.test_flag", True)
+    w.add_array("qwen3next.test_long", list(range(65)))   # over 64 items: left out
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    tokens = [f"Ġword{i}" if i % 3 else f"é{i}ü" for i in range(QWEN_VOCAB - 22)]
+    tokens += [f"<|special_{i}|>" for i in range(22)]
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.NORMAL] * (QWEN_VOCAB - 22) + [TokenType.CONTROL] * 22)
+    w.add_token_merges([f"Ġw ord{i}" for i in range(QWEN_MERGES)])
+    w.add_eos_token_id(QWEN_VOCAB - 1)
+    w.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((64, 64)).astype(np.float16))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    for kind, name in ((GGMLQuantizationType.Q8_0, "blk.1.attn_k.weight"),
+                       (GGMLQuantizationType.Q4_K, "blk.1.ffn_gate_exps.weight")):
+        block, type_size = GGML_QUANT_SIZES[kind]
+        rows, cols = 8, 256
+        raw = rng.integers(0, 255, (rows, cols // block * type_size), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_dtype=kind)
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llamacpp_models import tiny_gguf
+from llamacpp_models import QWEN_MERGES, QWEN_VOCAB, qwen_vocab_gguf, tiny_gguf
 from moechat.backends.api import BackendError, GenerateRequest
 from moechat.backends.manager import BackendManager
 from moechat.backends.plugins import get_plugin_manager
@@ -37,6 +37,12 @@ def gguf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gguf(gguf_dir) -> Path:
     return gguf_dir / "tiny-llama-q8_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def qwen_gguf(tmp_path_factory) -> Path:
+    """A GGUF with a Qwen vocabulary in its header (151,936 tokens, 151,387 merges), tiny tensors."""
+    return qwen_vocab_gguf(tmp_path_factory.mktemp("qwen-vocab") / "qwen-vocab.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +123,80 @@ def test_a_bad_file_gets_a_sentence_from_inspect_and_from_load(gguf, tmp_path, m
             manager.load("llama.cpp", {"model": str(bad)})
     finally:
         manager.close()
+
+
+def gguf_reader_header(path: Path) -> tuple[dict, list, int, dict]:
+    """The reference: what gguf.GGUFReader reads from ``path`` (the way gguf_file.read used it):
+    scalar metadata and arrays of up to 64 numbers, the tensors, the byte where tensor data ends,
+    and the length of every array."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    from moechat_llamacpp.gguf_file import Tensor
+
+    reader = GGUFReader(path)
+    meta, lengths = {}, {}
+    for name, fld in reader.fields.items():
+        if not fld.types or name.startswith("GGUF."):
+            continue
+        if fld.types[0] == GGUFValueType.ARRAY:
+            lengths[name] = len(fld.data)
+            if len(fld.data) <= 64 and len(fld.types) > 1 and fld.types[1] != GGUFValueType.STRING:
+                meta[name] = [v.item() if isinstance(v, np.generic) else v for v in fld.contents()]
+            continue
+        value = fld.contents()
+        meta[name] = value.item() if isinstance(value, np.generic) else value
+    tensors = [Tensor(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    end = max([reader.data_offset] + [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors])
+    return meta, tensors, end, lengths
+
+
+@pytest.mark.parametrize("which", ["gguf", "qwen_gguf"])
+def test_the_header_reads_as_the_gguf_package_reads_it(which, request, tmp_path):
+    """The converter's tiny Llama and a file with Qwen's vocabulary: the same metadata, tensors
+    and end of the tensor data as gguf.GGUFReader; a file that stops one byte before that end is
+    truncated, one that stops at it is whole."""
+    from moechat_llamacpp import gguf_file
+
+    path = request.getfixturevalue(which)
+    meta, tensors, end, lengths = gguf_reader_header(path)
+    g = gguf_file.read(path)
+    assert g.meta == meta and g.tensors == tensors
+    assert all(not isinstance(v, list) or len(v) <= 64 for v in g.meta.values())
+    assert g.meta["general.architecture"] in ("llama", "qwen3next")
+    if which == "qwen_gguf":
+        assert g.meta["qwen3next.attention.head_count_kv"] == [0, 2]  # a small array is kept ...
+        assert "qwen3next.test_long" not in g.meta                    # ... a long one is not
+        assert "tokenizer.ggml.tokens" not in g.meta and "tokenizer.ggml.merges" not in g.meta
+        assert g.meta["qwen3next.test_flag"] is True and g.meta["general.alignment"] == 64
+        assert [t.type for t in g.tensors] == ["F16", "F32", "Q8_0", "Q4_K", "F32"]
+        assert lengths["tokenizer.ggml.tokens"] == lengths["tokenizer.ggml.token_type"] == QWEN_VOCAB
+        assert lengths["tokenizer.ggml.merges"] == QWEN_MERGES
+    whole = tmp_path / "whole.gguf"
+    whole.write_bytes(path.read_bytes()[:end])
+    assert gguf_file.read(whole).tensors == tensors
+    short = tmp_path / "short.gguf"
+    short.write_bytes(path.read_bytes()[:end - 1])
+    with pytest.raises(gguf_file.GgufError, match=f"its tensors need {end:,} bytes but the file has {end - 1:,}"):
+        gguf_file.read(short)
+
+
+@pytest.mark.parametrize("cut", [6, 20, 40, 1_000_001, "tensor infos", "tensor data"])
+def test_a_file_cut_anywhere_gets_the_truncated_sentence(qwen_gguf, tmp_path, cut):
+    """Cut in the version, the counts, a key, the middle of the vocabulary, the tensor infos or
+    the tensor data: always the sentence, never a Python error."""
+    from moechat_llamacpp import gguf_file
+
+    data = qwen_gguf.read_bytes()
+    infos = data.index(b"token_embd.weight")  # the first tensor info's name
+    at = {"tensor infos": infos + 4, "tensor data": len(data) - 100}.get(cut, cut)
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[:at])
+    with pytest.raises(gguf_file.GgufError) as caught:
+        gguf_file.read(bad)
+    message = str(caught.value)
+    assert message.startswith("cut.gguf is truncated or damaged: ") and message.endswith("Copy or download it again.")
+    assert ("its header runs past the end of the file" in message) == (cut != "tensor data")
 
 
 def test_an_architecture_this_llama_cpp_does_not_know_gets_a_sentence(gguf, tmp_path):

@@ -1,12 +1,16 @@
-"""Reading a GGUF file without loading it: metadata and tensor sizes from the header (the ``gguf``
-package memory-maps the file and reads no tensor data), and what is wrong with it, in a sentence.
+"""Reading a GGUF file without loading it: metadata and tensor sizes from the header (read here
+from a memory map; no tensor data is read), and what is wrong with it, in a sentence.
 
-Runs in the app process, so it imports nothing but ``gguf`` (numpy), and only when called.
+Runs in the app process, so it imports nothing but ``gguf`` (numpy, for its constants), and only
+when called.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +136,138 @@ def find_gguf(path: str | Path) -> Path | None:
                     f"{', ...' if len(found) > 4 else ''}); pick one of them as the model.")
 
 
+# GGUF's fixed-size value types (``gguf.GGUFValueType`` names) and their struct formats; the other
+# two are STRING (uint64 length, then UTF-8 bytes) and ARRAY (item type, uint64 count, items).
+VALUE_FORMATS = (("UINT8", "B"), ("INT8", "b"), ("UINT16", "H"), ("INT16", "h"), ("UINT32", "I"), ("INT32", "i"),
+                 ("FLOAT32", "f"), ("BOOL", "?"), ("UINT64", "Q"), ("INT64", "q"), ("FLOAT64", "d"))
+GGUF_VERSIONS = (2, 3)
+KEPT_ARRAY_ITEMS = 64  # arrays of numbers up to this long are kept in meta (per-layer head counts, ...)
+
+
+class _Header:
+    """GGUF's header (v2 and v3) parsed from ``buf``: scalar metadata, small arrays of numbers,
+    tensor infos. Arrays it does not keep (the vocabulary, token types, merges) are stepped over
+    without decoding their items: walking their string lengths is what keeps a Qwen header
+    (151,936 tokens, 151,387 merges) fast, where ``gguf.GGUFReader`` makes an object of each."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        from gguf import GGUFValueType
+
+        self.buf, self.size, self.pos = buf, len(buf), 4
+        self.string, self.array, self.uint32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
+        self.formats = {GGUFValueType[name]: fmt for name, fmt in VALUE_FORMATS}
+        self.order = "<"
+
+    def need(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise ValueError(f"its header runs past the end of the file, at byte {self.pos:,} of {self.size:,}")
+
+    def unpack(self, fmt: str) -> tuple:
+        s = struct.Struct(self.order + fmt)
+        self.need(s.size)
+        values = s.unpack_from(self.buf, self.pos)
+        self.pos += s.size
+        return values
+
+    def text(self) -> str:
+        (n,) = self.unpack("Q")
+        self.need(n)
+        self.pos += n
+        return self.buf[self.pos - n:self.pos].decode("utf-8")
+
+    def value_type(self) -> Any:
+        from gguf import GGUFValueType
+
+        (raw,) = self.unpack("I")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise ValueError(f"a value has the unknown type {raw}") from None
+
+    def value(self, vtype: Any) -> Any:
+        """The value of type ``vtype`` at the cursor; None for an array that is not kept."""
+        if vtype == self.string:
+            return self.text()
+        if vtype != self.array:
+            return self.unpack(self.formats[vtype])[0]
+        itype = self.value_type()
+        (count,) = self.unpack("Q")
+        if itype in self.formats:
+            fmt = self.formats[itype]
+            if 0 < count <= KEPT_ARRAY_ITEMS:
+                return list(self.unpack(f"{count}{fmt}"))
+            self.need(count * struct.calcsize(fmt))
+            self.pos += count * struct.calcsize(fmt)
+        elif itype == self.string:
+            self.need(count * 8)  # each string is at least its length
+            length = struct.Struct(self.order + "Q").unpack_from
+            pos, size = self.pos, self.size
+            try:
+                for _ in range(count):
+                    pos += 8 + length(self.buf, pos)[0]
+            except struct.error:
+                pos = size + 1
+            if pos > size:
+                self.need(size + 1)
+            self.pos = pos
+        else:  # arrays of arrays: none of them is kept
+            for _ in range(count):
+                self.value(itype)
+        return None
+
+    def read(self) -> tuple[dict[str, Any], list[Tensor], int]:
+        """The metadata, the tensors and the byte where the last tensor's data ends."""
+        from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
+        (version,) = self.unpack("I")
+        if version & 0xFFFF == 0:  # written for the other byte order
+            self.order = ">"
+            version = struct.unpack("<I", struct.pack(">I", version))[0]
+        if version not in GGUF_VERSIONS:
+            raise ValueError(f"it is GGUF version {version}; this reads versions 2 and 3")
+        tensor_count, kv_count = self.unpack("QQ")
+        meta: dict[str, Any] = {}
+        seen = set()
+        alignment = GGUF_DEFAULT_ALIGNMENT
+        for _ in range(kv_count):
+            key = self.text()
+            if key in seen:
+                raise ValueError(f"the key {key} appears twice")
+            seen.add(key)
+            vtype = self.value_type()
+            value = self.value(vtype)
+            if key == "general.alignment":
+                if vtype != self.uint32:
+                    raise ValueError("general.alignment is not a uint32")
+                if value <= 0 or value & (value - 1):
+                    raise ValueError(f"general.alignment is {value}, not a power of two")
+                alignment = value
+            if value is not None and not key.startswith("GGUF."):
+                meta[key] = value
+        infos = []
+        for _ in range(tensor_count):
+            name = self.text()
+            (n_dims,) = self.unpack("I")
+            dims = self.unpack(f"{n_dims}Q")
+            raw_type, offset = self.unpack("IQ")
+            try:
+                ggml_type = GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise ValueError(f"the tensor {name} has the unknown type {raw_type}") from None
+            infos.append((name, dims, ggml_type, offset))
+        data = -(-self.pos // alignment) * alignment
+        tensors, names, end = [], set(), data
+        for name, dims, ggml_type, offset in infos:
+            if name in names:
+                raise ValueError(f"the tensor {name} appears twice")
+            names.add(name)
+            block, type_size = GGML_QUANT_SIZES[ggml_type]
+            elements = math.prod(dims)
+            tensors.append(Tensor(name, ggml_type.name, elements, elements * type_size // block))
+            end = max(end, data + offset + tensors[-1].bytes)
+        return meta, tensors, end
+
+
 def read(path: str | Path) -> GgufFile:
     """Read the header of the GGUF file at ``path``, or raise GgufError with a sentence."""
     path = Path(path).expanduser()
@@ -144,29 +280,12 @@ def read(path: str | Path) -> GgufFile:
         what = "is empty" if size == 0 else "does not start with the bytes GGUF"
         raise GgufError(f"{path.name} is not a GGUF file (it {what}). llama.cpp runs .gguf files: convert "
                         "a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py, or pick another backend.")
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType
-
     try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, OSError) as exc:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            meta, tensors, end = _Header(buf).read()
+    except (ValueError, KeyError, OverflowError, OSError) as exc:
         raise GgufError(f"{path.name} is truncated or damaged: reading it failed ({exc}). "
                         "Copy or download it again.") from None
-    meta: dict[str, Any] = {}
-    for name, fld in reader.fields.items():
-        if not fld.types or name.startswith("GGUF."):
-            continue
-        if fld.types[0] == GGUFValueType.ARRAY:
-            if len(fld.data) <= 64 and len(fld.types) > 1 and fld.types[1] != GGUFValueType.STRING:
-                meta[name] = [v.item() if isinstance(v, np.generic) else v for v in fld.contents()]
-            continue
-        value = fld.contents()
-        meta[name] = value.item() if isinstance(value, np.generic) else value
-    tensors = []
-    end = reader.data_offset
-    for t in reader.tensors:
-        tensors.append(Tensor(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)))
-        end = max(end, int(t.data_offset) + int(t.n_bytes))
     if end > size:
         raise GgufError(f"{path.name} is truncated or damaged: its tensors need {end:,} bytes but the file has "
                         f"{size:,}. Copy or download it again.")
