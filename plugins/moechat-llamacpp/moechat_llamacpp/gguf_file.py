@@ -159,7 +159,8 @@ class _Header:
         self.order = "<"
 
     def need(self, n: int) -> None:
-        if n < 0 or self.pos + n > self.size:
+        """Raise unless ``n`` more bytes are left after the cursor."""
+        if self.pos + n > self.size:
             raise ValueError(f"its header runs past the end of the file, at byte {self.pos:,} of {self.size:,}")
 
     def unpack(self, fmt: str) -> tuple:
@@ -205,12 +206,12 @@ class _Header:
             try:
                 for _ in range(count):
                     pos += 8 + length(self.buf, pos)[0]
-            except struct.error:
-                pos = size + 1
-            if pos > size:
+            except struct.error:  # a length that starts past the end
                 self.need(size + 1)
+            self.need(pos - self.pos)
             self.pos = pos
         else:  # arrays of arrays: none of them is kept
+            self.need(count * 12)  # each is at least its item type and count
             for _ in range(count):
                 self.value(itype)
         return None
@@ -239,7 +240,7 @@ class _Header:
             if key == "general.alignment":
                 if vtype != self.uint32:
                     raise ValueError("general.alignment is not a uint32")
-                if value <= 0 or value & (value - 1):
+                if value == 0 or value & (value - 1):
                     raise ValueError(f"general.alignment is {value}, not a power of two")
                 alignment = value
             if value is not None and not key.startswith("GGUF."):
@@ -283,7 +284,7 @@ def read(path: str | Path) -> GgufFile:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             meta, tensors, end = _Header(buf).read()
-    except (ValueError, KeyError, OverflowError, OSError) as exc:
+    except (ValueError, KeyError, OverflowError, RecursionError, OSError) as exc:
         raise GgufError(f"{path.name} is truncated or damaged: reading it failed ({exc}). "
                         "Copy or download it again.") from None
     if end > size:
