@@ -156,7 +156,7 @@ def bandwidth_of(rows: list[Row]) -> dict[str, Any]:
 
 def table(rows: list[Row]) -> str:
     head = ("| backend | model | budget | decode tok/s (median, min-max) | decode at full depth | prefill tok/s "
-            "| first token s | load s | peak GPU GB | peak worker RSS GB | date | commit |")
+            "| first token s | load s | peak GPU GB | peak host RSS GB | date | commit |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r, c in sorted(rows, key=lambda rc: (rc[1].vram_budget_gb or 0, rc[1].backend)):
         d = c.decode_tok_s

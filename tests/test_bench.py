@@ -119,6 +119,23 @@ def test_transformers_runs_every_token_and_records_its_plan(results):
     assert c.backend_stats["worker_rss_bytes"] <= c.peak_host_bytes
 
 
+def test_peak_host_memory_counts_the_processes_the_worker_started():
+    """vLLM's engine core and a llama.cpp server hold the model in a child of the worker: a bench
+    that counted the worker alone showed vLLM's front end (1 GB) for a whole engine."""
+    from moechat.webui.commands.bench import peak_rss
+
+    alone = peak_rss(os.getpid())
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(300 * 2**20); "
+                               "b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert peak_rss(os.getpid()) - alone > 300 * 2**20
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_fewer_layers_are_extrapolated_and_said_so(home, tmp_path):
     path = tmp_path / "layers.json"
     proc = bench(home, "--backend", "transformers", "--model", "synthetic:tiny", "--layers", "2",

@@ -51,17 +51,32 @@ def add_arguments(p) -> None:
 # ---- facts about the worker -------------------------------------------------------------------
 
 def peak_rss(pid: int | None) -> int | None:
-    """The most resident memory ``pid`` has had (Linux VmHWM), else its current RSS."""
+    """The most resident memory ``pid`` has had (Linux VmHWM, else its current RSS), plus the same
+    for each process it has started that is still running: vLLM's engine core and llama.cpp's
+    server hold the model in a child of the worker (vLLM's front end alone held 1.08 GB on the H100
+    while its engine held the weights). Each process at its own peak: an upper bound of the peak
+    of them together."""
     if pid is None:
         return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
+    import psutil
+
     from moechat.backends.machine import process_rss
-    return process_rss(pid)
+
+    def one(p: int) -> int:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return process_rss(p) or 0
+
+    try:
+        children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        children = []
+    total = one(pid) + sum(one(c) for c in children)
+    return total or None
 
 
 def gpu_peak(gpus: list[dict[str, Any]]) -> tuple[int | None, str | None]:
@@ -375,7 +390,7 @@ def summary(result) -> str:
         f"decode {num(c.decode_tok_s.median)} tok/s "
         f"(min {num(c.decode_tok_s.min)}, max {num(c.decode_tok_s.max)})",
         f"peak GPU {num(c.peak_gpu_bytes / 1e9 if c.peak_gpu_bytes is not None else None, '{:.2f}')} GB; "
-        f"peak worker RSS {num((c.peak_host_bytes or 0) / 1e9, '{:.2f}')} GB",
+        f"peak host RSS (the worker and its processes) {num((c.peak_host_bytes or 0) / 1e9, '{:.2f}')} GB",
     ]
     if c.extrapolated:
         e = c.extrapolated
