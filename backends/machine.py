@@ -63,6 +63,17 @@ def process_rss(pid: int) -> int | None:
         return None
 
 
+def peak_rss(pid: int) -> int | None:
+    """The most resident memory process ``pid`` has had (Linux VmHWM), else its current RSS."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return process_rss(pid)
+
+
 def data_dir() -> Path:
     """Where chats, the demo model and caches live: $MOECHAT_HOME, else the user data dir."""
     env = os.environ.get("MOECHAT_HOME")

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,13 +45,8 @@ PRODUCER = "bench/moe_offload_speed.py"
 
 
 def peak_host_bytes() -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from moechat.backends.machine import peak_rss
+    return peak_rss(os.getpid())
 
 
 def peak_host_gb() -> float:

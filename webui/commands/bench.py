@@ -3,9 +3,9 @@
 Loads through the real BackendManager and worker process, then runs ``--warmup`` warm-ups and
 ``--repeat`` generations of ``--gen-tokens`` tokens after a ``--prompt-tokens`` prompt, and
 reports load time, time to first token, prefill and decode speed (median, min, max), peak GPU
-memory (torch's peak allocation in the worker), peak host memory of the worker (its VmHWM),
-every stat the backend reports, the card, the CPU, this machine's measured bandwidths, the
-date and the git commit. ``--json FILE`` writes all of it in the one benchmark schema
+memory (torch's peak allocation in the worker), peak host memory of the worker and the processes
+it started (their VmHWM), every stat the backend reports, the card, the CPU, this machine's
+measured bandwidths, the date and the git commit. ``--json FILE`` writes all of it in the one benchmark schema
 (moechat.backends.benchmark, kind "product"; docs/benchmarks.md).
 
 ``--model synthetic:qwen3-next-80b-a3b --layers N`` benchmarks the full widths at N layers and
@@ -51,31 +51,22 @@ def add_arguments(p) -> None:
 # ---- facts about the worker -------------------------------------------------------------------
 
 def peak_rss(pid: int | None) -> int | None:
-    """The most resident memory ``pid`` has had (Linux VmHWM, else its current RSS), plus the same
-    for each process it has started that is still running: vLLM's engine core and llama.cpp's
-    server hold the model in a child of the worker (vLLM's front end alone held 1.08 GB on the H100
-    while its engine held the weights). Each process at its own peak: an upper bound of the peak
-    of them together."""
+    """The most resident memory ``pid`` has had (``machine.peak_rss``), plus the same for each
+    process it has started that is still running: vLLM's engine core and llama.cpp's server hold
+    the model in a child of the worker (vLLM's front end alone held 1.08 GB on the H100 while its
+    engine held the weights). Each process at its own peak: an upper bound of the peak of them
+    together."""
     if pid is None:
         return None
     import psutil
 
-    from moechat.backends.machine import process_rss
-
-    def one(p: int) -> int:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except (OSError, ValueError):
-            pass
-        return process_rss(p) or 0
+    from moechat.backends.machine import peak_rss as one
 
     try:
         children = [c.pid for c in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         children = []
-    total = one(pid) + sum(one(c) for c in children)
+    total = sum(one(p) or 0 for p in (pid, *children))
     return total or None
 
 

@@ -154,6 +154,7 @@ class _Header:
         from gguf import GGUFValueType
 
         self.buf, self.size, self.pos = buf, len(buf), 4
+        self.types = GGUFValueType
         self.string, self.array, self.uint32 = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32
         self.formats = {GGUFValueType[name]: fmt for name, fmt in VALUE_FORMATS}
         self.order = "<"
@@ -177,11 +178,9 @@ class _Header:
         return self.buf[self.pos - n:self.pos].decode("utf-8")
 
     def value_type(self) -> Any:
-        from gguf import GGUFValueType
-
         (raw,) = self.unpack("I")
         try:
-            return GGUFValueType(raw)
+            return self.types(raw)
         except ValueError:
             raise ValueError(f"a value has the unknown type {raw}") from None
 
