@@ -196,6 +196,7 @@ def parts(eng) -> dict:
     dec = Qwen3NextDecoder(eng.model, eng.config, 1024, NoExperts(), shapes.moe_layers, fused=True)
     dec.pos.fill_(512)
     t_res = timed_graph(dec.step, 20)
+    profile = resident_profile(dec, t_res)
     del dec
     de = eng.decode_path.device_experts
     x = torch.randn(shapes.hidden, device="cuda", dtype=torch.bfloat16)
@@ -205,10 +206,35 @@ def parts(eng) -> dict:
     uncached = torch.tensor([e for e in range(shapes.num_experts) if e not in mod.lru][:shapes.top_k], device="cuda")
     t_hit = timed_graph(lambda: de(0, x, cached, w), 100)
     t_miss = timed_graph(lambda: de(0, x, uncached, w), 30) if len(uncached) == shapes.top_k else None
-    return {"resident_step_ms": round(t_res * 1e3, 2),
+    return {"resident_step_ms": round(t_res * 1e3, 2), "resident_profile": profile,
             "resident_ms_per_layer": round(t_res * 1e3 / len(eng.model.model.layers), 3),
             "routed_layer_all_hits_us": round(t_hit * 1e6, 1),
             "routed_layer_all_misses_us": round(t_miss * 1e6, 1) if t_miss else None}
+
+
+def resident_profile(dec, t_graph: float, n: int = 30) -> dict:
+    """Where the resident step's time goes: its kernels (one eager step under torch.profiler),
+    by GPU time, and how much of the graph's time no kernel runs (launch gaps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dec.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": ev.key[:80], "calls": ev.count, "gpu_us": round(t, 1)})
+    rows.sort(key=lambda r: -r["gpu_us"])
+    busy = sum(r["gpu_us"] for r in rows)
+    return {"kernels_per_step": sum(r["calls"] for r in rows), "kernel_time_ms": round(busy / 1e3, 2),
+            "graph_step_ms": round(t_graph * 1e3, 2),
+            "idle_between_kernels_ms": round(t_graph * 1e3 - busy / 1e3, 2), "top": rows[:n]}
 
 
 def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16") -> dict:
@@ -545,7 +571,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--skip", nargs="*", default=[], help="any of: check uniform machine prefill")
+    ap.add_argument("--skip", nargs="*", default=[], help="any of: check router uniform machine prefill")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.phase == "check":
@@ -577,9 +603,10 @@ def main() -> None:
               "--miss-policy", args.miss_policy] + (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else [])
     for i, budget in enumerate(args.budgets):        # each budget whole before the next
         for uniform in (False, True):
-            if uniform and "uniform" in args.skip:
+            if ("uniform" if uniform else "router") in args.skip:
                 continue
-            extra = ["--machine", "--parts"] if (i == 0 and not uniform and "machine" not in args.skip) else []
+            first_row = i == 0 and uniform == ("router" in args.skip)     # the budget's first row
+            extra = ["--machine", "--parts"] if (first_row and "machine" not in args.skip) else []
             if not uniform and "prefill" not in args.skip:
                 extra.append("--prefill-detail")
             argv = ["--phase", "run", "--budget", str(budget), *common, *extra] + (["--uniform"] if uniform else [])

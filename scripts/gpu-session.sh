@@ -15,6 +15,8 @@
 #     call 8:                                                       bash scripts/gpu-session.sh chain
 #     then, until it prints "session done":                         bash scripts/gpu-session.sh wait 540
 # Without vLLM (VLLM=0 on calls 1 and 8): no parts 2-7, and the comparison is moe-offload and llama.cpp.
+# Issue 15's engine runs: ENGINE=1 on call 1 (CPU_BASELINE=FILE: an older cpu_experts.c timed beside).
+# VLLM=0 LLAMA=0 on call 1: phase A alone, no call 8 (`wait` until "session done").
 # Every `wait` leaves what is finished so far in $OUT/session.tgz (results and logs, no weights).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,9 @@ FP8=${VLLM_CHECKPOINT:-/root/qwen3-next-80b-4layers-fp8}
 SITE=$S/site                      # moechat and its small dependencies for the image's python3
 BUDGETS=${BUDGETS:-"16 24 80"}     # 80: a whole H100, where vLLM's FP8 weights fit too
 VLLM=${VLLM:-1}                    # 0: no vLLM (no parts to carry, no check, not in the comparison)
+LLAMA=${LLAMA:-1}                  # 0: no llama.cpp build and no comparison (with VLLM=0: no phase B at all)
+EXTRAS=${EXTRAS:-1}                # 0: phase A leaves out the int4 check, the conversion bench, the import profile
+ENGINE=${ENGINE:-0}                # 1: phase A ends with issue 15's engine runs (engine_runs below)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
 [ -n "${MOECHAT_GIT_COMMIT:-}" ] || MOECHAT_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null)
@@ -48,19 +53,41 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
     touch "$S/checkpoint-ready"
     timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats fp8 bf16 \
         --layers 2 4 --reuse "fp8:4=$FP8"
-    timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
-    echo "int4 check: rc $?"
-    timeout 120 python3 bench/convert_speed.py --experts 64 --json "$S/convert-speed.json" > "$S/convert-speed.txt" 2>&1
-    echo "conversion speed: rc $?"
-    # what the load stage "Reading the tokenizer" spends (docs/moe-offload.md, "Converting experts in batches")
-    python3 -X importtime -c "import torch; from transformers import AutoTokenizer" 2> "$S/transformers-importtime.txt"
+    if [ "$EXTRAS" = 1 ]; then
+        timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
+        echo "int4 check: rc $?"
+        timeout 120 python3 bench/convert_speed.py --experts 64 --json "$S/convert-speed.json" > "$S/convert-speed.txt" 2>&1
+        echo "conversion speed: rc $?"
+        # what the load stage "Reading the tokenizer" spends (docs/moe-offload.md, "Converting experts in batches")
+        python3 -X importtime -c "import torch; from transformers import AutoTokenizer" 2> "$S/transformers-importtime.txt"
+    fi
+    [ "$ENGINE" = 1 ] && engine_runs
+    return 0
+}
+
+engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"): the CPU kernel alone, then each miss policy
+    local r=$S/results/engine common
+    mkdir -p "$r"
+    # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
+    timeout 150 python3 bench/cpu_experts_speed.py --threads 1 4 8 15 --runs 2 \
+        ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
+    echo "cpu kernel: rc $?"
+    common=(--skip check prefill --decode 64)
+    timeout 330 python3 bench/moe_offload_speed.py --miss-policy hybrid --budgets 16 24 "${common[@]}" \
+        --out "$r/speed-hybrid.json" > "$S/speed-hybrid.log" 2>&1
+    echo "hybrid: rc $?"
+    for pol in pcie cpu; do
+        timeout 150 python3 bench/moe_offload_speed.py --miss-policy $pol --budgets 16 --skip router machine \
+            "${common[@]}" --out "$r/speed-$pol.json" > "$S/speed-$pol.log" 2>&1
+        echo "$pol: rc $?"
+    done
 }
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
     set -x
     unset OUT
     while [ ! -f "$S/a.done" ]; do sleep 3; done
-    ( CMAKE_BUILD_PARALLEL_LEVEL=10 python3 bench/llamacpp_gpu.py prepare > "$S/llama-prepare.log" 2>&1
+    [ "$LLAMA" = 1 ] && ( CMAKE_BUILD_PARALLEL_LEVEL=10 python3 bench/llamacpp_gpu.py prepare > "$S/llama-prepare.log" 2>&1
       echo "llama.cpp prepare: rc $?"; touch "$S/llama.ready" ) &
     also=()
     if [ "$VLLM" = 1 ]; then
@@ -69,6 +96,7 @@ phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GP
         echo "vLLM check: rc $?"
         also=(--also "vllm=$FP8")
     fi
+    [ "$LLAMA" = 1 ] || return 0
     while [ ! -f "$S/llama.ready" ]; do sleep 3; done
     # budgets: $BUDGETS
     MOECHAT_VLLM_PYTHON=/root/vllm-venv/bin/python MOECHAT_HOME=$S/home-b python3 bench/llamacpp_gpu.py compare \
@@ -86,7 +114,8 @@ case "${1:-}" in
     start)
         [ -n "$MOECHAT_GIT_COMMIT" ] || echo "MOECHAT_GIT_COMMIT is not set: the results will name no commit"
         [ "$VLLM" = 0 ] || bash scripts/vllm-gpu-run.sh | tail -2    # stores the carried vLLM part
-        in_background a "bash $0 _a; touch $S/a.done"
+        done_too=""; [ "$VLLM$LLAMA" = 00 ] && done_too="; touch $S/session.done"   # no phase B
+        in_background a "bash $0 _a; touch $S/a.done$done_too"
         ;;
     chain)
         [ "$VLLM" = 0 ] || [ -f /root/vllm-venv/.installed ] || { echo "vLLM is not installed yet: carry the missing parts (bash scripts/vllm-gpu-run.sh says which)"; exit 1; }
