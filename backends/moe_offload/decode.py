@@ -48,7 +48,7 @@ class _Layer:
     module: Any               # the decoder layer (parameters are read from it)
     moe: int | None           # index into the MoE layers, None for a dense MLP
     state: int                # index into this kind's static state
-    proj_in: Any = None       # fused step: in_proj_qkvz and in_proj_ba as one matrix
+    proj_in: Any = None       # fused step: in_proj_qkvz and in_proj_ba (or q, k, v) as one matrix
     proj_moe: Any = None      # fused step: shared expert gate/up, router, shared-expert gate as one
 
 
@@ -128,12 +128,22 @@ class Qwen3NextDecoder:
             self.gdn_out = torch.zeros(self.nv * self.dv, device=dev, dtype=dt)
             self.ids = torch.zeros(self.top_k, dtype=torch.long, device=dev)
             self.weights = torch.zeros(self.top_k, device=dev, dtype=dt)
+            self.q = torch.zeros(self.n_heads * self.head_dim, device=dev, dtype=dt)
+            self.attn_part = torch.zeros(self.n_heads, kernels.ATTN_SPLITS, self.head_dim + 2, device=dev,
+                                         dtype=torch.float32)
+            self.attn_out = torch.zeros_like(self.q)
+            shared_inter = max((lay.module.mlp.shared_expert.gate_proj.weight.shape[0] for lay in self.layers
+                                if lay.moe is not None), default=0)
+            self.shared_act = torch.zeros(shared_inter, device=dev, dtype=dt)
             with torch.no_grad():
                 for layer in self.layers:       # fewer, larger GEMVs: launches dominate at batch 1
                     mod = layer.module
                     if layer.kind == "linear_attention":
                         a = mod.linear_attn
                         layer.proj_in = stack_projections([a.in_proj_qkvz, a.in_proj_ba])
+                    else:
+                        a = mod.self_attn
+                        layer.proj_in = stack_projections([a.q_proj, a.k_proj, a.v_proj])
                     if layer.moe is not None:
                         mlp = mod.mlp
                         layer.proj_moe = stack_projections([mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj,
@@ -183,6 +193,7 @@ class Qwen3NextDecoder:
         k, m, eps = self.kernels, self.model.model, self.eps
         h, x = self.hidden, self.normed
         h.copy_(F.embedding(self.token, m.embed_tokens.weight)[0])
+        rope = None
         for layer in self.layers:
             mod = layer.module
             k.add_rms_norm(h, None, mod.input_layernorm.weight, eps, x)
@@ -198,7 +209,16 @@ class Qwen3NextDecoder:
                                    self.recurrent[layer.state], attn.norm.weight, attn.norm.variance_epsilon,
                                    self.nk, self.dk, self.dv, self.conv_out, self.gdn_out)
                 mixed = F.linear(self.gdn_out, attn.out_proj.weight)
-            else:
+            elif layer.proj_in is not None:
+                if rope is None:        # every attention layer of a token shares its position's angles
+                    cos, sin = m.rotary_emb(x, self.pos.view(1, 1))
+                    rope = cos.view(-1), sin.view(-1)
+                attn = mod.self_attn
+                k.attention_decode(F.linear(x, layer.proj_in), attn.q_norm.weight, attn.k_norm.weight, *rope,
+                                   self.pos, self.keys[layer.state], self.values[layer.state], eps, attn.scaling,
+                                   self.q, self.attn_part, self.attn_out)
+                mixed = F.linear(self.attn_out, attn.o_proj.weight)
+            else:       # projections with biases
                 mixed = self._attention(mod.self_attn, layer.state, x)
             k.add_rms_norm(h, mixed, mod.post_attention_layernorm.weight, eps, x)
             if layer.moe is None:
@@ -208,9 +228,9 @@ class Qwen3NextDecoder:
             se = mlp.shared_expert
             if layer.proj_moe is not None:
                 inter = se.gate_proj.weight.shape[0]
-                g, u, logits, shared_gate = F.linear(x, layer.proj_moe).split(
-                    [inter, inter, mlp.gate.weight.shape[0], 1])
-                shared = F.linear(F.silu(g) * u, se.down_proj.weight)
+                out = F.linear(x, layer.proj_moe)
+                logits, shared_gate = out[2 * inter:].split([mlp.gate.weight.shape[0], 1])
+                shared = F.linear(k.silu_mul(out, self.shared_act[:inter]), se.down_proj.weight)
             else:
                 shared = _mlp(se, x)
                 shared_gate = F.linear(x, mlp.shared_expert_gate.weight)

@@ -331,6 +331,133 @@ def combine(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, shared: torch.Ten
                                        HAS_CPU=cpu is not None)
 
 
+@triton.jit
+def _silu_mul(gu_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    g = tl.load(gu_ptr + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + N + c, mask=m, other=0.0).to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)    # torch rounds silu's output
+    tl.store(out_ptr + c, (act * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``silu(gu[:n]) * gu[n:2n]`` into ``out`` [n]: the shared expert's activation in one launch."""
+    n = out.numel()
+    block = 1024
+    _silu_mul[(triton.cdiv(n, block),)](gu, out, N=n, BLOCK=block)
+    return out
+
+
+# ---- attention decode: q/k norms, RoPE and the KV write in one kernel, then attention over the
+# cache split across positions (flash-decoding) and the splits' reduction with the output gate.
+
+@triton.jit
+def _attn_prep(qkv_ptr, qnw_ptr, knw_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, keys_ptr, values_ptr, kv_stride,
+               eps, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr):
+    i = tl.program_id(0)              # query heads first, then key/value heads
+    is_q = i < NH
+    kv = i - NH
+    d = tl.arange(0, HD)
+    HALF: tl.constexpr = ROT // 2
+    rot = d < ROT
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    # q of head i lies in the first NH * 2 * HD outputs (each head's q, then its gate); k after
+    base = tl.where(is_q, i * 2 * HD, NH * 2 * HD + kv * HD)
+    x = tl.load(qkv_ptr + base + d).to(tl.float32)
+    xp = tl.load(qkv_ptr + base + partner, mask=rot, other=0.0).to(tl.float32)
+    w = tl.where(is_q, tl.load(qnw_ptr + d), tl.load(knw_ptr + d)).to(tl.float32)
+    wp = tl.where(is_q, tl.load(qnw_ptr + partner, mask=rot, other=0.0),
+                  tl.load(knw_ptr + partner, mask=rot, other=0.0)).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / HD + eps)
+    # the normed head, rounded as transformers' RMSNorm returns it, then rotated
+    xn = (x * r * (1.0 + w)).to(q_ptr.dtype.element_ty).to(tl.float32)
+    xpn = (xp * r * (1.0 + wp)).to(q_ptr.dtype.element_ty).to(tl.float32)
+    c = tl.load(cos_ptr + d, mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + d, mask=rot, other=0.0).to(tl.float32)
+    y = tl.where(rot, xn * c + sign * xpn * s, xn).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + i * HD + d, y, mask=d < tl.where(is_q, HD, 0))
+    pos = tl.load(pos_ptr)
+    is_kv = d < tl.where(is_q, 0, HD)
+    tl.store(keys_ptr + kv * kv_stride + pos * HD + d, y, mask=is_kv)
+    v = tl.load(qkv_ptr + NH * 2 * HD + NKV * HD + kv * HD + d, mask=is_kv, other=0.0)
+    tl.store(values_ptr + kv * kv_stride + pos * HD + d, v, mask=is_kv)
+
+
+@triton.jit
+def _attn_split(q_ptr, keys_ptr, values_ptr, pos_ptr, part_ptr, kv_stride, scale,
+                G: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    kvh = h // G
+    n = tl.load(pos_ptr) + 1          # positions 0 .. pos, this token's included
+    per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+    start = sp * per
+    end = tl.minimum(start + per, n)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + h * HD + d).to(tl.float32) * scale
+    m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    acc = tl.zeros([HD], tl.float32)
+    for b in range(start, end, BLOCK):
+        p_ = b + tl.arange(0, BLOCK)
+        pm = p_ < end
+        off = kvh * kv_stride + p_[:, None] * HD + d[None, :]
+        k = tl.load(keys_ptr + off, mask=pm[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(pm, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new)
+        v = tl.load(values_ptr + off, mask=pm[:, None], other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    row = part_ptr + (h * SPLITS + sp) * (HD + 2)
+    tl.store(row + d, acc)
+    tl.store(row + HD, m_i)
+    tl.store(row + HD + 1, l_i)
+
+
+@triton.jit
+def _attn_reduce(part_ptr, qkv_ptr, out_ptr, HD: tl.constexpr, SPLITS: tl.constexpr):
+    h = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HD)
+    rows = part_ptr + (h * SPLITS + s) * (HD + 2)
+    m = tl.load(rows + HD)
+    w = tl.exp(m - tl.max(m, axis=0))          # a split with no positions has m = -inf: weight 0
+    total = tl.sum(tl.load(rows + HD + 1) * w, axis=0)
+    o = tl.sum(tl.load(rows[:, None] + d[None, :]) * w[:, None], axis=0) / total
+    o = o.to(out_ptr.dtype.element_ty).to(tl.float32)
+    gate = tl.load(qkv_ptr + h * 2 * HD + HD + d).to(tl.float32)
+    sg = tl.sigmoid(gate).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + h * HD + d, (o * sg).to(out_ptr.dtype.element_ty))
+
+
+ATTN_SPLITS = 16     # programs per head over the cached positions
+ATTN_BLOCK = 32      # positions a program reads at a time
+
+
+def attention_decode(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     eps: float, scale: float, q: torch.Tensor, part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One token of Qwen3-Next's gated attention after its stacked q/k/v projection ``qkv``
+    (per head q then gate, then k, then v): zero-centred RMSNorm of q and k heads, RoPE on their
+    first ``len(cos)`` dims, k and v written at ``pos`` into ``keys``/``values`` [kv heads,
+    context, head dim], attention over positions 0..pos, times sigmoid(gate). Writes ``out``
+    [heads * head dim], the input of o_proj; ``q`` [heads * head dim] and ``part`` [heads,
+    ATTN_SPLITS, head dim + 2] float32 are scratch."""
+    nkv, ctx, hd = keys.shape
+    nh = q.numel() // hd
+    _attn_prep[(nh + nkv,)](qkv, q_norm, k_norm, cos, sin, pos, q, keys, values, ctx * hd, eps,
+                            NH=nh, NKV=nkv, HD=hd, ROT=cos.numel())
+    _attn_split[(nh, ATTN_SPLITS)](q, keys, values, pos, part, ctx * hd, scale, G=nh // nkv, HD=hd,
+                                   SPLITS=ATTN_SPLITS, BLOCK=ATTN_BLOCK)
+    _attn_reduce[(nh,)](part, qkv, out, HD=hd, SPLITS=ATTN_SPLITS)
+    return out
+
+
 # ---- hybrid decode: the GPU hands some missed experts to the CPU and waits for their sum -------
 # Flags and mailboxes live in pinned host memory that both sides address. ``publish`` writes the
 # token's normed hidden state and the CPU's experts there, then the layer's ``ready`` flag (the
