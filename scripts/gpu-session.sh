@@ -72,6 +72,9 @@ engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"): the CPU kernel al
     timeout 150 python3 bench/cpu_experts_speed.py --threads 1 4 8 15 --runs 2 \
         ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
     echo "cpu kernel: rc $?"
+    # the graphed step's teacher-forced logits against transformers' forward, bf16 and float32
+    timeout 200 python3 bench/moe_offload_speed.py --phase check > "$r/check.txt" 2> "$S/check.log"
+    echo "check: rc $?"
     common=(--skip check prefill --decode 64)
     timeout 330 python3 bench/moe_offload_speed.py --miss-policy hybrid --budgets 16 24 "${common[@]}" \
         --out "$r/speed-hybrid.json" > "$S/speed-hybrid.log" 2>&1
