@@ -158,7 +158,7 @@ def depth(model: str, layers: int) -> tuple[str, int]:
 
 
 def build(layers: int, budget: float, policy: str = "auto", context: int = 4096, dtype: str = "auto",
-          model: str = MODEL, device: str = "auto", cpu_threads: int | None = None):
+          model: str = MODEL, device: str = "auto", cpu_threads: int | None = None, cache_experts: int | None = None):
     """The engine exactly as the moe-offload backend loads it (MoeOffloadBackend.load: its options,
     its synthetic build, its VRAM cap), for ``model`` cut to ``layers``, with ``budget`` GiB."""
     import torch
@@ -173,7 +173,7 @@ def build(layers: int, budget: float, policy: str = "auto", context: int = 4096,
     backend = MoeOffloadBackend()
     backend.load(MoeOffloadBackend.Settings(model=spec, vram_budget_gb=budget, max_context=context,
                                             miss_policy=policy, dtype=dtype, device=device,
-                                            cpu_threads=cpu_threads), lambda p: None)
+                                            cpu_threads=cpu_threads, cache_experts=cache_experts), lambda p: None)
     eng = backend.engine
     return eng, eng.store, eng.config
 
@@ -237,27 +237,42 @@ def resident_profile(dec, t_graph: float, n: int = 30) -> dict:
             "idle_between_kernels_ms": round(t_graph * 1e3 - busy / 1e3, 2), "top": rows[:n]}
 
 
-def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16") -> dict:
-    """Teacher-forced logits of the graphed step against transformers' modules, same weights."""
+def check(layers: int = 4, tokens: int = 8, dtype: str = "bfloat16", slots: int = 64,
+          policies: tuple[str, ...] = ("pcie", "hybrid", "cpu"), model: str = MODEL) -> dict:
+    """Teacher-forced logits of the graphed step against transformers' modules on the same
+    weights, per miss policy on one engine. ``slots`` of the 512 experts per layer are cached, so
+    most of each token's experts miss and cross the policy's pipe (PCIe, the CPU, or both)."""
     import torch
 
-    eng, store, cfg = build(layers, 12.0, dtype=dtype)
+    from moechat.backends.moe_offload.engine import DecodePath
+
+    eng, store, cfg = build(layers, 12.0, dtype=dtype, cache_experts=slots, model=model)
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), generator=g)
     follow = torch.randint(0, cfg.vocab_size, (tokens,), generator=g).tolist()
+    out = {"layers": layers, "dtype": dtype, "tokens": tokens, "cache_slots_per_layer": slots, "policies": {}}
     with torch.inference_mode():
-        _, cache = eng.forward(prompt, None, logits_to_keep=1)
-        step = eng.decode_path.start(cache, prompt.shape[1])
-        got = [step(t).float().clone() for t in follow]   # the graph's output buffer is reused
-        worst, agree = 0.0, 0
+        want = []
         seq = prompt
-        for i, t in enumerate(follow):
+        for t in follow:
             seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
-            want = eng.forward(seq, None, logits_to_keep=1)[0][0, -1].float()
-            worst = max(worst, ((got[i] - want).abs().max() / want.abs().max()).item())
-            agree += int(got[i].argmax() == want.argmax())
-    out = {"layers": layers, "dtype": dtype, "decode_path": eng.info.get("decode_path"), "tokens": tokens,
-           "max_rel_logit_diff": round(worst, 4), "argmax_agree": agree}
+            want.append(eng.forward(seq, None, logits_to_keep=1)[0][0, -1].float())
+        for policy in policies:
+            if eng._decode is not None:
+                eng._decode.close()
+            eng._decode = DecodePath(eng, miss_policy=policy)
+            eng.counters.reset()
+            _, cache = eng.forward(prompt, None, logits_to_keep=1)
+            step = eng.decode_path.start(cache, prompt.shape[1])
+            got = [step(t).float().clone() for t in follow]   # the graph's output buffer is reused
+            c = eng.counters
+            out["policies"][policy] = {
+                "decode_path": eng.decode_path.kind, "miss_policy": eng.info.get("decode_miss_policy"),
+                "max_rel_logit_diff": round(max(((a - b).abs().max() / b.abs().max()).item()
+                                                for a, b in zip(got, want)), 4),
+                "argmax_agree": sum(int(a.argmax() == b.argmax()) for a, b in zip(got, want)),
+                "experts_over_pcie": c.zero_copy_experts, "experts_on_cpu": c.cpu_experts}
+    eng.decode_path.close()
     del eng, store
     return out
 
@@ -596,7 +611,7 @@ def main() -> None:
             print(json.dumps(last), flush=True)
 
     if "check" not in args.skip:
-        result["check"] = phase(["--phase", "check"], 150)
+        result["check"] = phase(["--phase", "check"], 300)
         save(result["check"])
     common = ["--model", args.model, "--device", args.device, "--layers", str(args.layers), "--prompt",
               str(args.prompt), "--decode", str(args.decode), "--warmup", str(args.warmup),

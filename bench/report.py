@@ -379,7 +379,20 @@ def render_profile(name: str, result: Result) -> list[str]:
         if c.detail.get("prefill_detail"):
             lines += render_prefill(c)
     check = result.detail.get("check") or {}
-    if check.get("float32"):
+    if check.get("float32", {}).get("policies"):
+        c32, c16 = check["float32"], check.get("bf16", {})
+        lines += [f"Check ({c32['layers']} layers, {c32['cache_slots_per_layer']} experts a layer cached, teacher-forced, "
+                  "against transformers' modules on the same weights; largest logit difference over the largest "
+                  "logit, argmax agreement):", "",
+                  "| miss policy | experts over PCIe | experts on the CPU | float32 | bf16 |", "|---|---|---|---|---|"]
+        for policy, r32 in c32["policies"].items():
+            r16 = c16.get("policies", {}).get(policy, {})
+            lines.append(f"| {policy} | {r32['experts_over_pcie']} | {r32['experts_on_cpu']} | "
+                         f"{max(r32['max_rel_logit_diff'], 1e-4):.0e}, {r32['argmax_agree']}/{c32['tokens']} | "
+                         f"{r16.get('max_rel_logit_diff', float('nan')):.3f}, {r16.get('argmax_agree')}/{c32['tokens']} |")
+        lines += ["", "float32 shows the step computes the reference's function on every pipe (the run rounds to 4 "
+                  "decimals); bf16 differs by bf16 rounding on random weights, carried token to token.", ""]
+    elif check.get("float32"):
         c32, c16 = check["float32"], check.get("bf16", {})
         lines += [f"Check ({c32['layers']} layers, teacher-forced, against transformers' modules on the same weights): "
                   f"float32 logits within {max(c32['max_rel_logit_diff'], 1e-4):.0e} of the largest logit "

@@ -66,22 +66,19 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
 }
 
 engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"): the CPU kernel alone, then each miss policy
-    local r=$S/results/engine common
+    local r=$S/results/engine
     mkdir -p "$r"
     # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
     timeout 150 python3 bench/cpu_experts_speed.py --threads 1 4 8 15 --runs 2 \
         ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
     echo "cpu kernel: rc $?"
-    # the graphed step's teacher-forced logits against transformers' forward, bf16 and float32
-    timeout 200 python3 bench/moe_offload_speed.py --phase check > "$r/check.txt" 2> "$S/check.log"
-    echo "check: rc $?"
-    common=(--skip check prefill --decode 64)
-    timeout 330 python3 bench/moe_offload_speed.py --miss-policy hybrid --budgets 16 24 "${common[@]}" \
+    # with the hybrid run: the graphed step's logits per miss policy against transformers' forward
+    timeout 540 python3 bench/moe_offload_speed.py --miss-policy hybrid --budgets 16 24 --skip prefill \
         --out "$r/speed-hybrid.json" > "$S/speed-hybrid.log" 2>&1
     echo "hybrid: rc $?"
     for pol in pcie cpu; do
-        timeout 150 python3 bench/moe_offload_speed.py --miss-policy $pol --budgets 16 --skip router machine \
-            "${common[@]}" --out "$r/speed-$pol.json" > "$S/speed-$pol.log" 2>&1
+        timeout 150 python3 bench/moe_offload_speed.py --miss-policy $pol --budgets 16 --skip check router machine \
+            prefill --out "$r/speed-$pol.json" > "$S/speed-$pol.log" 2>&1
         echo "$pol: rc $?"
     done
 }
