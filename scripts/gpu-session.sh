@@ -27,6 +27,7 @@ BUDGETS=${BUDGETS:-"16 24 80"}     # 80: a whole H100, where vLLM's FP8 weights 
 VLLM=${VLLM:-1}                    # 0: no vLLM (no parts to carry, no check, not in the comparison)
 LLAMA=${LLAMA:-1}                  # 0: no llama.cpp build and no comparison (with VLLM=0: no phase B at all)
 EXTRAS=${EXTRAS:-1}                # 0: phase A leaves out the int4 check, the conversion bench, the import profile
+LOAD_FORMATS=${LOAD_FORMATS:-"fp8 bf16"}   # the release layouts phase A loads at full width
 ENGINE=${ENGINE:-0}                # 1: phase A ends with issue 15's engine runs (engine_runs below)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
@@ -51,7 +52,7 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
     nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
     [ -d "$FP8" ] || python3 -m moechat.backends.fp8_checkpoint "$FP8" || return 1
     touch "$S/checkpoint-ready"
-    timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats fp8 bf16 \
+    timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats $LOAD_FORMATS \
         --layers 2 4 --reuse "fp8:4=$FP8"
     if [ "$EXTRAS" = 1 ]; then
         timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
