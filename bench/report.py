@@ -375,6 +375,12 @@ def render_profile(name: str, result: Result) -> list[str]:
                              f"{sp['swaps_ms']:.2f} ms | {sp['host_and_rest_ms']:.2f} ms | "
                              f"{c.detail['decode_ms_per_token']:.2f} ms |")
         lines.append("")
+        rp = pt.get("resident_profile")
+        if rp:
+            lines += [f"The resident step profiled (one eager step): {rp['kernels_per_step']} kernels, "
+                      f"{rp['kernel_time_ms']:.2f} ms of GPU time, so {rp['idle_between_kernels_ms']:.2f} ms of the "
+                      f"graph's {rp['graph_step_ms']:.2f} ms pass between kernels; most GPU time: " + "; ".join(
+                          f"{k['name'][:50]} {k['gpu_us'] / 1000:.2f} ms ({k['calls']})" for k in rp["top"][:8]) + ".", ""]
     for c in ok:
         if c.detail.get("prefill_detail"):
             lines += render_prefill(c)
