@@ -66,22 +66,29 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
     return 0
 }
 
-engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"): the CPU kernel alone, then each miss policy
-    local r=$S/results/engine
+engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), most telling first: each miss policy at 16 GB
+    local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
     mkdir -p "$r"
+    # uniform routing (a cache's worst case); the first run also measures the machine and the parts
+    timeout 200 $speed --miss-policy hybrid --budgets 16 --skip check router prefill \
+        --out "$r/speed-hybrid-16.json" > "$S/speed-hybrid-16.log" 2>&1
+    echo "hybrid 16: rc $?"
+    for pol in pcie cpu; do
+        timeout 150 $speed --miss-policy $pol --budgets 16 --skip check router machine prefill \
+            --out "$r/speed-$pol-16.json" > "$S/speed-$pol-16.log" 2>&1
+        echo "$pol 16: rc $?"
+    done
+    timeout 150 $speed --miss-policy hybrid --budgets 24 --skip check router machine prefill \
+        --out "$r/speed-hybrid-24.json" > "$S/speed-hybrid-24.log" 2>&1
+    echo "hybrid 24: rc $?"
     # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
-    timeout 150 python3 bench/cpu_experts_speed.py --threads 1 4 8 15 --runs 2 \
+    timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
         ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
     echo "cpu kernel: rc $?"
-    # with the hybrid run: the graphed step's logits per miss policy against transformers' forward
-    timeout 540 python3 bench/moe_offload_speed.py --miss-policy hybrid --budgets 16 24 --skip prefill \
-        --out "$r/speed-hybrid.json" > "$S/speed-hybrid.log" 2>&1
-    echo "hybrid: rc $?"
-    for pol in pcie cpu; do
-        timeout 150 python3 bench/moe_offload_speed.py --miss-policy $pol --budgets 16 --skip check router machine \
-            prefill --out "$r/speed-$pol.json" > "$S/speed-$pol.log" 2>&1
-        echo "$pol: rc $?"
-    done
+    # the random model's router (no regression), with the step's logits per miss policy against transformers
+    timeout 450 $speed --miss-policy hybrid --budgets 16 --skip uniform machine prefill \
+        --out "$r/speed-hybrid-16-router.json" > "$S/speed-hybrid-16-router.log" 2>&1
+    echo "hybrid 16 router and check: rc $?"
 }
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
