@@ -50,11 +50,11 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
         /root/llamacpp-gpu/files/*.whl . || return 1
     export PYTHONPATH=$SITE MOECHAT_HOME=$S/home-a
     nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
-    [ "$ENGINE" = 1 ] && engine_runs
     [ -d "$FP8" ] || python3 -m moechat.backends.fp8_checkpoint "$FP8" || return 1
     touch "$S/checkpoint-ready"
     timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats $LOAD_FORMATS \
         --layers 2 4 --reuse "fp8:4=$FP8"
+    [ "$ENGINE" = 1 ] && engine_runs
     if [ "$EXTRAS" = 1 ]; then
         timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
         echo "int4 check: rc $?"
@@ -67,7 +67,7 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
     return 0
 }
 
-engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), before the loads: each miss policy at 16 GB
+engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), after the loads: each miss policy at 16 GB
     local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
     mkdir -p "$r"
     # uniform routing (a cache's worst case); the first run also measures the machine and the parts
@@ -81,7 +81,7 @@ engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), before the loads:
     done
 }
 
-engine_rest() {  # after the loads: hybrid at 24 GB, the CPU kernel alone, the router rows and the check
+engine_rest() {  # then: hybrid at 24 GB, the CPU kernel alone, the router rows and the check
     local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
     timeout 150 $speed --miss-policy hybrid --budgets 24 --skip check router machine prefill \
         --out "$r/speed-hybrid-24.json" > "$S/speed-hybrid-24.log" 2>&1
