@@ -36,6 +36,11 @@ CHUNK = 64 * 2**20
 MODEL = "synthetic:qwen3-next-80b-a3b"
 
 
+# how each result says which load it measured (bench/report.py gives such results a table of their own)
+CHECKPOINT = "Checkpoint:"
+FIRST_LOAD = "First load:"
+CACHED_LOAD = "Cached load:"
+
 def files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -118,20 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             nbytes, read_s = read_all(folder)
             drop_cache(folder)
             read_gb_s = nbytes / read_s / 1e9
-            notes = [f"Checkpoint: {fmt} release layout, {layers} layers, {nbytes / 1e9:.2f} GB in "
+            notes = [f"{CHECKPOINT} {fmt} release layout, {layers} layers, {nbytes / 1e9:.2f} GB in "
                      f"{len(list(folder.glob('*.safetensors')))} shards"
                      + (f", written in {write_s} s" if write_s is not None else "") + "; read end to end with "
                      f"its pages dropped from the page cache: {read_s:.1f} s ({read_gb_s:.2f} GB/s)."]
             cache = root / f"cache-{fmt}-{layers}l"
             shutil.rmtree(cache, ignore_errors=True)
             first = bench(folder, cache, out / f"load-{fmt}-{layers}l-first.json", args.budget,
-                          notes + ["First load: reads the checkpoint, converts the experts, writes the cache."],
+                          notes + [FIRST_LOAD + " reads the checkpoint, converts the experts, writes the cache."],
                           args.settings)
             drop_cache(folder)
             if cache.is_dir():
                 drop_cache(cache)
             cached = bench(folder, cache, out / f"load-{fmt}-{layers}l-cached.json", args.budget,
-                           notes + ["Cached load: the converted experts come from the cache, its pages dropped "
+                           notes + [CACHED_LOAD + " the converted experts come from the cache, its pages dropped "
                                     "from the page cache first."], args.settings)
             row = {"format": fmt, "layers": layers, "checkpoint_gb": round(nbytes / 1e9, 2), "write_s": write_s,
                    "read_s": round(read_s, 1), "read_gb_s": round(read_gb_s, 2), "first": first, "cached": cached}

@@ -22,6 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from load_at_scale import CACHED_LOAD, CHECKPOINT, FIRST_LOAD   # the wording of a load result's notes (bench/)
+
 from moechat.backends import benchmark
 from moechat.backends.benchmark import Case, Result
 
@@ -246,6 +248,37 @@ def _failures(rows: list[Row]) -> list[str]:
     return out + [""]
 
 
+def load_kind(result: Result) -> str | None:
+    """``first`` or ``cached`` for a result of bench/load_at_scale.py (its notes say which), else None."""
+    for n in result.notes:
+        if n.startswith(FIRST_LOAD):
+            return "first"
+        if n.startswith(CACHED_LOAD):
+            return "cached"
+    return None
+
+
+def load_table(rows: list[Row]) -> list[str]:
+    """bench/load_at_scale.py's loads: what a load costs, stage by stage, apart from decode speed
+    (their few decode tokens only show that the loaded model runs)."""
+    lines = ["Loads at full width (`bench/load_at_scale.py`: a checkpoint of the release layout with every width "
+             "and fewer layers, loaded through `moechat bench` with the page cache dropped first; "
+             "docs/moe-offload.md, \"Loading at full size\", fits them to 48 layers):", "",
+             "| checkpoint | load | load s | stages, s | peak host GB | host after load GB | date | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r, c in sorted(rows, key=lambda rc: (rc[0].run.date[:10], model_base(rc[1]), rc[1].layers or 0,
+                                             load_kind(rc[0]) != "first")):
+        stages = "; ".join(f"{st['stage']} {st['s']:.1f}" for st in c.detail.get("load_stages") or [])
+        after = c.detail.get("host_rss_after_load_bytes")
+        lines.append("| " + " | ".join([
+            model_base(c).rsplit("/", 1)[-1] + (f", {c.layers} of {c.full_layers} layers"
+                                                 if c.layers and c.full_layers and c.layers < c.full_layers else ""),
+            load_kind(r) or "?",
+            fmt(c.load_time_s, "{:.1f}"), stages or "-", fmt(c.peak_host_bytes / 1e9 if c.peak_host_bytes else None),
+            fmt(after / 1e9 if after else None), r.run.date[:10], commit_of(r)]) + " |")
+    return lines + [""]
+
+
 def render_product(rows: list[Row], chart_path: Path, out_path: Path) -> list[str]:
     groups: dict[str, list[Row]] = defaultdict(list)
     failed: dict[str, list[Row]] = defaultdict(list)
@@ -270,11 +303,18 @@ def render_product(rows: list[Row], chart_path: Path, out_path: Path) -> list[st
                       "experts are cached in proportion to the cache's share of them (uniform routing; a run "
                       "whose routing repeats itself, as a random model's greedy reply does, hits more often and "
                       "can beat it): " + "; ".join(f"{v:.0f} tok/s at {b:g} GB" for b, v in bounds) + ".", ""]
-        lines += [table(rs), ""]
+        loads = [(r, c) for r, c in rs if load_kind(r)]
+        rs = [(r, c) for r, c in rs if not load_kind(r)]
+        if rs:
+            lines += [table(rs), ""]
         notes = sorted({c.extrapolated.note for _, c in rs if c.extrapolated})
         notes += sorted({f"{c.backend}: {n}" for _, c in rs for n in c.notes})
         notes += sorted({n for r, _ in rs for n in r.notes})
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+        if loads:
+            lines += load_table(loads)
+            checkpoints = sorted({n for r, _ in loads for n in r.notes if n.startswith(CHECKPOINT)})
+            lines += [f"- {n}" for n in checkpoints] + ([""] if checkpoints else [])
         lines += _failures(failed.get(card, []))
     return lines
 

@@ -270,6 +270,31 @@ def test_report_renders_the_producers_real_output(results, profile, tmp_path):
     (folder / "moe_offload_speed_cpu.json").unlink()
 
 
+def test_loads_get_a_table_of_their_own_apart_from_decode_speeds(results, tmp_path):
+    """A bench/load_at_scale.py result (its notes say which load) is listed with its load stages
+    under the loads, not as a decode speed beside the backends' runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from load_at_scale import FIRST_LOAD
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    folder, runs = results
+    raw = json.loads((folder / "moe-offload.json").read_text())
+    raw["notes"] = [f"{FIRST_LOAD} reads the checkpoint, converts the experts, writes the cache."]
+    raw["cases"][0]["detail"]["load_stages"] = [{"stage": "Reading the checkpoint index", "s": 1.25}]
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    (loads / "load-fp8-2l-first.json").write_text(json.dumps(raw))
+    proc, out = report(loads, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    case = runs["moe-offload"][0].cases[0]
+    assert re.search(rf"^\| synthetic:tiny \| first \| {case.load_time_s:.1f} \| Reading the checkpoint index 1.2 \|",
+                     text, re.M)
+    assert "| backend | model | budget |" not in text.split("## Headline")[1].split("Loads at full width")[0].split(
+        "<!-- end of headline -->")[1]
+
+
 def test_the_schema_refuses_what_does_not_fit(results, tmp_path):
     r, _ = results[1]["fake"]
     good = r.model_dump(mode="json")
