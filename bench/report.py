@@ -394,6 +394,21 @@ def render_profile(name: str, result: Result) -> list[str]:
             f"{fmt(c.peak_gpu_bytes / GiB if c.peak_gpu_bytes is not None else None, '{:.1f}')} | "
             f"{fmt(c.peak_host_bytes / GiB if c.peak_host_bytes is not None else None, '{:.1f}')} |")
     lines.append("")
+    piped = [c for c in ok if c.detail.get("decode_miss_policy")]
+    if piped:
+        lines += ["The missed experts' two pipes per decode token (docs/moe-offload.md, \"How it works\"):", "",
+                  "| budget | routing | miss policy | experts on the CPU | experts over PCIe | CPU GB/s | PCIe GB/s | "
+                  "GPU's experts, hand-over to wait | GPU waits for the CPU |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in piped:
+            d = c.detail
+            split = d.get("token_split_ms") or {}
+            gpu = next((v for k, v in split.items() if k.startswith("gpu experts")), None)
+            wait = next((v for k, v in split.items() if k.startswith("gpu waiting")), None)
+            lines.append(f"| {c.vram_budget_gb:g} GB | {d.get('routing', '?')} | {d['decode_miss_policy']} | "
+                         f"{fmt(d.get('cpu_experts_per_token'), '{:.0f}')} | "
+                         f"{fmt(d.get('zero_copy_experts_per_token'), '{:.0f}')} | {fmt(d.get('cpu_expert_gb_s'), '{:.1f}')} | "
+                         f"{fmt(d.get('pcie_expert_gb_s'), '{:.1f}')} | {fmt(gpu, '{:.2f} ms')} | {fmt(wait, '{:.2f} ms')} |")
+        lines.append("")
     for c in result.cases:
         if c.error is not None:
             lines.append(f"- did not finish: {c.name}: {c.error[:200]}")
