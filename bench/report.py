@@ -525,6 +525,60 @@ def render_policies(runs: list[dict[str, Any]], machine: dict[str, Any], project
 
 
 
+BOXES = [  # the person's box (issue 15): (label, PCIe GB/s, host memory GB/s)
+    ("PCIe 4.0 x16 + DDR5 dual channel", 25.0, 70.0),
+    ("PCIe 4.0 x16 + DDR4 dual channel", 25.0, 45.0),
+    ("PCIe 4.0 x8 + DDR5 dual channel", 13.0, 70.0),
+    ("PCIe 4.0 x8 + DDR4 dual channel", 13.0, 45.0),
+]
+DESKTOP_GPU_GB_S = 1000.0   # an RTX 4090-class card's memory bandwidth
+MEMORY_READ_SHARE = 0.85    # of a desktop's host-memory bandwidth, what reads can reach together
+
+
+def desktop_projection(group: list[Result]) -> list[str]:
+    """A PROJECTION, not a measurement: decode tok/s on the person's box with uniform routing, from
+    the measured efficiencies of one card's runs at one commit (one miss policy a run): the pcie
+    run's time less its misses, the hybrid (or cpu) run's CPU rate, the machine's bandwidths."""
+    bw = next((r.run.machine.bandwidth for r in group if r.run.machine.bandwidth.get("int4_kernel_zero_copy_gb_s")), {})
+    cases = [c for r in group for c in r.cases if c.error is None and str(c.detail.get("routing", "")).startswith("uniform")]
+    if not bw.get("cpu_copy_gb_s") or not cases:
+        return []
+    host_bw = 2 * bw["cpu_copy_gb_s"]      # a copy reads and writes: the memory moves twice its bytes
+    eff_pcie = bw["int4_kernel_zero_copy_gb_s"] / bw["h2d_pinned_gb_s"]
+    b = bw.get("expert_bytes") or EXPERT_BYTES
+    rows = []
+    for budget in sorted({c.vram_budget_gb for c in cases}):
+        by = {c.detail.get("decode_miss_policy"): c for c in cases if c.vram_budget_gb == budget}
+        pcie, cpu_src = by.get("pcie"), by.get("hybrid") or by.get("cpu")
+        if not pcie or not cpu_src or not cpu_src.detail.get("cpu_expert_gb_s"):
+            continue
+        eff_cpu = cpu_src.detail["cpu_expert_gb_s"] / host_bw
+        d = pcie.detail
+        misses = d["zero_copy_experts_per_token"]
+        # everything but the missed experts, as the pcie run measured it, plus the resident weights
+        # read at a desktop card's memory bandwidth
+        rest_ms = d["decode_ms_per_token"] - 1e3 * misses * b / (bw["int4_kernel_zero_copy_gb_s"] * 1e9)
+        rest_ms += 1e3 * d["resident_gb"] * GiB * (1 / (DESKTOP_GPU_GB_S * 1e9) - 1 / (bw["gpu_copy_gb_s"] * 1e9))
+        for label, pcie_gb_s, ddr in BOXES:
+            r_p, r_c = eff_pcie * pcie_gb_s, eff_cpu * ddr
+            both = min(r_p + r_c, MEMORY_READ_SHARE * ddr)      # PCIe reads come out of the same memory
+            tok = [1e3 / (rest_ms + 1e3 * misses * b / (rate * 1e9)) for rate in (r_p, r_c, both)]
+            rows.append(f"| {label} | {budget:g} GB | {misses:.0f} | {tok[0]:.0f} | {tok[1]:.0f} | **{tok[2]:.0f}** |")
+    if not rows:
+        return []
+    return [f"**PROJECTION (not measured): decode tok/s on a desktop box, uniform routing**, from the runs above "
+            f"of commit {commit_of(group[0])}. Assumptions: the CPU kernel reaches the same share of the box's "
+            f"host-memory bandwidth as it did here ({eff_cpu:.0%} of {host_bw:.0f} GB/s, twice the measured host copy "
+            "rate), with as many cores; the GPU's in-place reads reach the same share of the PCIe link as here "
+            f"({eff_pcie:.0%} of {bw['h2d_pinned_gb_s']:.1f} GB/s of pinned copies); PCIe reads come out of the same "
+            f"host memory, so both pipes together read at most {MEMORY_READ_SHARE:.0%} of it; everything but the "
+            "missed experts takes what it took in the pcie run, plus the resident weights read at "
+            f"{DESKTOP_GPU_GB_S:.0f} GB/s instead of {bw['gpu_copy_gb_s']:.0f}; the card of the same budget caches "
+            "the same share of the experts.", "",
+            "| box (projection) | budget | misses/token | PCIe only | CPU only | hybrid |", "|---|---|---|---|---|---|",
+            *rows, ""]
+
+
 def render_archive(folder: Path) -> list[str]:
     """The decode and prefill table of each archived bench/moe_offload_speed.py file, newest
     first, marked as history (the files are as the old producer wrote them, see
@@ -587,6 +641,13 @@ def render(results: list[tuple[str, Result]], chart_path: Path, out_path: Path, 
         lines += ["## moe-offload engine profiles", "",
                   "`bench/moe_offload_speed.py`: the moe-offload engine measured part by part, newest first "
                   "(not the product path: no worker, no chat template).", ""]
+        groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
+        for _, r in profiles:
+            groups[(card_of(r), commit_of(r))].append(r)
+        for key in sorted(groups, key=lambda k: max(r.run.date for r in groups[k]), reverse=True):
+            projected = desktop_projection(groups[key])
+            if projected:
+                lines += [f"### Projection for a desktop box from the {key[0]} runs of commit {key[1]}", "", *projected]
         for name, r in profiles:
             lines += render_profile(name, r)
     if archive is not None:

@@ -424,6 +424,29 @@ def test_a_scaled_budget_gives_each_layer_the_cache_share_of_the_full_model(budg
     assert benchmark.scaled_budget(budget, synthetic.model_info(cut), 48, 48) == budget
 
 
+def test_the_desktop_projection_follows_each_box_pipes_from_the_committed_runs():
+    """From the committed H200 runs (pcie, hybrid and cpu at 16 GB, one policy a run): a labelled
+    projection whose rows follow the box's pipes."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report as rep
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    group = [r for _, r in rep.load_results(RESULTS) if r.run.kind == "engine-profile" and r.run.card == "NVIDIA H200"
+             and rep.commit_of(r) == "6638ac28"]
+    lines = rep.desktop_projection(group)
+    assert lines[0].startswith("**PROJECTION (not measured)")
+    rows = {ln.split(" | ")[0].lstrip("| "): [float(v.strip("* |")) for v in ln.split(" | ")[3:]]
+            for ln in lines if ln.startswith("| PCIe 4.0")}
+    assert len(rows) == len(rep.BOXES)
+    x16_ddr5, x16_ddr4 = rows["PCIe 4.0 x16 + DDR5 dual channel"], rows["PCIe 4.0 x16 + DDR4 dual channel"]
+    x8_ddr5 = rows["PCIe 4.0 x8 + DDR5 dual channel"]
+    assert x8_ddr5[0] < x16_ddr5[0] and x8_ddr5[1] == x16_ddr5[1]       # PCIe alone follows the link
+    assert x16_ddr4[1] < x16_ddr5[1] and x16_ddr4[0] == x16_ddr5[0]     # the CPU alone follows the memory
+    for pcie_only, cpu_only, hybrid in rows.values():
+        assert hybrid > max(pcie_only, cpu_only)
+
+
 def test_archived_hybrid_runs_show_each_miss_policy_and_the_labelled_projection():
     """The archived engine runs of hybrid decode: BENCHMARKS.md shows every miss policy's row with
     what each pipe carried and achieved, and the desktop projection under a PROJECTION label with
