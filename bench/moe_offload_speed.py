@@ -212,6 +212,12 @@ def parts(eng) -> dict:
             "routed_layer_all_misses_us": round(t_miss * 1e6, 1) if t_miss else None}
 
 
+def gpu_us(ev) -> float:
+    """A profiler event's own GPU time in microseconds (the attribute's name changed in torch 2.4)."""
+    t = getattr(ev, "self_device_time_total", None)
+    return getattr(ev, "self_cuda_time_total", 0) if t is None else t
+
+
 def resident_profile(dec, t_graph: float, n: int = 30) -> dict:
     """Where the resident step's time goes: its kernels (one eager step under torch.profiler),
     by GPU time, and how much of the graph's time no kernel runs (launch gaps)."""
@@ -223,13 +229,8 @@ def resident_profile(dec, t_graph: float, n: int = 30) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         dec.step()
         torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-            t = getattr(ev, "self_cuda_time_total", 0)
-        if t > 0:
-            rows.append({"name": ev.key[:80], "calls": ev.count, "gpu_us": round(t, 1)})
+    rows = [{"name": ev.key[:80], "calls": ev.count, "gpu_us": round(gpu_us(ev), 1)}
+            for ev in prof.key_averages() if gpu_us(ev) > 0]
     rows.sort(key=lambda r: -r["gpu_us"])
     busy = sum(r["gpu_us"] for r in rows)
     return {"kernels_per_step": sum(r["calls"] for r in rows), "kernel_time_ms": round(busy / 1e3, 2),
@@ -453,13 +454,8 @@ def top_kernels(eng, ids, n: int = 15) -> list[dict]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         eng.forward(ids, None, logits_to_keep=1)
         torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        dev = getattr(ev, "self_device_time_total", None)
-        if dev is None:
-            dev = getattr(ev, "self_cuda_time_total", 0)
-        rows.append({"name": ev.key[:90], "calls": ev.count, "self_gpu_ms": round(dev / 1e3, 2),
-                     "self_cpu_ms": round(ev.self_cpu_time_total / 1e3, 2)})
+    rows = [{"name": ev.key[:90], "calls": ev.count, "self_gpu_ms": round(gpu_us(ev) / 1e3, 2),
+             "self_cpu_ms": round(ev.self_cpu_time_total / 1e3, 2)} for ev in prof.key_averages()]
     by_gpu = sorted(rows, key=lambda r: -r["self_gpu_ms"])[:n]
     by_cpu = [r for r in sorted(rows, key=lambda r: -r["self_cpu_ms"])[:n] if r not in by_gpu]
     return by_gpu + by_cpu
