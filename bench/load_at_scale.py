@@ -41,6 +41,7 @@ CHECKPOINT = "Checkpoint:"
 FIRST_LOAD = "First load:"
 CACHED_LOAD = "Cached load:"
 
+
 def files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 

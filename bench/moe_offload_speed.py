@@ -616,7 +616,7 @@ def main() -> None:
         for uniform in (False, True):
             if ("uniform" if uniform else "router") in args.skip:
                 continue
-            first_row = i == 0 and uniform == ("router" in args.skip)     # the budget's first row
+            first_row = i == 0 and uniform == ("router" in args.skip)     # the run's first row
             extra = ["--machine", "--parts"] if (first_row and "machine" not in args.skip) else []
             if not uniform and "prefill" not in args.skip:
                 extra.append("--prefill-detail")

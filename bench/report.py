@@ -546,13 +546,13 @@ def desktop_projection(group: list[Result]) -> list[str]:
     host_bw = 2 * bw["cpu_copy_gb_s"]      # a copy reads and writes: the memory moves twice its bytes
     eff_pcie = bw["int4_kernel_zero_copy_gb_s"] / bw["h2d_pinned_gb_s"]
     b = bw.get("expert_bytes") or EXPERT_BYTES
-    rows = []
+    rows, eff = [], {}
     for budget in sorted({c.vram_budget_gb for c in cases}):
         by = {c.detail.get("decode_miss_policy"): c for c in cases if c.vram_budget_gb == budget}
         pcie, cpu_src = by.get("pcie"), by.get("hybrid") or by.get("cpu")
         if not pcie or not cpu_src or not cpu_src.detail.get("cpu_expert_gb_s"):
             continue
-        eff_cpu = cpu_src.detail["cpu_expert_gb_s"] / host_bw
+        eff_cpu = eff[budget] = cpu_src.detail["cpu_expert_gb_s"] / host_bw
         d = pcie.detail
         misses = d["zero_copy_experts_per_token"]
         # everything but the missed experts, as the pcie run measured it, plus the resident weights
@@ -566,10 +566,11 @@ def desktop_projection(group: list[Result]) -> list[str]:
             rows.append(f"| {label} | {budget:g} GB | {misses:.0f} | {tok[0]:.0f} | {tok[1]:.0f} | **{tok[2]:.0f}** |")
     if not rows:
         return []
-    return [f"**PROJECTION (not measured): decode tok/s on a desktop box, uniform routing**, from the runs above "
+    return [f"**PROJECTION (not measured): decode tok/s on a desktop box, uniform routing**, from the runs below "
             f"of commit {commit_of(group[0])}. Assumptions: the CPU kernel reaches the same share of the box's "
-            f"host-memory bandwidth as it did here ({eff_cpu:.0%} of {host_bw:.0f} GB/s, twice the measured host copy "
-            "rate), with as many cores; the GPU's in-place reads reach the same share of the PCIe link as here "
+            f"host-memory bandwidth as it did here ("
+            + ", ".join(f"{e:.0%} at {b:g} GB" for b, e in eff.items()) + f" of {host_bw:.0f} GB/s, twice the measured "
+            "host copy rate), with as many cores; the GPU's in-place reads reach the same share of the PCIe link as here "
             f"({eff_pcie:.0%} of {bw['h2d_pinned_gb_s']:.1f} GB/s of pinned copies); PCIe reads come out of the same "
             f"host memory, so both pipes together read at most {MEMORY_READ_SHARE:.0%} of it; everything but the "
             "missed experts takes what it took in the pcie run, plus the resident weights read at "

@@ -227,13 +227,8 @@ def test_fused_attention_gives_the_plain_ops_output_over_a_long_cache(wide, tmp_
         d.pos.fill_(pos)
     x = torch.randn(eng.config.hidden_size, generator=g)
     want = plain._attention(attn, layer.state, x)
-    cos, sin = eng.model.model.rotary_emb(x, fused.pos.view(1, 1))
     with torch.no_grad():
-        kernels.attention_decode(torch.nn.functional.linear(x, layer.proj_in), attn.q_norm.weight,
-                                 attn.k_norm.weight, cos.view(-1), sin.view(-1), fused.pos, fused.keys[layer.state],
-                                 fused.values[layer.state], fused.eps, attn.scaling, fused.q, fused.attn_part,
-                                 fused.attn_out)
-        got = torch.nn.functional.linear(fused.attn_out, attn.o_proj.weight)
+        got = fused._fused_attention(layer, x, fused.rope_angles(x))
     assert (got - want).abs().max().item() <= TOL * max(want.abs().max().item(), 1.0)
     # the token's key and value went where the plain ops put them, and nothing else moved
     assert torch.allclose(fused.keys, plain.keys, atol=1e-5) and torch.equal(fused.values, plain.values)

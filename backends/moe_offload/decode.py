@@ -211,13 +211,8 @@ class Qwen3NextDecoder:
                 mixed = F.linear(self.gdn_out, attn.out_proj.weight)
             elif layer.proj_in is not None:
                 if rope is None:        # every attention layer of a token shares its position's angles
-                    cos, sin = m.rotary_emb(x, self.pos.view(1, 1))
-                    rope = cos.view(-1), sin.view(-1)
-                attn = mod.self_attn
-                k.attention_decode(F.linear(x, layer.proj_in), attn.q_norm.weight, attn.k_norm.weight, *rope,
-                                   self.pos, self.keys[layer.state], self.values[layer.state], eps, attn.scaling,
-                                   self.q, self.attn_part, self.attn_out)
-                mixed = F.linear(self.attn_out, attn.o_proj.weight)
+                    rope = self.rope_angles(x)
+                mixed = self._fused_attention(layer, x, rope)
             else:       # projections with biases
                 mixed = self._attention(mod.self_attn, layer.state, x)
             k.add_rms_norm(h, mixed, mod.post_attention_layernorm.weight, eps, x)
@@ -243,6 +238,20 @@ class Qwen3NextDecoder:
         logits = F.linear(x, self.model.lm_head.weight)
         self.pos.add_(1)
         return logits
+
+    def rope_angles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of this step's position (the model's rotary embedding), flat."""
+        cos, sin = self.model.model.rotary_emb(x, self.pos.view(1, 1))
+        return cos.view(-1), sin.view(-1)
+
+    def _fused_attention(self, layer: _Layer, x: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``_attention`` with the fused kernels, for q, k and v stacked in ``layer.proj_in``."""
+        attn = layer.module.self_attn
+        self.kernels.attention_decode(F.linear(x, layer.proj_in), attn.q_norm.weight, attn.k_norm.weight, *rope,
+                                      self.pos, self.keys[layer.state], self.values[layer.state], self.eps,
+                                      attn.scaling, self.q, self.attn_part, self.attn_out)
+        return F.linear(self.attn_out, attn.o_proj.weight)
 
     def _delta_net(self, attn: Any, s: int, x: torch.Tensor) -> torch.Tensor:
         nk, nv, dk, dv = self.nk, self.nv, self.dk, self.dv
@@ -280,8 +289,7 @@ class Qwen3NextDecoder:
         q = rms_norm(q, attn.q_norm.weight, self.eps)
         k = rms_norm(F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(nkv, hd), attn.k_norm.weight, self.eps)
         v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(nkv, hd)
-        cos, sin = self.model.model.rotary_emb(x, self.pos.view(1, 1))
-        cos, sin = cos.view(-1), sin.view(-1)
+        cos, sin = self.rope_angles(x)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         keys, values = self.keys[s], self.values[s]
         keys.index_copy_(1, self.pos, k[:, None])
