@@ -362,11 +362,12 @@ def uniform_prefill():
     return mock.patch.object(OffloadedExperts, "forward", forward)
 
 
-def prefill_detail(eng, cfg, tokens: int) -> dict:
+def prefill_detail(eng, cfg, tokens: int, uniform: bool = False) -> dict:
     """One prompt's prefill, several ways on the same engine: the grouped path (Triton int4
     dequantization, one grouped GEMM per chunk of experts) against torch's dequantization with a
     product per expert; the model's router against uniform random routing (every expert of a
-    layer touched, a trained model's case); where the time goes, per module and per kernel."""
+    layer touched, a trained model's case); where the time goes, per module and per kernel.
+    ``uniform``: only the grouped path, and where its time goes, under uniform routing."""
     from unittest import mock
 
     import torch
@@ -395,7 +396,13 @@ def prefill_detail(eng, cfg, tokens: int) -> dict:
         return {"way": label, "s": round(s, 3), "tok_s": round(tokens / s, 1), "hit_rate": round(c.hits / lookups, 4),
                 "h2d_gb": round(c.bytes_h2d / 1e9, 2), "experts_copied": c.copied}, logits[0, -1].float()
 
-    out: dict = {"tokens": tokens, "ways": []}
+    out: dict = {"tokens": tokens, "ways": [], "routing": "uniform random routing" if uniform else "the model's router"}
+    if uniform:
+        with uniform_prefill():
+            out["ways"].append(timed(label="grouped, uniform random routing")[0])
+            out["modules_ms"] = module_times(eng, ids)
+            out["top_kernels"] = top_kernels(eng, ids)
+        return out
     rec, fast = timed(label="grouped (Triton dequant + torch._grouped_mm), the model's router")
     out["ways"].append(rec)
     rec, slow = timed(torch_only(), "torch dequant + a product per expert, the model's router")
@@ -496,7 +503,7 @@ def one_run(args) -> dict:
     if args.parts:
         rec["parts"] = parts(eng)
     if args.prefill_detail:
-        rec["prefill_detail"] = prefill_detail(eng, cfg, args.prompt)
+        rec["prefill_detail"] = prefill_detail(eng, cfg, args.prompt, uniform=args.uniform)
     if trace is not None:
         rec["policy"] = [simulate(trace, store.num_experts, eng.info["cache_slots_per_layer"], p)
                          for p in ("lru", "lfu")]
@@ -618,7 +625,7 @@ def main() -> None:
                 continue
             first_row = i == 0 and uniform == ("router" in args.skip)     # the run's first row
             extra = ["--machine", "--parts"] if (first_row and "machine" not in args.skip) else []
-            if not uniform and "prefill" not in args.skip:
+            if "prefill" not in args.skip:
                 extra.append("--prefill-detail")
             argv = ["--phase", "run", "--budget", str(budget), *common, *extra] + (["--uniform"] if uniform else [])
             rec = phase(argv, 260 if "--prefill-detail" in extra else 200)

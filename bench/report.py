@@ -475,9 +475,11 @@ def render_prefill(case: Case, kernels: int = 6) -> list[str]:
     agree = pd.get("grouped_vs_torch", {})
     mods = pd.get("modules_ms", {})
     top = [k for k in pd.get("top_kernels", []) if k["self_gpu_ms"] > 0][:kernels]
-    lines += ["", f"The grouped and torch ways give the same last-token logits up to bf16 rounding (largest "
-              f"difference {agree.get('max_rel_logit_diff', float('nan')):.4f} of the largest logit, argmax "
-              f"{'the same' if agree.get('argmax_agree') else 'different'}). Per module, the model's router, with a "
+    same = (f"The grouped and torch ways give the same last-token logits up to bf16 rounding (largest "
+            f"difference {agree['max_rel_logit_diff']:.4f} of the largest logit, argmax "
+            f"{'the same' if agree['argmax_agree'] else 'different'}). ") if agree else ""
+    routing = pd.get("routing", "the model's router")       # runs before uniform rows had a profile
+    lines += ["", same + f"Per module, {routing}, with a "
               "sync around each module: " + "; ".join(f"{k} {v:.0f} ms" for k, v in mods.items()) + ".",
               "", "Most GPU time, by op or kernel: " + "; ".join(
                   f"{k['name'][:60]} {k['self_gpu_ms']:.0f} ms ({k['calls']} calls)" for k in top) + ".", ""]

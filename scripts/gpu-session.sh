@@ -17,6 +17,8 @@
 # Without vLLM (VLLM=0 on calls 1 and 8): no parts 2-7, and the comparison is moe-offload and llama.cpp.
 # Issue 15's engine runs: ENGINE=1 on call 1 (CPU_BASELINE=FILE: an older cpu_experts.c timed beside).
 # VLLM=0 LLAMA=0 on call 1: phase A alone, no call 8 (`wait` until "session done").
+# GPU_TESTS="tests/x.py -k cuda" on call 1 runs those tests there first (pytest from .gpu-wheels/,
+# made here by `pip download pytest iniconfig pluggy packaging --no-deps -d .gpu-wheels`).
 # Every `wait` leaves what is finished so far in $OUT/session.tgz (results and logs, no weights).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +31,8 @@ LLAMA=${LLAMA:-1}                  # 0: no llama.cpp build and no comparison (wi
 EXTRAS=${EXTRAS:-1}                # 0: phase A leaves out the int4 check, the conversion bench, the import profile
 LOAD_FORMATS=${LOAD_FORMATS:-"fp8 bf16"}   # the release layouts phase A loads at full width
 ENGINE=${ENGINE:-0}                # 1: phase A ends with issue 15's engine runs (engine_runs below)
+LOADS=${LOADS:-1}                  # 0: no FP8 checkpoint and no loads at full width
+GPU_TESTS=${GPU_TESTS:-}           # pytest arguments: the tests that need a GPU, first (carry .gpu-wheels: pytest)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 # the copy of the tree there has no .git: pass the commit (MOECHAT_GIT_COMMIT=$(git rev-parse HEAD) here)
 [ -n "${MOECHAT_GIT_COMMIT:-}" ] || MOECHAT_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null)
@@ -50,10 +54,17 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
         /root/llamacpp-gpu/files/*.whl . || return 1
     export PYTHONPATH=$SITE MOECHAT_HOME=$S/home-a
     nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
-    [ -d "$FP8" ] || python3 -m moechat.backends.fp8_checkpoint "$FP8" || return 1
-    touch "$S/checkpoint-ready"
-    timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats $LOAD_FORMATS \
-        --layers 2 4 --reuse "fp8:4=$FP8"
+    if [ -n "$GPU_TESTS" ]; then
+        python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target "$SITE" .gpu-wheels/*.whl
+        TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS > "$S/gpu-tests.log" 2>&1
+        echo "gpu tests: rc $?"
+    fi
+    if [ "$LOADS" = 1 ]; then
+        [ -d "$FP8" ] || python3 -m moechat.backends.fp8_checkpoint "$FP8" || return 1
+        touch "$S/checkpoint-ready"
+        timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats $LOAD_FORMATS \
+            --layers 2 4 --reuse "fp8:4=$FP8"
+    fi
     [ "$ENGINE" = 1 ] && engine_runs
     if [ "$EXTRAS" = 1 ]; then
         timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
@@ -71,7 +82,7 @@ engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), after the loads: 
     local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
     mkdir -p "$r"
     # uniform routing (a cache's worst case); the first run also measures the machine and the parts
-    timeout 200 $speed --miss-policy hybrid --budgets 16 --skip check router prefill \
+    timeout 230 $speed --miss-policy hybrid --budgets 16 --skip check router \
         --out "$r/speed-hybrid-16.json" > "$S/speed-hybrid-16.log" 2>&1
     echo "hybrid 16: rc $?"
     for pol in pcie cpu; do
@@ -83,7 +94,7 @@ engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), after the loads: 
 
 engine_rest() {  # then: hybrid at 24 GB, the CPU kernel alone, the router rows and the check
     local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
-    timeout 150 $speed --miss-policy hybrid --budgets 24 --skip check router machine prefill \
+    timeout 180 $speed --miss-policy hybrid --budgets 24 --skip check router machine \
         --out "$r/speed-hybrid-24.json" > "$S/speed-hybrid-24.log" 2>&1
     echo "hybrid 24: rc $?"
     # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
@@ -138,7 +149,7 @@ case "${1:-}" in
         limit=${2:-540}; started=$(date +%s)
         while [ ! -f "$S/session.done" ] && [ $(( $(date +%s) - started )) -lt "$limit" ]; do sleep 5; done
         date; ls "$S"
-        for f in a b vllm-check llama-prepare compare; do
+        for f in a gpu-tests b vllm-check llama-prepare compare; do
             [ -f "$S/$f.log" ] && { echo "--- $f"; tail -n 4 "$S/$f.log" | cut -c1-300; }
         done
         nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader

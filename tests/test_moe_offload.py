@@ -124,6 +124,36 @@ def test_cache_sizes_and_miss_policies_give_the_same_output(models, tmp_path, fm
     assert hit_rates[0] == 0.0 and hit_rates[-1] > hit_rates[2] > 0.0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the copy stream needs a GPU"))])
+def test_a_long_prompt_streams_its_misses_to_the_logits_of_the_cache_path(models, tmp_path, monkeypatch, device):
+    """A prompt that routes to most experts gets every expert the cache lacks through the ring,
+    whatever the ring's shape, leaves the cache as it was, and computes what copying its misses
+    into the cache in rounds computes."""
+    from moechat.backends.moe_offload import prefill
+    from moechat.backends.moe_offload.prefill import PrefillStream
+
+    eng = engine(models["wide"], tmp_path, expert_format="int4", int4_group_size=16, cache_experts=5,
+                 miss_policy="copy", device=device)
+    top_k, layers = eng.adapter.shapes(eng.config).top_k, len(eng.experts)
+    for n in (60, 9):       # 9 tokens route to most experts, not all: some streamed experts go unused
+        ids = prompt(12, n)
+        assert eng.prefill.pays(n) and not eng.prefill.pays(2)
+        with monkeypatch.context() as m:
+            m.setattr(prefill, "STREAM_MIN_COVERAGE", 1.1)        # no prompt streams: the cache's rounds
+            want = eng.forward(ids)[0]
+        for chunk, slots in ((32, None), (3, 1), (3, 2), (4, 5)):
+            eng.stream_prefill(PrefillStream(eng.experts, top_k, chunk, slots))
+            cached = [dict(mod.lru) for mod in eng.experts]
+            eng.counters.reset()
+            got = eng.forward(ids)[0]
+            assert (got - want).abs().max().item() <= 1e-5, (n, chunk, slots)
+            assert [dict(mod.lru) for mod in eng.experts] == cached
+            assert eng.counters.copied == layers * (16 - 5)
+        if n == 9:
+            assert eng.counters.misses < eng.counters.copied
+
+
 def test_checkpoint_layouts_load_to_the_logits_of_their_weights(models, tmp_path):
     src = models[0]
     state = read_state(src)

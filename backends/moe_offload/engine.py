@@ -21,6 +21,7 @@ from torch import nn
 
 from moechat.backends.moe_offload import quant
 from moechat.backends.moe_offload.plan import cache_slots, kv_and_state_bytes, resolve_policy
+from moechat.backends.moe_offload.prefill import PrefillStream
 from moechat.backends.moe_offload.store import ExpertStore, Proj
 
 GiB = 1024**3
@@ -87,6 +88,7 @@ class OffloadedExperts(nn.Module):
         self.lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, oldest first
         self.free = list(range(slots))[::-1]
         self.cpu_kernel = None      # (CpuExperts, this layer's index): decode misses on the CPU
+        self.stream = None          # the engine's PrefillStream: a long prompt's misses arrive there
         self.cache: dict[str, Proj] = {}
         self.top_k = None
         if slots:
@@ -155,10 +157,14 @@ class OffloadedExperts(nn.Module):
         return quant.dequantize(self.store.fmt, proj.data[rows], None if proj.scale is None else proj.scale[rows],
                                 dtype, proj.block, None if proj.zero is None else proj.zero[rows])
 
-    def _run(self, src: dict[str, Proj], row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
-             wflat: torch.Tensor, out: torch.Tensor, k: int) -> None:
+    def _run(self, src: dict[str, Proj] | None, row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
+             wflat: torch.Tensor, out: torch.Tensor, k: int, ring: Iterator[dict[str, Proj]] | None = None) -> None:
         """Accumulate into ``out`` every (token, expert) pair of ``flat`` (the routed ids, on the
-        host) whose expert has a row of ``src`` in ``row_of``: its output times its weight."""
+        host) whose expert has a row of ``src`` in ``row_of``: its output times its weight.
+
+        With ``ring`` (a streamed prefill: ``PrefillStream.chunks``) the rows are positions in
+        this layer's stream and row ``r`` lies in the ``r // chunk``-th slot it yields (``chunk``:
+        the stream's experts a slot)."""
         if not row_of:
             return
         lut = torch.full((self.store.num_experts,), -1, dtype=torch.long)
@@ -167,11 +173,11 @@ class OffloadedExperts(nn.Module):
         pos = (row >= 0).nonzero().squeeze(1)            # flat positions, token-major
         if not len(pos):
             return
-        dev = src["down"].data.device
+        dev = self.device if src is None else src["down"].data.device
         xd = x if x.device == dev else x.to(dev)
         wd = wflat if wflat.device == dev else wflat.to(dev)
-        gu, dn = src["gate_up"], src["down"]
-        if len(pos) <= SMALL_BATCH_PAIRS:
+        if ring is None and len(pos) <= SMALL_BATCH_PAIRS:
+            gu, dn = src["gate_up"], src["down"]
             # a few pairs (decode): one gathered bmm per projection
             idx = _to(torch.stack((pos, row[pos])), dev)
             pos_d, rows = idx[0], idx[1]
@@ -190,14 +196,24 @@ class OffloadedExperts(nn.Module):
             xs = xd[pos_d // k]
             ys = torch.empty_like(xs)
             n, bounds = len(rows), [0] + ends.tolist()
-            for c0 in range(0, n, DEQUANT_CHUNK):
-                c1 = min(c0 + DEQUANT_CHUNK, n)
+            if ring is None:        # the rows' experts: DEQUANT_CHUNK of them at a time
+                parts = ((src, 0, c0, min(c0 + DEQUANT_CHUNK, n)) for c0 in range(0, n, DEQUANT_CHUNK))
+            else:                   # the experts of each ring slot, as it arrives
+                size = self.stream.chunk
+                last = int(rows[-1]) // size + 1      # slots up to the last one with pairs
+                cut = [0] + torch.searchsorted(rows, torch.arange(1, last + 1) * size).tolist()
+                parts = ((slot, j * size, cut[j], cut[j + 1]) if j < last else (slot, 0, n, n)
+                         for j, slot in enumerate(ring))
+            for part, base, c0, c1 in parts:
+                if c0 == c1:
+                    continue
                 a, b = bounds[c0], bounds[c1]
                 offs = (ends_d[c0:c1] - a).to(torch.int32)
                 sizes = counts[c0:c1].tolist()
-                h = grouped_linear(xs[a:b], self._dense(gu, rows_d[c0:c1], xs.dtype), offs, sizes)
+                r = rows_d[c0:c1] - base if base else rows_d[c0:c1]
+                h = grouped_linear(xs[a:b], self._dense(part["gate_up"], r, xs.dtype), offs, sizes)
                 g, u = h.chunk(2, dim=-1)
-                ys[a:b] = grouped_linear(self.act(g) * u, self._dense(dn, rows_d[c0:c1], xs.dtype), offs, sizes)
+                ys[a:b] = grouped_linear(self.act(g) * u, self._dense(part["down"], r, xs.dtype), offs, sizes)
         ys = ys * wd[pos_d].unsqueeze(-1).to(ys.dtype)
         tok = pos_d // k
         if ys.device != out.device:
@@ -220,6 +236,16 @@ class OffloadedExperts(nn.Module):
         for e in hit:
             self.lru.move_to_end(e)
         copy_misses = self.slots > 0 and (self.policy == "copy" or t > 1)
+        if self.stream is not None and self.stream.active:
+            # a long prompt: the hits from the cache, every miss from the ring as it arrives
+            self._run(self.cache, {e: self.lru[e] for e in hit}, flat, x, wflat, out, k)
+            streamed = self.stream.streamed(self)
+            used = set(miss)
+            ring = self.stream.chunks(self)
+            self._run(None, {e: p for p, e in enumerate(streamed) if e in used}, flat, x, wflat, out, k, ring=ring)
+            for _ in ring:          # slots with none of this prompt's pairs go back to the copies too
+                pass
+            return out
         if copy_misses and len(uniq) <= self.slots:
             keep = set(uniq)
             for e in miss:
@@ -287,10 +313,18 @@ class Engine:
         self.options, self.counters, self.experts, self.info = options, counters, experts, info
         self.device = torch.device(options.device)
         self._decode: DecodePath | None = None
+        self.prefill = None
+        self.stream_prefill(PrefillStream(experts, adapter.shapes(config).top_k, DEQUANT_CHUNK))
         self._cpu_experts = None
         if store.fmt == "int4" and any(m.policy == "cpu" for m in experts):
             for i, mod in enumerate(experts):
                 mod.cpu_kernel = (self.cpu_experts, i)
+
+    def stream_prefill(self, stream: PrefillStream) -> None:
+        """Long prompts' misses go through ``stream`` (its ring's shape is a test's to choose)."""
+        self.prefill = stream
+        for mod in self.experts:
+            mod.stream = stream
 
     @property
     def cpu_experts(self):
@@ -383,8 +417,9 @@ class Engine:
         t = input_ids.shape[1]
         # positions passed explicitly: a model with no attention layer has no cache length to read
         pos = torch.arange(start, start + t, device=self.device).unsqueeze(0)
-        out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
-                         position_ids=pos, logits_to_keep=logits_to_keep)
+        with self.prefill.session(t):
+            out = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                             position_ids=pos, logits_to_keep=logits_to_keep)
         cache = out.past_key_values
         cache.moe_offload_pos = start + t
         return out.logits, cache

@@ -34,6 +34,10 @@ from moechat.backends.shapes import shapes as config_shapes
 # step's static buffers and the allocator's slack. Measured at the 80 B shapes on an H100
 # (docs/facts.md): torch reserved up to 1.2 GiB beyond weights, cache, KV and state.
 WORKSPACE_BYTES = int(2.0 * GiB)
+# Of that work area, a long prompt's ring of streamed experts (prefill.PrefillStream): about one
+# layer's attention and Gated DeltaNet time of PCIe copies at a 2,048-token prompt, so the copies
+# go on while the resident layers compute (256 experts at the 80 B shapes).
+PREFILL_RING_BYTES = 384 * 1024**2
 FP8_BLOCK = 128   # fp8 experts carry one float32 scale per 128 x 128 block
 
 
