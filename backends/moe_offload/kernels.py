@@ -266,20 +266,27 @@ def _router(logits_ptr, noise_ptr, ids_ptr, w_ptr, rec_ptr, E: tl.constexpr, K: 
     p = tl.exp(lg - tl.max(lg, axis=0))
     p = p / tl.sum(p, axis=0)
     if NOISE:   # benchmarks: pick experts by the noise instead of the router
-        sel = tl.load(noise_ptr + e, mask=m, other=-1.0).to(tl.float32)
+        sel = tl.load(noise_ptr + e, mask=m, other=0.0).to(tl.float32)
     else:
         sel = p
-    sel = tl.where(m, sel, -1.0)
+    # One int64 key per expert: the score's float32 bits (ordered as the scores are, for scores
+    # >= 0) above BLOCK - 1 - e. So one max gives the best score and, among equal scores, the
+    # smallest index; -1 is below every key (lanes past E, experts already picked).
+    key = (sel.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK - 1 - e).to(tl.int64)
+    key = tl.where(m, key, -1)
     slot = tl.arange(0, KB)
     ids = tl.zeros([KB], dtype=tl.int64)
     ws = tl.zeros([KB], dtype=tl.float32)
     for i in tl.static_range(K):
-        best = tl.max(sel, axis=0)
-        idx = tl.min(tl.where(sel == best, e, BLOCK), axis=0)
-        wi = tl.sum(tl.where(e == idx, p, 0.0), axis=0)
-        ids = tl.where(slot == i, idx.to(tl.int64), ids)
+        best = tl.max(key, axis=0)
+        idx = BLOCK - 1 - (best & (BLOCK - 1))
+        if NOISE:
+            wi = tl.sum(tl.where(e == idx, p, 0.0), axis=0)
+        else:       # the score is the probability: its bits are in the key
+            wi = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        ids = tl.where(slot == i, idx, ids)
         ws = tl.where(slot == i, wi, ws)
-        sel = tl.where(e == idx, -2.0, sel)
+        key = tl.where(key == best, -1, key)
     if NORM:
         ws = ws / tl.sum(ws, axis=0)
     km = slot < K
@@ -290,12 +297,16 @@ def _router(logits_ptr, noise_ptr, ids_ptr, w_ptr, rec_ptr, E: tl.constexpr, K: 
 
 def route(logits: torch.Tensor, top_k: int, norm: bool, ids: torch.Tensor, weights: torch.Tensor,
           record: torch.Tensor, noise: torch.Tensor | None = None) -> None:
-    """Softmax over the router logits, the top_k experts (by ``noise`` instead, when given) and
-    their weights, renormalised when ``norm``; the ids go to ``ids`` and ``record``."""
+    """Softmax over the router logits, the top_k experts (by ``noise`` instead, when given; it
+    must be >= 0, as torch.rand's) and their weights, renormalised when ``norm``; the ids go to
+    ``ids`` and ``record``. Among equal scores the smaller expert index is picked first."""
     e = logits.numel()
+    # One warp: the kernel is a chain of K + 2 reductions over E = 512 values, 16 a thread at one
+    # warp. Each is shuffles within the warp; with more warps each also goes through shared
+    # memory and a barrier, which costs more than the few extra values a thread reads.
     _router[(1,)](logits, noise if noise is not None else logits, ids, weights, record, E=e, K=top_k,
                   NORM=norm, NOISE=noise is not None, BLOCK=triton.next_power_of_2(e),
-                  KB=triton.next_power_of_2(top_k))
+                  KB=triton.next_power_of_2(top_k), num_warps=1)
 
 
 @triton.jit
