@@ -234,10 +234,79 @@ def test_fused_attention_gives_the_plain_ops_output_over_a_long_cache(wide, tmp_
     assert torch.allclose(fused.keys, plain.keys, atol=1e-5) and torch.equal(fused.values, plain.values)
 
 
-def test_fused_shared_expert_activation_is_silu_gate_times_up(kernels):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_adds_the_moe_output_as_the_plain_ops_do_with_the_shared_expert_computed_inside(kernels, dtype):
+    """combine against the plain formulation (``_mlp``'s shared expert times its sigmoid gate, plus
+    the routed experts' weighted sum and the CPU's share, added to the residual stream), given the
+    shared expert's output or, with ``down``, computing it from its gate and up projections. 200
+    outputs and an inner size of 80 read in blocks of 32 leave partial blocks of both. float32
+    checks the arithmetic; in bf16 Triton's interpreter truncates (toward zero) at each of the six
+    points where the GPU rounds as transformers does, so that case allows a few units in the last
+    place of the largest output."""
+    from types import SimpleNamespace
+
+    from moechat.backends.moe_offload.decode import _mlp
+
+    F = torch.nn.functional
     g = torch.Generator().manual_seed(3)
-    gu = torch.randn(2 * 1500, generator=g)
-    out = torch.empty(1500)
-    kernels.silu_mul(gu, out)
-    want = torch.nn.functional.silu(gu[:1500]) * gu[1500:]
-    assert (out - want).abs().max().item() <= 1e-6
+    n, inter, k = 200, 80, 4
+
+    def linear(rows, cols):
+        return SimpleNamespace(weight=(torch.randn(rows, cols, generator=g) / cols ** 0.5).to(dtype))
+
+    se = SimpleNamespace(gate_proj=linear(inter, n), up_proj=linear(inter, n), down_proj=linear(n, inter))
+    x = torch.randn(n, generator=g).to(dtype) * 2
+    h0 = (torch.randn(n, generator=g) * 0.25).to(dtype)
+    y = torch.randn(k, n, generator=g) * 0.25          # the routed experts' outputs, float32
+    w = torch.rand(k, generator=g).to(dtype)
+    cpu = torch.randn(n, generator=g) * 0.1
+    gate_up = F.linear(x, torch.cat([se.gate_proj.weight, se.up_proj.weight]))
+    shared_gate = F.linear(x, linear(1, n).weight)
+    routed = ((y * w[:, None].float()).sum(0) + cpu).to(dtype)
+    want = (h0 + (routed + _mlp(se, x) * torch.sigmoid(shared_gate))).float()
+    top = want.abs().max().item()
+    assert (want - (h0 + routed).float()).abs().max().item() > 0.25 * top     # the shared expert counts
+    tol = (1e-5 if dtype == torch.float32 else 2**-4) * top
+    unfused = h0.clone()
+    kernels.combine(unfused, y, w, _mlp(se, x), shared_gate, cpu)
+    fused = h0.clone()
+    kernels.combine(fused, y, w, gate_up, shared_gate, cpu, down=se.down_proj.weight, block_inner=32)
+    for got in (unfused, fused):
+        assert (got.float() - want).abs().max().item() <= tol
+
+
+def route(kernels, logits, k, norm, noise=None):
+    ids, record = torch.full((k,), -1), torch.full((k,), -1)
+    weights = torch.zeros(k)
+    kernels.route(logits, k, norm, ids, weights, record, noise)
+    assert torch.equal(ids, record)
+    return ids, weights
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renormalised", "as-is"])
+def test_router_picks_the_most_probable_experts_and_the_smallest_index_among_ties(kernels, norm):
+    # logits in quarter steps: many experts share a probability, and the tenth pick is one of a tie
+    e, k = 60, 10                       # 60: the kernel's block of 64 has lanes past the experts
+    logits = (torch.randint(0, 6, (e,), generator=torch.Generator().manual_seed(6)) / 4).to(torch.bfloat16)
+    probs = torch.softmax(logits, -1, dtype=torch.float)
+    order = torch.sort(probs, descending=True, stable=True).indices      # ties: the smaller index first
+    assert probs[order[k - 1]] == probs[order[k]] and probs[order[0]] == probs[order[1]]
+    ids, weights = route(kernels, logits, k, norm)
+    assert ids.tolist() == order[:k].tolist()
+    want = probs[order[:k]]
+    if norm:
+        want = want / want.sum()
+    assert (weights - want).abs().max().item() <= 1e-6
+
+
+def test_router_with_noise_picks_by_the_noise_and_weighs_by_the_probability(kernels):
+    e, k = 60, 10
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(e, generator=g).to(torch.bfloat16)
+    noise = torch.randint(0, 16, (e,), generator=g) / 16                # ties in the noise too
+    order = torch.sort(noise, descending=True, stable=True).indices
+    assert noise[order[k - 1]] == noise[order[k]] and noise[order[0]] == noise[order[1]]
+    ids, weights = route(kernels, logits, k, False, noise)
+    assert ids.tolist() == order[:k].tolist()
+    probs = torch.softmax(logits, -1, dtype=torch.float)
+    assert (weights - probs[order[:k]]).abs().max().item() <= 1e-6

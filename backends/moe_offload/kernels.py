@@ -266,20 +266,27 @@ def _router(logits_ptr, noise_ptr, ids_ptr, w_ptr, rec_ptr, E: tl.constexpr, K: 
     p = tl.exp(lg - tl.max(lg, axis=0))
     p = p / tl.sum(p, axis=0)
     if NOISE:   # benchmarks: pick experts by the noise instead of the router
-        sel = tl.load(noise_ptr + e, mask=m, other=-1.0).to(tl.float32)
+        sel = tl.load(noise_ptr + e, mask=m, other=0.0).to(tl.float32)
     else:
         sel = p
-    sel = tl.where(m, sel, -1.0)
+    # One int64 key per expert: the score's float32 bits (ordered as the scores are, for scores
+    # >= 0) above BLOCK - 1 - e. So one max gives the best score and, among equal scores, the
+    # smallest index; -1 is below every key (lanes past E, experts already picked).
+    key = (sel.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK - 1 - e).to(tl.int64)
+    key = tl.where(m, key, -1)
     slot = tl.arange(0, KB)
     ids = tl.zeros([KB], dtype=tl.int64)
     ws = tl.zeros([KB], dtype=tl.float32)
     for i in tl.static_range(K):
-        best = tl.max(sel, axis=0)
-        idx = tl.min(tl.where(sel == best, e, BLOCK), axis=0)
-        wi = tl.sum(tl.where(e == idx, p, 0.0), axis=0)
-        ids = tl.where(slot == i, idx.to(tl.int64), ids)
+        best = tl.max(key, axis=0)
+        idx = BLOCK - 1 - (best & (BLOCK - 1))
+        if NOISE:
+            wi = tl.sum(tl.where(e == idx, p, 0.0), axis=0)
+        else:       # the score is the probability: its bits are in the key
+            wi = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        ids = tl.where(slot == i, idx, ids)
         ws = tl.where(slot == i, wi, ws)
-        sel = tl.where(e == idx, -2.0, sel)
+        key = tl.where(key == best, -1, key)
     if NORM:
         ws = ws / tl.sum(ws, axis=0)
     km = slot < K
@@ -290,19 +297,25 @@ def _router(logits_ptr, noise_ptr, ids_ptr, w_ptr, rec_ptr, E: tl.constexpr, K: 
 
 def route(logits: torch.Tensor, top_k: int, norm: bool, ids: torch.Tensor, weights: torch.Tensor,
           record: torch.Tensor, noise: torch.Tensor | None = None) -> None:
-    """Softmax over the router logits, the top_k experts (by ``noise`` instead, when given) and
-    their weights, renormalised when ``norm``; the ids go to ``ids`` and ``record``."""
+    """Softmax over the router logits, the top_k experts (by ``noise`` instead, when given; it
+    must be >= 0, as torch.rand's) and their weights, renormalised when ``norm``; the ids go to
+    ``ids`` and ``record``. Among equal scores the smaller expert index is picked first."""
     e = logits.numel()
+    # One warp: the kernel is a chain of K + 2 reductions over E = 512 values, 16 a thread at one
+    # warp. Each is shuffles within the warp; with more warps each also goes through shared
+    # memory and a barrier, which costs more than the few extra values a thread reads.
     _router[(1,)](logits, noise if noise is not None else logits, ids, weights, record, E=e, K=top_k,
                   NORM=norm, NOISE=noise is not None, BLOCK=triton.next_power_of_2(e),
-                  KB=triton.next_power_of_2(top_k))
+                  KB=triton.next_power_of_2(top_k), num_warps=1)
 
 
 @triton.jit
-def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, cpu_ptr, N: tl.constexpr, K: tl.constexpr,
-             BLOCK: tl.constexpr, KB: tl.constexpr, HAS_CPU: tl.constexpr):
+def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, cpu_ptr, down_ptr, down_stride, N: tl.constexpr,
+             K: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, HAS_CPU: tl.constexpr, I: tl.constexpr,
+             BI: tl.constexpr):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
+    dt = h_ptr.dtype.element_ty
     kk = tl.arange(0, KB)
     km = kk < K
     y = tl.load(y_ptr + kk[:, None] * N + c[None, :], mask=km[:, None] & m[None, :], other=0.0)
@@ -310,43 +323,49 @@ def _combine(h_ptr, y_ptr, w_ptr, shared_ptr, sg_ptr, cpu_ptr, N: tl.constexpr, 
     routed = tl.sum(y * w[:, None], axis=0)
     if HAS_CPU:   # the weighted sum of the experts the CPU computed (hybrid decode)
         routed += tl.load(cpu_ptr + c, mask=m, other=0.0)
-    routed = routed.to(h_ptr.dtype.element_ty).to(tl.float32)
+    routed = routed.to(dt).to(tl.float32)
     gate = tl.sigmoid(tl.load(sg_ptr).to(tl.float32))
-    shared = tl.load(shared_ptr + c, mask=m, other=0.0).to(tl.float32)
-    shared = (gate.to(h_ptr.dtype.element_ty).to(tl.float32) * shared).to(h_ptr.dtype.element_ty).to(tl.float32)
+    if I > 0:   # shared_ptr holds the shared expert's [gate | up] [2I]: its down projection here
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, I, BI):
+            i = i0 + tl.arange(0, BI)
+            im = i < I
+            g = tl.load(shared_ptr + i, mask=im, other=0.0).to(tl.float32)
+            u = tl.load(shared_ptr + I + i, mask=im, other=0.0).to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)        # torch rounds silu's output
+            act = (act * u).to(dt).to(tl.float32)
+            wd = tl.load(down_ptr + c[:, None] * down_stride + i[None, :], mask=m[:, None] & im[None, :], other=0.0)
+            acc += tl.sum(wd.to(tl.float32) * act[None, :], axis=1)
+        shared = acc.to(dt).to(tl.float32)                         # F.linear's output, rounded
+    else:
+        shared = tl.load(shared_ptr + c, mask=m, other=0.0).to(tl.float32)
+    shared = (gate.to(dt).to(tl.float32) * shared).to(dt).to(tl.float32)
     h = tl.load(h_ptr + c, mask=m, other=0.0).to(tl.float32)
-    moe = (routed + shared).to(h_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(h_ptr + c, (h + moe).to(h_ptr.dtype.element_ty), mask=m)
+    moe = (routed + shared).to(dt).to(tl.float32)
+    tl.store(h_ptr + c, (h + moe).to(dt), mask=m)
 
 
 def combine(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, shared: torch.Tensor, shared_gate: torch.Tensor,
-            cpu: torch.Tensor | None = None) -> None:
+            cpu: torch.Tensor | None = None, down: torch.Tensor | None = None, block_cols: int = 16,
+            block_inner: int = 512) -> None:
     """``h += sum_j w[j] y[j] (+ cpu) + sigmoid(shared_gate) * shared`` in place (the MoE block's
     output added to the residual stream, rounded where transformers rounds); ``cpu`` [N] float32
-    is the weighted sum of the experts the CPU computed."""
+    is the weighted sum of the experts the CPU computed.
+
+    With ``down`` [N, I] (the shared expert's down projection), ``shared`` is the shared expert's
+    gate and up projections [2I] instead of its output, and the kernel computes that output,
+    ``down @ (silu(gate) * up)`` in float32 rounded as F.linear's, in programs of ``block_cols``
+    outputs reading ``block_inner`` columns of ``down`` at a time: at N = 2048, 128 programs
+    share the 2 MB of ``down``, in place of an activation kernel and a latency-bound GEMV."""
     n = h.numel()
-    block = 512
-    _combine[(triton.cdiv(n, block),)](h, y, w, shared, shared_gate, cpu if cpu is not None else y, N=n,
+    fused = down is not None
+    block = block_cols if fused else 512
+    inter = down.shape[1] if fused else 0
+    _combine[(triton.cdiv(n, block),)](h, y, w, shared, shared_gate, cpu if cpu is not None else y,
+                                       down if fused else y, down.stride(0) if fused else 0, N=n,
                                        K=y.shape[0], BLOCK=block, KB=triton.next_power_of_2(y.shape[0]),
-                                       HAS_CPU=cpu is not None)
-
-
-@triton.jit
-def _silu_mul(gu_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = c < N
-    g = tl.load(gu_ptr + c, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + N + c, mask=m, other=0.0).to(tl.float32)
-    act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)    # torch rounds silu's output
-    tl.store(out_ptr + c, (act * u).to(out_ptr.dtype.element_ty), mask=m)
-
-
-def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``silu(gu[:n]) * gu[n:2n]`` into ``out`` [n]: the shared expert's activation in one launch."""
-    n = out.numel()
-    block = 1024
-    _silu_mul[(triton.cdiv(n, block),)](gu, out, N=n, BLOCK=block)
-    return out
+                                       HAS_CPU=cpu is not None, I=inter,
+                                       BI=min(triton.next_power_of_2(max(inter, 1)), block_inner))
 
 
 # ---- attention decode: q/k norms, RoPE and the KV write in one kernel, then attention over the
