@@ -15,7 +15,8 @@
 #     call 8:                                                       bash scripts/gpu-session.sh chain
 #     then, until it prints "session done":                         bash scripts/gpu-session.sh wait 540
 # Without vLLM (VLLM=0 on calls 1 and 8): no parts 2-7, and the comparison is moe-offload and llama.cpp.
-# Issue 15's engine runs: ENGINE=1 on call 1 (CPU_BASELINE=FILE: an older cpu_experts.c timed beside).
+# Issue 15's engine runs: ENGINE=1 on call 1 (CPU_BASELINE=FILE: an older cpu_experts.c timed beside;
+# CPU_KERNEL=0: not the CPU kernel's bench).
 # VLLM=0 LLAMA=0 on call 1: phase A alone, no call 8 (`wait` until "session done").
 # GPU_TESTS="tests/x.py -k cuda" on call 1 runs those tests there first (pytest from .gpu-wheels/,
 # made here by `pip download pytest iniconfig pluggy packaging --no-deps -d .gpu-wheels`).
@@ -102,9 +103,11 @@ engine_rest() {  # then: hybrid at 24 GB and with 8 CPU threads, the CPU kernel 
         --out "$r/speed-hybrid-16-8threads.json" > "$S/speed-hybrid-16-8threads.log" 2>&1
     echo "hybrid 16, 8 threads: rc $?"
     # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
-    timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
-        ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
-    echo "cpu kernel: rc $?"
+    if [ "${CPU_KERNEL:-1}" = 1 ]; then
+        timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
+            ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
+        echo "cpu kernel: rc $?"
+    fi
     # the random model's router (no regression), with the step's logits per miss policy against transformers
     timeout 450 $speed --miss-policy hybrid --budgets 16 --skip uniform machine prefill \
         --out "$r/speed-hybrid-16-router.json" > "$S/speed-hybrid-16-router.log" 2>&1
