@@ -93,15 +93,11 @@ engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), after the loads: 
     done
 }
 
-engine_rest() {  # then: hybrid at 24 GB and with 8 CPU threads, the CPU kernel alone, the router rows and the check
+engine_rest() {  # then: hybrid at 24 GB, the CPU kernel alone, the router rows and the check, 8 CPU threads
     local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
     timeout 180 $speed --miss-policy hybrid --budgets 24 --skip check router machine \
         --out "$r/speed-hybrid-24.json" > "$S/speed-hybrid-24.log" 2>&1
     echo "hybrid 24: rc $?"
-    # how the split adapts to fewer CPU threads (issue 15 item 4)
-    timeout 150 $speed --miss-policy hybrid --budgets 16 --cpu-threads 8 --skip check router machine prefill \
-        --out "$r/speed-hybrid-16-8threads.json" > "$S/speed-hybrid-16-8threads.log" 2>&1
-    echo "hybrid 16, 8 threads: rc $?"
     # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
     if [ "${CPU_KERNEL:-1}" = 1 ]; then
         timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
@@ -112,6 +108,10 @@ engine_rest() {  # then: hybrid at 24 GB and with 8 CPU threads, the CPU kernel 
     timeout 450 $speed --miss-policy hybrid --budgets 16 --skip uniform machine prefill \
         --out "$r/speed-hybrid-16-router.json" > "$S/speed-hybrid-16-router.log" 2>&1
     echo "hybrid 16 router and check: rc $?"
+    # last: how the split adapts to fewer CPU threads (issue 15 item 4)
+    timeout 150 $speed --miss-policy hybrid --budgets 16 --cpu-threads 8 --skip check router machine prefill \
+        --out "$r/speed-hybrid-16-8threads.json" > "$S/speed-hybrid-16-8threads.log" 2>&1
+    echo "hybrid 16, 8 threads: rc $?"
 }
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
