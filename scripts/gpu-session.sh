@@ -16,7 +16,7 @@
 #     then, until it prints "session done":                         bash scripts/gpu-session.sh wait 540
 # Without vLLM (VLLM=0 on calls 1 and 8): no parts 2-7, and the comparison is moe-offload and llama.cpp.
 # Issue 15's engine runs: ENGINE=1 on call 1 (CPU_BASELINE=FILE: an older cpu_experts.c timed beside;
-# CPU_KERNEL=0: not the CPU kernel's bench).
+# ROWS="hybrid-24 hybrid-16": those runs alone, in that order).
 # VLLM=0 LLAMA=0 on call 1: phase A alone, no call 8 (`wait` until "session done").
 # GPU_TESTS="tests/x.py -k cuda" on call 1 runs those tests there first (pytest from .gpu-wheels/,
 # made here by `pip download pytest iniconfig pluggy packaging --no-deps -d .gpu-wheels`).
@@ -31,7 +31,8 @@ VLLM=${VLLM:-1}                    # 0: no vLLM (no parts to carry, no check, no
 LLAMA=${LLAMA:-1}                  # 0: no llama.cpp build and no comparison (with VLLM=0: no phase B at all)
 EXTRAS=${EXTRAS:-1}                # 0: phase A leaves out the int4 check, the conversion bench, the import profile
 LOAD_FORMATS=${LOAD_FORMATS:-"fp8 bf16"}   # the release layouts phase A loads at full width
-ENGINE=${ENGINE:-0}                # 1: phase A ends with issue 15's engine runs (engine_runs below)
+ENGINE=${ENGINE:-0}                # 1: phase A ends with issue 15's engine runs (engine_row below)
+ROWS=${ROWS:-"hybrid-16 pcie-16 cpu-16 hybrid-24 cpu-kernel hybrid-16-router hybrid-16-8threads"}   # which, in order
 LOADS=${LOADS:-1}                  # 0: no FP8 checkpoint and no loads at full width
 GPU_TESTS=${GPU_TESTS:-}           # pytest arguments: the tests that need a GPU, first (carry .gpu-wheels: pytest)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
@@ -66,7 +67,7 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
         timeout 580 python3 bench/load_at_scale.py --root /root/load --out "$S/results/load" --formats $LOAD_FORMATS \
             --layers 2 4 --reuse "fp8:4=$FP8"
     fi
-    [ "$ENGINE" = 1 ] && engine_runs
+    if [ "$ENGINE" = 1 ]; then for row in $ROWS; do engine_row "$row"; done; fi
     if [ "$EXTRAS" = 1 ]; then
         timeout 240 python3 scripts/int4_gpu_check.py > "$S/int4-gpu-check.txt" 2>&1
         echo "int4 check: rc $?"
@@ -75,43 +76,31 @@ phase_a() {  # the GPU work that needs no vLLM: checkpoint, loads at full width,
         # what the load stage "Reading the tokenizer" spends (docs/moe-offload.md, "Converting experts in batches")
         python3 -X importtime -c "import torch; from transformers import AutoTokenizer" 2> "$S/transformers-importtime.txt"
     fi
-    [ "$ENGINE" = 1 ] && engine_rest
     return 0
 }
 
-engine_runs() {  # issue 15 (docs/moe-offload.md, "Measured"), after the loads: each miss policy at 16 GB
-    local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
+engine_row() {  # NAME: one of issue 15's engine runs (docs/moe-offload.md, "Measured"), one process each
+    local r=$S/results/engine t args
     mkdir -p "$r"
-    # uniform routing (a cache's worst case); the first run also measures the machine and the parts
-    timeout 230 $speed --miss-policy hybrid --budgets 16 --skip check router \
-        --out "$r/speed-hybrid-16.json" > "$S/speed-hybrid-16.log" 2>&1
-    echo "hybrid 16: rc $?"
-    for pol in pcie cpu; do
-        timeout 150 $speed --miss-policy $pol --budgets 16 --skip check router machine prefill \
-            --out "$r/speed-$pol-16.json" > "$S/speed-$pol-16.log" 2>&1
-        echo "$pol 16: rc $?"
-    done
-}
-
-engine_rest() {  # then: hybrid at 24 GB, the CPU kernel alone, the router rows and the check, 8 CPU threads
-    local r=$S/results/engine speed="python3 bench/moe_offload_speed.py"
-    timeout 180 $speed --miss-policy hybrid --budgets 24 --skip check router machine \
-        --out "$r/speed-hybrid-24.json" > "$S/speed-hybrid-24.log" 2>&1
-    echo "hybrid 24: rc $?"
-    # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
-    if [ "${CPU_KERNEL:-1}" = 1 ]; then
-        timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
-            ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
-        echo "cpu kernel: rc $?"
-    fi
-    # the random model's router (no regression), with the step's logits per miss policy against transformers
-    timeout 450 $speed --miss-policy hybrid --budgets 16 --skip uniform machine prefill \
-        --out "$r/speed-hybrid-16-router.json" > "$S/speed-hybrid-16-router.log" 2>&1
-    echo "hybrid 16 router and check: rc $?"
-    # last: how the split adapts to fewer CPU threads (issue 15 item 4)
-    timeout 150 $speed --miss-policy hybrid --budgets 16 --cpu-threads 8 --skip check router machine prefill \
-        --out "$r/speed-hybrid-16-8threads.json" > "$S/speed-hybrid-16-8threads.log" 2>&1
-    echo "hybrid 16, 8 threads: rc $?"
+    case $1 in
+        # uniform routing (a cache's worst case); the first run also measures the machine and the parts
+        hybrid-16) t=230; args="--miss-policy hybrid --budgets 16 --skip check router" ;;
+        pcie-16) t=150; args="--miss-policy pcie --budgets 16 --skip check router machine prefill" ;;
+        cpu-16) t=150; args="--miss-policy cpu --budgets 16 --skip check router machine prefill" ;;
+        hybrid-24) t=180; args="--miss-policy hybrid --budgets 24 --skip check router machine" ;;
+        # the random model's router (no regression), with the step's logits per miss policy against transformers
+        hybrid-16-router) t=450; args="--miss-policy hybrid --budgets 16 --skip uniform machine prefill" ;;
+        # how the split adapts to fewer CPU threads (issue 15 item 4)
+        hybrid-16-8threads) t=150; args="--miss-policy hybrid --budgets 16 --cpu-threads 8 --skip check router machine prefill" ;;
+        cpu-kernel)  # the kernel against the memory, and the kernel of the last measured hybrid runs beside it
+            timeout 120 python3 bench/cpu_experts_speed.py --threads 4 8 15 --runs 1 \
+                ${CPU_BASELINE:+--baseline "$CPU_BASELINE"} --out "$r/cpu-experts.json" > "$S/cpu-experts.txt" 2>&1
+            echo "cpu-kernel: rc $?"
+            return ;;
+        *) echo "no engine run is called $1"; return ;;
+    esac
+    timeout $t python3 bench/moe_offload_speed.py $args --out "$r/speed-$1.json" > "$S/speed-$1.log" 2>&1
+    echo "$1: rc $?"
 }
 
 phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GPU); then one comparison
