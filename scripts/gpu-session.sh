@@ -124,10 +124,10 @@ phase_b() {  # after phase A: llama.cpp builds (CPU) while vLLM's check runs (GP
     echo "comparison: rc $?"
 }
 
-pack_out() {
+pack_out() {  # whole or not at all (written aside, then renamed): a call cut short keeps the last pack
     [ -n "${OUT:-}" ] || return 0
-    tar czf "$OUT/session.tgz" -C "$S" --exclude='home-*' --exclude=site --exclude='*.gguf' \
-        --exclude='*.safetensors' . 2>/dev/null
+    tar czf "$OUT/.session.tgz" -C "$S" --exclude='home-*' --exclude=site --exclude='*.gguf' \
+        --exclude='*.safetensors' . 2>/dev/null && mv "$OUT/.session.tgz" "$OUT/session.tgz"
 }
 
 case "${1:-}" in
@@ -143,7 +143,10 @@ case "${1:-}" in
         ;;
     wait)
         limit=${2:-540}; started=$(date +%s)
-        while [ ! -f "$S/session.done" ] && [ $(( $(date +%s) - started )) -lt "$limit" ]; do sleep 5; done
+        while [ ! -f "$S/session.done" ] && [ $(( $(date +%s) - started )) -lt "$limit" ]; do
+            sleep 5
+            [ $(( ($(date +%s) - started) % 30 )) -lt 5 ] && pack_out     # about every 30 s
+        done
         date; ls "$S"
         for f in a gpu-tests b vllm-check llama-prepare compare; do
             [ -f "$S/$f.log" ] && { echo "--- $f"; tail -n 4 "$S/$f.log" | cut -c1-300; }
