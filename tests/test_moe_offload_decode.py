@@ -88,6 +88,9 @@ def test_int4_dequant_kernel_gives_the_reference_weights(kernels):
     rows = torch.tensor([4, 1, 4])
     got = kernels.int4_dequantize_rows(q, s, rows, torch.float32, block_rows=16, block_bytes=64)
     assert torch.equal(got, quant.dequantize("int4", q[rows], s[rows], torch.float32))
+    # a slice (a streamed prefill's ring slot: a view at an offset) is read from its own start
+    got = kernels.int4_dequantize_rows(q[2:5], s[2:5], torch.tensor([2, 0]), torch.float32)
+    assert torch.equal(got, quant.dequantize("int4", q[[4, 2]], s[[4, 2]], torch.float32))
     # bf16: the same float32 product rounded once (the interpreter truncates where the GPU rounds)
     half = kernels.int4_dequantize_rows(q, s, rows, torch.bfloat16)
     want = quant.dequantize("int4", q[rows], s[rows], torch.bfloat16).float()
