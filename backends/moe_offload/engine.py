@@ -92,12 +92,7 @@ class OffloadedExperts(nn.Module):
         self.cache: dict[str, Proj] = {}
         self.top_k = None
         if slots:
-            for name, p in self.src.items():
-                self.cache[name] = Proj(
-                    torch.empty((slots, *p.data.shape[1:]), dtype=p.data.dtype, device=device),
-                    None if p.scale is None else torch.empty((slots, *p.scale.shape[1:]), dtype=p.scale.dtype, device=device),
-                    p.block,
-                    None if p.zero is None else torch.empty((slots, *p.zero.shape[1:]), dtype=p.zero.dtype, device=device))
+            self.cache = {name: p.empty(slots, device) for name, p in self.src.items()}
         self.expert_bytes = sum(p.expert_bytes for p in self.src.values())
 
     # ---- the cache ------------------------------------------------------------------------
@@ -120,12 +115,7 @@ class OffloadedExperts(nn.Module):
 
     def _fill(self, expert: int, slot: int) -> None:
         for name, p in self.src.items():
-            c = self.cache[name]
-            c.data[slot].copy_(p.data[expert], non_blocking=True)
-            if p.scale is not None:
-                c.scale[slot].copy_(p.scale[expert], non_blocking=True)
-            if p.zero is not None:
-                c.zero[slot].copy_(p.zero[expert], non_blocking=True)
+            self.cache[name].put(slot, p, expert)
         self.lru[expert] = slot
         self.counters.copied += 1
         self.counters.bytes_h2d += self.expert_bytes if self.device.type == "cuda" else 0
@@ -138,12 +128,7 @@ class OffloadedExperts(nn.Module):
             return
         n = self.slots
         for name, p in self.src.items():
-            c = self.cache[name]
-            c.data.copy_(p.data[:n], non_blocking=True)
-            if p.scale is not None:
-                c.scale.copy_(p.scale[:n], non_blocking=True)
-            if p.zero is not None:
-                c.zero.copy_(p.zero[:n], non_blocking=True)
+            self.cache[name].put(0, p, 0, n)
         self.lru = OrderedDict((e, e) for e in range(n))
         self.free = []
 

@@ -102,10 +102,7 @@ class PrefillStream:
             s = self._used % self.slots
             if self._ready:
                 torch.cuda.current_stream(self.device).wait_event(self._ready[s])
-            yield {name: Proj(p.data[s * self.chunk:(s + 1) * self.chunk],
-                              None if p.scale is None else p.scale[s * self.chunk:(s + 1) * self.chunk], p.block,
-                              None if p.zero is None else p.zero[s * self.chunk:(s + 1) * self.chunk])
-                   for name, p in self._ring.items()}
+            yield {name: p.rows(s * self.chunk, (s + 1) * self.chunk) for name, p in self._ring.items()}
             if self._free:
                 self._free[s].record(torch.cuda.current_stream(self.device))
             self._used += 1
@@ -122,15 +119,7 @@ class PrefillStream:
         for i, mod in enumerate(self.modules):
             missing = [e for e in range(self.num_experts) if e not in mod.lru]
             self._plan += [(i, missing[a:a + self.chunk]) for a in range(0, len(missing), self.chunk)]
-        src = self.modules[0].src
-        n = self.slots * self.chunk
-        self._ring = {name: Proj(torch.empty((n, *p.data.shape[1:]), dtype=p.data.dtype, device=self.device),
-                                 None if p.scale is None else
-                                 torch.empty((n, *p.scale.shape[1:]), dtype=p.scale.dtype, device=self.device),
-                                 p.block,
-                                 None if p.zero is None else
-                                 torch.empty((n, *p.zero.shape[1:]), dtype=p.zero.dtype, device=self.device))
-                      for name, p in src.items()}
+        self._ring = {name: p.empty(self.slots * self.chunk, self.device) for name, p in self.modules[0].src.items()}
         if self.device.type == "cuda":
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream(self.device)
@@ -167,11 +156,8 @@ class PrefillStream:
             runs.append((experts[j], k - j + 1, at + j))
             j = k + 1
         for name, p in mod.src.items():
-            r = self._ring[name]
             for e0, n, row in runs:
-                for dst, src in ((r.data, p.data), (r.scale, p.scale), (r.zero, p.zero)):
-                    if src is not None:
-                        dst[row:row + n].copy_(src[e0:e0 + n], non_blocking=True)
+                self._ring[name].put(row, p, e0, n)
         c = mod.counters
         c.copied += len(experts)
         c.bytes_h2d += len(experts) * mod.expert_bytes if self.device.type == "cuda" else 0

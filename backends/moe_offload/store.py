@@ -52,6 +52,25 @@ class Proj:
                 n += t[0].numel() * t.element_size()
         return n
 
+    def empty(self, experts: int, device: torch.device) -> "Proj":
+        """Room for ``experts`` experts of this projection on ``device`` (a cache, a ring)."""
+        def like(t):
+            return None if t is None else torch.empty((experts, *t.shape[1:]), dtype=t.dtype, device=device)
+        return Proj(like(self.data), like(self.scale), self.block, like(self.zero))
+
+    def put(self, at: int, src: "Proj", start: int, n: int = 1) -> None:
+        """Experts ``start:start+n`` of ``src`` into rows ``at:at+n`` of this one, one copy a tensor
+        (asynchronous from pinned host memory to a GPU)."""
+        for dst, t in ((self.data, src.data), (self.scale, src.scale), (self.zero, src.zero)):
+            if t is not None:
+                dst[at:at + n].copy_(t[start:start + n], non_blocking=True)
+
+    def rows(self, start: int, stop: int) -> "Proj":
+        """Experts ``start:stop`` of this projection, a view."""
+        def cut(t):
+            return None if t is None else t[start:stop]
+        return Proj(self.data[start:stop], cut(self.scale), self.block, cut(self.zero))
+
 
 class ExpertStore:
     """Every routed expert of every MoE layer, converted to ``fmt`` as it arrives.
