@@ -117,8 +117,12 @@ class OffloadedExperts(nn.Module):
         for name, p in self.src.items():
             self.cache[name].put(slot, p, expert)
         self.lru[expert] = slot
-        self.counters.copied += 1
-        self.counters.bytes_h2d += self.expert_bytes if self.device.type == "cuda" else 0
+        self.count_copies(1)
+
+    def count_copies(self, n: int) -> None:
+        """``n`` experts of this layer copied to the compute device (PCIe bytes on a GPU)."""
+        self.counters.copied += n
+        self.counters.bytes_h2d += n * self.expert_bytes if self.device.type == "cuda" else 0
 
     def fill_first(self) -> None:
         """Fill an empty cache with experts 0..slots-1, one copy per tensor: before any routing
@@ -298,7 +302,6 @@ class Engine:
         self.options, self.counters, self.experts, self.info = options, counters, experts, info
         self.device = torch.device(options.device)
         self._decode: DecodePath | None = None
-        self.prefill = None
         self.stream_prefill(PrefillStream(experts, adapter.shapes(config).top_k, DEQUANT_CHUNK))
         self._cpu_experts = None
         if store.fmt == "int4" and any(m.policy == "cpu" for m in experts):

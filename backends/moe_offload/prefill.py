@@ -93,11 +93,11 @@ class PrefillStream:
         """The ring slots of ``module``'s streamed experts, one chunk after another, each once its
         copy is done; a slot goes back to the copies when the caller asks for the next one (or
         the iteration ends), after the caller queued its work on it."""
-        if self.modules[self._next_module] is not module:
-            raise RuntimeError(f"prefill streamed layer {self.modules[self._next_module].layer} next, "
+        m = self._next_module
+        if self.modules[m] is not module:
+            raise RuntimeError(f"prefill streamed layer {self.modules[m].layer} next, "
                                f"but layer {module.layer} asked for its experts")
         self._next_module += 1
-        m = self.modules.index(module)
         while self._used < len(self._plan) and self._plan[self._used][0] == m:
             s = self._used % self.slots
             if self._ready:
@@ -158,9 +158,7 @@ class PrefillStream:
         for name, p in mod.src.items():
             for e0, n, row in runs:
                 self._ring[name].put(row, p, e0, n)
-        c = mod.counters
-        c.copied += len(experts)
-        c.bytes_h2d += len(experts) * mod.expert_bytes if self.device.type == "cuda" else 0
+        mod.count_copies(len(experts))
 
     def _stop(self) -> None:
         if self._copy_stream is not None:
