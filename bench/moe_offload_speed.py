@@ -489,6 +489,11 @@ def one_run(args) -> dict:
            "cache_share": round(eng.info["cache_slots_per_layer"] / store.num_experts, 3),
            "resident_gb": eng.info["resident_gb"], "experts_host_gb": round(store.total_bytes() / 1e9, 2),
            "build_s": round(time.perf_counter() - t0, 1)}
+    if args.no_prefill_stream:    # the cache's path for every prompt (a stream that never pays)
+        from moechat.backends.moe_offload.engine import DEQUANT_CHUNK
+        from moechat.backends.moe_offload.prefill import PrefillStream
+        eng.stream_prefill(PrefillStream([], 0, DEQUANT_CHUNK))
+    rec["prefill_stream"] = "off" if args.no_prefill_stream else "on"
     if args.uniform:    # the step is captured with the switch on
         eng._decode = DecodePath(eng, uniform_routing=True)
         eng.info["decode_path"] = eng._decode.kind
@@ -584,6 +589,8 @@ def main() -> None:
     ap.add_argument("--miss-policy", choices=["auto", "hybrid", "pcie", "cpu", "copy"], default="auto",
                     help="decode's missed experts (docs/moe-offload.md); one policy per run")
     ap.add_argument("--cpu-threads", type=int, default=None, help="threads of the CPU expert kernel")
+    ap.add_argument("--no-prefill-stream", action="store_true",
+                    help="long prompts take the cache's path too (prefill.PrefillStream off)")
     ap.add_argument("--machine", action="store_true")
     ap.add_argument("--parts", action="store_true")
     ap.add_argument("--prefill-detail", action="store_true")
@@ -620,7 +627,8 @@ def main() -> None:
         save(result["check"])
     common = ["--model", args.model, "--device", args.device, "--layers", str(args.layers), "--prompt",
               str(args.prompt), "--decode", str(args.decode), "--warmup", str(args.warmup),
-              "--miss-policy", args.miss_policy] + (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else [])
+              "--miss-policy", args.miss_policy] + (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []) \
+        + (["--no-prefill-stream"] if args.no_prefill_stream else [])
     for i, budget in enumerate(args.budgets):        # each budget whole before the next
         for uniform in (False, True):
             if ("uniform" if uniform else "router") in args.skip:
