@@ -119,11 +119,20 @@ def replace_headline(text: str, table: str, where: str) -> str:
 
 # ---- product results: a table per card --------------------------------------------------------------
 
+def missed_pipes_gb_s(bandwidth: dict[str, Any]) -> float:
+    """The rate at which a token's missed experts can reach their computation: over PCIe (the
+    pinned host-to-device rate) and, at the same time, through the CPU reading them from host
+    memory (the measured read, else about twice the copy rate), each pipe taking the share that
+    makes both finish together."""
+    host_read = bandwidth.get("cpu_read_gb_s") or 2 * (bandwidth.get("cpu_copy_gb_s") or 0)
+    return (bandwidth.get("h2d_pinned_gb_s") or 0) + host_read
+
+
 def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float | None:
     """Batch-1 decode bound (tok/s) for the 80 B model with int4 experts on a card of
     ``budget_gib``: resident weights and the cached share of the routed experts read from GPU
-    memory, the uncached share from host RAM (CPU reads at about twice the copy rate) or over
-    PCIe, whichever is faster. None without the bandwidths it needs."""
+    memory, the uncached share through both pipes at once (``missed_pipes_gb_s``). None without
+    the bandwidths it needs."""
     from types import SimpleNamespace
 
     from moechat.backends import synthetic
@@ -135,7 +144,7 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
     cpu_bw = bandwidth.get("cpu_copy_gb_s")
     if not gpu_bw or not cpu_bw or not budget_gib:
         return None
-    host_bw = max(2 * cpu_bw, bandwidth.get("h2d_pinned_gb_s") or 0) * 1e9
+    host_bw = missed_pipes_gb_s(bandwidth) * 1e9
     model = synthetic.model_info(FULL_MODEL)
     s = shapes(model.config)
     m = Machine([Gpu(0, "budget", int(budget_gib * GiB), 0)], 512 * GiB, 512 * GiB, 16)
@@ -332,18 +341,19 @@ def token_experts(case: Case) -> int:
 
 
 def speed_bound(case: Case, bandwidth: dict[str, Any]) -> dict[str, float] | None:
-    """The physical bound of one decode token of ``case``: every byte that crossed PCIe at the
-    pinned host-to-device rate, plus every byte read from GPU memory (resident weights but the
+    """The physical bound of one decode token of ``case``: its missed experts' bytes (over PCIe or
+    computed by the CPU, whichever the run chose) through both pipes at once
+    (``missed_pipes_gb_s``), plus every byte read from GPU memory (resident weights but the
     embedding table, cached experts) at the device copy rate, one after the other (a layer's
     experts wait for its router, so the two overlap little)."""
     d = case.detail
     if not bandwidth.get("h2d_pinned_gb_s") or not bandwidth.get("gpu_copy_gb_s") or not d.get("decode_ms_per_token"):
         return None
     expert = bandwidth.get("expert_bytes", EXPERT_BYTES)
-    pcie = d["pcie_mb_per_token"] * 1e6 / (bandwidth["h2d_pinned_gb_s"] * 1e9)
+    missed = d["pcie_mb_per_token"] * 1e6 + (d.get("cpu_experts_per_token") or 0) * expert
     hbm_bytes = d["resident_gb"] * GiB - EMBEDDING_BYTES + d["decode_hit_rate"] * token_experts(case) * expert
     hbm = hbm_bytes / (bandwidth["gpu_copy_gb_s"] * 1e9)
-    ms = 1000 * (pcie + hbm)
+    ms = 1000 * (missed / (missed_pipes_gb_s(bandwidth) * 1e9) + hbm)
     return {"bound_ms": ms, "bound_tok_s": 1000 / ms, "share": ms / d["decode_ms_per_token"]}
 
 

@@ -364,9 +364,33 @@ def test_physical_bound_follows_the_cached_share():
         sys.path.remove(str(ROOT / "bench"))
     bw = {"gpu_copy_gb_s": 1000.0, "cpu_copy_gb_s": 35.0, "h2d_pinned_gb_s": 25.0}
     b16, b24 = physical_bound(16, bw), physical_bound(24, bw)
-    # experts on the CPU, memory-bound, int4: 77 to 116 tok/s on a 60-80 GB/s desktop (docs/moe-offload.md)
-    assert 60 < b16 < b24 < 130
+    # the misses through both pipes at once, a 70 GB/s host read beside 25 GB/s of PCIe: about
+    # 4.6 ms a token at 16 GB, where the CPU alone would take about 6 (docs/moe-offload.md)
+    assert 85 < b16 < b24 < 130
+    assert physical_bound(16, {**bw, "h2d_pinned_gb_s": 0}) < b16   # PCIe adds to the host's read
     assert physical_bound(24, {"cpu_copy_gb_s": 35.0}) is None   # no GPU bandwidth: no bound
+
+
+def test_a_runs_bound_counts_its_misses_on_either_pipe():
+    """A token whose misses the CPU computes has the same bound as one whose misses cross PCIe:
+    the bound is the machine's, the split is the run's."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from report import speed_bound
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    bw = {"gpu_copy_gb_s": 1000.0, "cpu_read_gb_s": 75.0, "h2d_pinned_gb_s": 25.0, "expert_bytes": 1_000_000}
+    base = {"decode_ms_per_token": 20.0, "resident_gb": 3.0, "decode_hit_rate": 0.25}
+    stats = {"top_k": 10, "moe_layers": 48}
+    pcie = SimpleNamespace(detail={**base, "pcie_mb_per_token": 360.0}, backend_stats=stats)
+    hybrid = SimpleNamespace(detail={**base, "pcie_mb_per_token": 160.0, "cpu_experts_per_token": 200},
+                             backend_stats=stats)
+    b = speed_bound(pcie, bw)
+    assert b == speed_bound(hybrid, bw)
+    # 360 MB at 100 GB/s: 3.6 ms of the bound's time are the misses
+    assert 3.6 < b["bound_ms"] < 3.6 + 5.0
 
 
 def test_synthetic_specs_parse_and_cut_depth_only():
