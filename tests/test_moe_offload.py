@@ -126,15 +126,18 @@ def test_cache_sizes_and_miss_policies_give_the_same_output(models, tmp_path, fm
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the copy stream needs a GPU"))])
-def test_a_long_prompt_streams_its_misses_to_the_logits_of_the_cache_path(models, tmp_path, monkeypatch, device):
+@pytest.mark.parametrize("policy", ["copy", "cpu"])
+def test_a_long_prompt_streams_its_misses_to_the_logits_of_the_cache_path(models, tmp_path, monkeypatch, device,
+                                                                           policy):
     """A prompt that routes to most experts gets every expert the cache lacks through the ring,
-    whatever the ring's shape, leaves the cache as it was, and computes what copying its misses
-    into the cache in rounds computes."""
+    whatever the ring's shape and the decode step's miss policy, leaves the cache as it was, and
+    computes what copying its misses into the cache in rounds computes."""
     from moechat.backends.moe_offload import prefill
     from moechat.backends.moe_offload.prefill import PrefillStream
 
     eng = engine(models["wide"], tmp_path, expert_format="int4", int4_group_size=16, cache_experts=5,
-                 miss_policy="copy", device=device)
+                 miss_policy=policy, device=device)
+    assert {mod.policy for mod in eng.experts} == {policy}
     top_k, layers = eng.adapter.shapes(eng.config).top_k, len(eng.experts)
     for n in (60, 9):       # 9 tokens route to most experts, not all: some streamed experts go unused
         ids = prompt(12, n)

@@ -146,14 +146,27 @@ class OffloadedExperts(nn.Module):
         return quant.dequantize(self.store.fmt, proj.data[rows], None if proj.scale is None else proj.scale[rows],
                                 dtype, proj.block, None if proj.zero is None else proj.zero[rows])
 
-    def _run(self, src: dict[str, Proj] | None, row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
-             wflat: torch.Tensor, out: torch.Tensor, k: int, ring: Iterator[dict[str, Proj]] | None = None) -> None:
-        """Accumulate into ``out`` every (token, expert) pair of ``flat`` (the routed ids, on the
-        host) whose expert has a row of ``src`` in ``row_of``: its output times its weight.
+    def _mlp(self, part: dict[str, Proj], rows: torch.Tensor, xs: torch.Tensor, offs: torch.Tensor,
+             sizes: list[int]) -> torch.Tensor:
+        """Experts ``rows`` of ``part`` on ``xs``, whose rows come in consecutive groups, one an
+        expert (``offs``: the groups' int32 ends on the device, ``sizes``: their lengths): one
+        dequantization and one grouped matrix product per projection."""
+        h = grouped_linear(xs, self._dense(part["gate_up"], rows, xs.dtype), offs, sizes)
+        g, u = h.chunk(2, dim=-1)
+        return grouped_linear(self.act(g) * u, self._dense(part["down"], rows, xs.dtype), offs, sizes)
 
-        With ``ring`` (a streamed prefill: ``PrefillStream.chunks``) the rows are positions in
-        this layer's stream and row ``r`` lies in the ``r // chunk``-th slot it yields (``chunk``:
-        the stream's experts a slot)."""
+    @staticmethod
+    def _accumulate(out: torch.Tensor, ys: torch.Tensor, w: torch.Tensor, tok: torch.Tensor) -> None:
+        """``out[tok] += ys * w``: each pair's output times its routing weight, into its token."""
+        ys = ys * w.unsqueeze(-1).to(ys.dtype)
+        if ys.device != out.device:
+            ys, tok = ys.to(out.device), tok.to(out.device)
+        out.index_add_(0, tok, ys.to(out.dtype))
+
+    def _run(self, src: dict[str, Proj], row_of: dict[int, int], flat: torch.Tensor, x: torch.Tensor,
+             wflat: torch.Tensor, out: torch.Tensor, k: int) -> None:
+        """Accumulate into ``out`` every (token, expert) pair of ``flat`` (the routed ids, on the
+        host) whose expert has a row of ``src`` in ``row_of``: its output times its weight."""
         if not row_of:
             return
         lut = torch.full((self.store.num_experts,), -1, dtype=torch.long)
@@ -162,10 +175,10 @@ class OffloadedExperts(nn.Module):
         pos = (row >= 0).nonzero().squeeze(1)            # flat positions, token-major
         if not len(pos):
             return
-        dev = self.device if src is None else src["down"].data.device
+        dev = src["down"].data.device
         xd = x if x.device == dev else x.to(dev)
         wd = wflat if wflat.device == dev else wflat.to(dev)
-        if ring is None and len(pos) <= SMALL_BATCH_PAIRS:
+        if len(pos) <= SMALL_BATCH_PAIRS:
             gu, dn = src["gate_up"], src["down"]
             # a few pairs (decode): one gathered bmm per projection
             idx = _to(torch.stack((pos, row[pos])), dev)
@@ -175,8 +188,8 @@ class OffloadedExperts(nn.Module):
             g, u = h.chunk(2, dim=-1)
             ys = torch.bmm((self.act(g) * u).unsqueeze(1), self._dense(dn, rows, xs.dtype).transpose(1, 2)).squeeze(1)
         else:
-            # many pairs (prefill): sorted by expert on the host, then per chunk of experts one
-            # dequantization and one grouped matrix product per projection
+            # many pairs (prefill): sorted by expert on the host, then DEQUANT_CHUNK experts at a
+            # time through _mlp
             pos = pos[torch.argsort(row[pos], stable=True)]
             rows, counts = torch.unique_consecutive(row[pos], return_counts=True)
             ends = counts.cumsum(0)
@@ -184,33 +197,74 @@ class OffloadedExperts(nn.Module):
             pos_d, rows_d, ends_d = meta[:len(pos)], meta[len(pos):len(pos) + len(rows)], meta[len(pos) + len(rows):]
             xs = xd[pos_d // k]
             ys = torch.empty_like(xs)
-            n, bounds = len(rows), [0] + ends.tolist()
-            if ring is None:        # the rows' experts: DEQUANT_CHUNK of them at a time
-                parts = ((src, 0, c0, min(c0 + DEQUANT_CHUNK, n)) for c0 in range(0, n, DEQUANT_CHUNK))
-            else:                   # the experts of each ring slot, as it arrives
-                size = self.stream.chunk
-                last = int(rows[-1]) // size + 1      # slots up to the last one with pairs
-                cut = [0] + torch.searchsorted(rows, torch.arange(1, last + 1) * size).tolist()
-                parts = ((slot, j * size, cut[j], cut[j + 1]) if j < last else (slot, 0, n, n)
-                         for j, slot in enumerate(ring))
-            for part, base, c0, c1 in parts:
-                if c0 == c1:
-                    continue
+            bounds = [0] + ends.tolist()
+            for c0 in range(0, len(rows), DEQUANT_CHUNK):
+                c1 = min(c0 + DEQUANT_CHUNK, len(rows))
                 a, b = bounds[c0], bounds[c1]
-                offs = (ends_d[c0:c1] - a).to(torch.int32)
-                sizes = counts[c0:c1].tolist()
-                r = rows_d[c0:c1] - base if base else rows_d[c0:c1]
-                h = grouped_linear(xs[a:b], self._dense(part["gate_up"], r, xs.dtype), offs, sizes)
-                g, u = h.chunk(2, dim=-1)
-                ys[a:b] = grouped_linear(self.act(g) * u, self._dense(part["down"], r, xs.dtype), offs, sizes)
-        ys = ys * wd[pos_d].unsqueeze(-1).to(ys.dtype)
-        tok = pos_d // k
-        if ys.device != out.device:
-            ys, tok = ys.to(out.device), tok.to(out.device)
-        out.index_add_(0, tok, ys.to(out.dtype))
+                ys[a:b] = self._mlp(src, rows_d[c0:c1], xs[a:b], (ends_d[c0:c1] - a).to(torch.int32),
+                                    counts[c0:c1].tolist())
+        self._accumulate(out, ys, wd[pos_d], pos_d // k)
+
+    def _streamed(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """A streamed prefill's layer (``prefill.PrefillStream``): the hits from the cache, every
+        miss from the ring as its copy lands.
+
+        Every expert is in the cache or in this layer's stream, so the table from expert to row
+        (the cache's slots, then the stream's positions) is made before the router runs, and the
+        pairs are sorted by row on the compute device. The host waits once, for each row's pair
+        count: it neither reads the routing nor sorts, so the compute stream idles only for that
+        small copy while the copies go on."""
+        t, k = top_k_index.shape
+        streamed = self.stream.streamed(self)
+        first = self.slots                          # the stream's rows start after the cache's
+        lut = torch.full((self.store.num_experts,), -1, dtype=torch.long)
+        lut[list(self.lru)] = torch.tensor(list(self.lru.values()), dtype=torch.long)
+        lut[streamed] = torch.arange(first, first + len(streamed))
+        if (lut < 0).any():
+            raise RuntimeError(f"layer {self.layer}: experts {(lut < 0).nonzero().flatten().tolist()} "
+                               "are neither cached nor streamed")
+        row = _to(lut, x.device)[top_k_index.reshape(-1)]
+        order = torch.argsort(row, stable=True)     # pairs by row; all t * k of them have one
+        ends = torch.bincount(row, minlength=first + len(streamed)).cumsum(0).cpu()  # the host's one wait
+        starts = torch.cat((ends.new_zeros(1), ends[:-1]))
+        used = (ends > starts).nonzero().flatten()
+        c = self.counters
+        hits = int((used < first).sum())
+        c.hits += hits
+        c.misses += len(used) - hits
+        by_slot = {slot: e for e, slot in self.lru.items()}
+        for e in sorted(by_slot[r] for r in used[:hits].tolist()):
+            self.lru.move_to_end(e)
+        # the experts in parts (DEQUANT_CHUNK cache rows, then a ring slot each): their rows, and
+        # where their pairs end, in one small copy to the device
+        size = self.stream.chunk
+        parts = [(r0, min(r0 + DEQUANT_CHUNK, first)) for r0 in range(0, first, DEQUANT_CHUNK)]
+        parts += [(r0, min(r0 + size, first + len(streamed))) for r0 in range(first, first + len(streamed), size)]
+        sel = [used[(used >= r0) & (used < r1)] for r0, r1 in parts]
+        meta = _to(torch.cat([torch.cat((s - (r0 if r0 >= first else 0), ends[s] - starts[s[0]] if len(s) else s))
+                              for s, (r0, _) in zip(sel, parts)]), x.device)
+        xs = x[order // k]
+        ys = torch.empty_like(xs)
+        ring = self.stream.chunks(self)
+        at = 0
+        for j, ((r0, _), s) in enumerate(zip(parts, sel)):
+            src = self.cache if r0 < first else next(ring)      # a slot once its copy has landed
+            n = len(s)
+            rows_d, offs = meta[at:at + n], meta[at + n:at + 2 * n].to(torch.int32)
+            at += 2 * n
+            if n:
+                a, b = int(starts[s[0]]), int(ends[s[-1]])
+                ys[a:b] = self._mlp(src, rows_d, xs[a:b], offs, (ends[s] - starts[s]).tolist())
+        for _ in ring:          # the iteration's end hands the last slot back to the copies
+            pass
+        out = torch.zeros_like(x)
+        self._accumulate(out, ys, top_k_weights.reshape(-1)[order], order // k)
+        return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None and self.stream.active:
+            return self._streamed(hidden_states, top_k_index, top_k_weights)
         x = hidden_states
         t, k = top_k_index.shape
         out = torch.zeros_like(x)
@@ -225,16 +279,6 @@ class OffloadedExperts(nn.Module):
         for e in hit:
             self.lru.move_to_end(e)
         copy_misses = self.slots > 0 and (self.policy == "copy" or t > 1)
-        if self.stream is not None and self.stream.active:
-            # a long prompt: the hits from the cache, every miss from the ring as it arrives
-            self._run(self.cache, {e: self.lru[e] for e in hit}, flat, x, wflat, out, k)
-            streamed = self.stream.streamed(self)
-            used = set(miss)
-            ring = self.stream.chunks(self)
-            self._run(None, {e: p for p, e in enumerate(streamed) if e in used}, flat, x, wflat, out, k, ring=ring)
-            for _ in ring:          # slots with none of this prompt's pairs go back to the copies too
-                pass
-            return out
         if copy_misses and len(uniq) <= self.slots:
             keep = set(uniq)
             for e in miss:

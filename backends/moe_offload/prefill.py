@@ -70,11 +70,11 @@ class PrefillStream:
         return bool(self._ring)
 
     def pays(self, tokens: int) -> bool:
-        """Whether a forward of ``tokens`` tokens streams: misses copied to a cache that does not
-        hold every expert, and a prompt that routes to most of them."""
+        """Whether a forward of ``tokens`` tokens streams: a cache that does not hold every expert
+        (a prompt copies its misses there whatever the decode step's miss policy), and a prompt
+        that routes to most of them."""
         mods = self.modules
-        return bool(mods) and all(m.policy == "copy" for m in mods) \
-            and 0 < mods[0].slots < self.num_experts \
+        return bool(mods) and 0 < mods[0].slots < self.num_experts \
             and coverage(tokens, self.top_k, self.num_experts) >= STREAM_MIN_COVERAGE
 
     @contextlib.contextmanager
