@@ -214,18 +214,18 @@ class OffloadedExperts(nn.Module):
         pairs are sorted by row on the compute device. The host waits once, for each row's pair
         count: it neither reads the routing nor sorts, so the compute stream idles only for that
         small copy while the copies go on."""
-        t, k = top_k_index.shape
+        k = top_k_index.shape[1]
         streamed = self.stream.streamed(self)
-        first = self.slots                          # the stream's rows start after the cache's
+        first, last = self.slots, self.slots + len(streamed)    # the stream's rows follow the cache's
         lut = torch.full((self.store.num_experts,), -1, dtype=torch.long)
         lut[list(self.lru)] = torch.tensor(list(self.lru.values()), dtype=torch.long)
-        lut[streamed] = torch.arange(first, first + len(streamed))
+        lut[streamed] = torch.arange(first, last)
         if (lut < 0).any():
             raise RuntimeError(f"layer {self.layer}: experts {(lut < 0).nonzero().flatten().tolist()} "
                                "are neither cached nor streamed")
         row = _to(lut, x.device)[top_k_index.reshape(-1)]
         order = torch.argsort(row, stable=True)     # pairs by row; all t * k of them have one
-        ends = torch.bincount(row, minlength=first + len(streamed)).cumsum(0).cpu()  # the host's one wait
+        ends = torch.bincount(row, minlength=last).cumsum(0).cpu()     # the host's one wait
         starts = torch.cat((ends.new_zeros(1), ends[:-1]))
         used = (ends > starts).nonzero().flatten()
         c = self.counters
@@ -235,30 +235,32 @@ class OffloadedExperts(nn.Module):
         by_slot = {slot: e for e, slot in self.lru.items()}
         for e in sorted(by_slot[r] for r in used[:hits].tolist()):
             self.lru.move_to_end(e)
-        # the experts in parts (DEQUANT_CHUNK cache rows, then a ring slot each): their rows, and
-        # where their pairs end, in one small copy to the device
+        # the parts (DEQUANT_CHUNK cache slots at a time, then one ring slot each; base: a part's
+        # first row in its source) and, in one small copy, their used rows and where their pairs end
         size = self.stream.chunk
-        parts = [(r0, min(r0 + DEQUANT_CHUNK, first)) for r0 in range(0, first, DEQUANT_CHUNK)]
-        parts += [(r0, min(r0 + size, first + len(streamed))) for r0 in range(first, first + len(streamed), size)]
-        sel = [used[(used >= r0) & (used < r1)] for r0, r1 in parts]
-        meta = _to(torch.cat([torch.cat((s - (r0 if r0 >= first else 0), ends[s] - starts[s[0]] if len(s) else s))
-                              for s, (r0, _) in zip(sel, parts)]), x.device)
-        xs = x[order // k]
+        parts = [(r0, min(r0 + DEQUANT_CHUNK, first), 0) for r0 in range(0, first, DEQUANT_CHUNK)]
+        parts += [(r0, min(r0 + size, last), r0) for r0 in range(first, last, size)]
+        sel = [used[(used >= r0) & (used < r1)] for r0, r1, _ in parts]
+        meta = _to(torch.cat([torch.cat((s - base, ends[s] - starts[s[0]]))
+                              for s, (_, _, base) in zip(sel, parts) if len(s)]), x.device)
+        tok = order // k
+        xs = x[tok]
         ys = torch.empty_like(xs)
         ring = self.stream.chunks(self)
         at = 0
-        for j, ((r0, _), s) in enumerate(zip(parts, sel)):
+        for (r0, _, _), s in zip(parts, sel):
             src = self.cache if r0 < first else next(ring)      # a slot once its copy has landed
             n = len(s)
+            if not n:
+                continue
             rows_d, offs = meta[at:at + n], meta[at + n:at + 2 * n].to(torch.int32)
             at += 2 * n
-            if n:
-                a, b = int(starts[s[0]]), int(ends[s[-1]])
-                ys[a:b] = self._mlp(src, rows_d, xs[a:b], offs, (ends[s] - starts[s]).tolist())
+            a, b = int(starts[s[0]]), int(ends[s[-1]])
+            ys[a:b] = self._mlp(src, rows_d, xs[a:b], offs, (ends[s] - starts[s]).tolist())
         for _ in ring:          # the iteration's end hands the last slot back to the copies
             pass
         out = torch.zeros_like(x)
-        self._accumulate(out, ys, top_k_weights.reshape(-1)[order], order // k)
+        self._accumulate(out, ys, top_k_weights.reshape(-1)[order], tok)
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
