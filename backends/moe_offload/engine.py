@@ -225,9 +225,10 @@ class OffloadedExperts(nn.Module):
                                "are neither cached nor streamed")
         row = _to(lut, x.device)[top_k_index.reshape(-1)]
         order = torch.argsort(row, stable=True)     # pairs by row; all t * k of them have one
-        ends = torch.bincount(row, minlength=last).cumsum(0).cpu()     # the host's one wait
-        starts = torch.cat((ends.new_zeros(1), ends[:-1]))
-        used = (ends > starts).nonzero().flatten()
+        counts = torch.bincount(row, minlength=last).cpu()             # the host's one wait
+        ends = counts.cumsum(0)
+        starts = ends - counts
+        used = counts.nonzero().flatten()
         c = self.counters
         hits = int((used < first).sum())
         c.hits += hits
@@ -256,7 +257,7 @@ class OffloadedExperts(nn.Module):
             rows_d, offs = meta[at:at + n], meta[at + n:at + 2 * n].to(torch.int32)
             at += 2 * n
             a, b = int(starts[s[0]]), int(ends[s[-1]])
-            ys[a:b] = self._mlp(src, rows_d, xs[a:b], offs, (ends[s] - starts[s]).tolist())
+            ys[a:b] = self._mlp(src, rows_d, xs[a:b], offs, counts[s].tolist())
         for _ in ring:          # the iteration's end hands the last slot back to the copies
             pass
         out = torch.zeros_like(x)
