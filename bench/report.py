@@ -119,13 +119,20 @@ def replace_headline(text: str, table: str, where: str) -> str:
 
 # ---- product results: a table per card --------------------------------------------------------------
 
+def host_read(bandwidth: dict[str, Any]) -> tuple[float, str]:
+    """The rate at which this machine's CPU reads host memory, and what it is: the measured
+    streaming read (``cpu_read_gb_s``), else, for runs made before that was measured, twice the
+    host copy rate (a copy reads and writes each byte). 0 when neither was measured."""
+    if bandwidth.get("cpu_read_gb_s"):
+        return bandwidth["cpu_read_gb_s"], "the measured host read"
+    return 2 * (bandwidth.get("cpu_copy_gb_s") or 0), "twice the measured host copy rate"
+
+
 def missed_pipes_gb_s(bandwidth: dict[str, Any]) -> float:
     """The rate at which a token's missed experts can reach their computation: over PCIe (the
     pinned host-to-device rate) and, at the same time, through the CPU reading them from host
-    memory (the measured read, else about twice the copy rate), each pipe taking the share that
-    makes both finish together."""
-    host_read = bandwidth.get("cpu_read_gb_s") or 2 * (bandwidth.get("cpu_copy_gb_s") or 0)
-    return (bandwidth.get("h2d_pinned_gb_s") or 0) + host_read
+    memory (``host_read``), each pipe taking the share that makes both finish together."""
+    return (bandwidth.get("h2d_pinned_gb_s") or 0) + host_read(bandwidth)[0]
 
 
 def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float | None:
@@ -141,8 +148,7 @@ def physical_bound(budget_gib: float | None, bandwidth: dict[str, Any]) -> float
     from moechat.backends.shapes import shapes
 
     gpu_bw = bandwidth.get("gpu_copy_gb_s")
-    cpu_bw = bandwidth.get("cpu_copy_gb_s")
-    if not gpu_bw or not cpu_bw or not budget_gib:
+    if not gpu_bw or not host_read(bandwidth)[0] or not budget_gib:
         return None
     host_bw = missed_pipes_gb_s(bandwidth) * 1e9
     model = synthetic.model_info(FULL_MODEL)
@@ -509,8 +515,7 @@ def render_policies(runs: list[dict[str, Any]], machine: dict[str, Any], project
     if ck and not ck.get("error"):
         lines += ["The CPU kernel alone (one layer's 10 experts, different experts each call): " + "; ".join(
             f"{k.removeprefix('threads_')} threads {v['gb_s']:.1f} GB/s ({v['layer_10_experts_us']:.0f} us)"
-            for k, v in ck.items()) + f", against a host copy of {machine['cpu_copy_gb_s']:.1f} GB/s (so about "
-            f"{2 * machine['cpu_copy_gb_s']:.0f} GB/s of memory traffic).", ""]
+            for k, v in ck.items()) + ", against {1} of {0:.0f} GB/s.".format(*host_read(machine)), ""]
     head = ("| budget | routing | miss policy | CPU threads | decode tok/s | ms/token | experts on CPU | experts over PCIe | "
             "CPU GB/s | PCIe GB/s | GPU experts ms | GPU waits ms | CPU work ms | CPU share of misses |")
     lines += ["Per miss policy, on one engine per budget and routing (each pipe's GB/s is what it achieved inside "
@@ -550,46 +555,61 @@ MEMORY_READ_SHARE = 0.85    # of a desktop's host-memory bandwidth, what reads c
 def desktop_projection(group: list[Result]) -> list[str]:
     """A PROJECTION, not a measurement: decode tok/s on the person's box with uniform routing, from
     the measured efficiencies of one card's runs at one commit (one miss policy a run): the pcie
-    run's time less its misses, the hybrid (or cpu) run's CPU rate, the machine's bandwidths."""
+    run's time less its misses, the cpu and hybrid runs' CPU rates, the machine's bandwidths.
+
+    The CPU pipe is a roofline: the kernel's rate as measured here (it is bound by its arithmetic
+    on the lent machines: the same 69-70 GB/s on a host that reads 196 GB/s and on one that reads
+    94), capped by the box's memory. PCIe reads come out of that same memory, so the two pipes
+    together are capped by it too."""
     bw = next((r.run.machine.bandwidth for r in group if r.run.machine.bandwidth.get("int4_kernel_zero_copy_gb_s")), {})
     cases = [c for r in group for c in r.cases if c.error is None and str(c.detail.get("routing", "")).startswith("uniform")]
-    if not bw.get("cpu_copy_gb_s") or not cases:
+    read, read_is = host_read(bw)
+    if not read or not cases:
         return []
-    host_bw = 2 * bw["cpu_copy_gb_s"]      # a copy reads and writes: the memory moves twice its bytes
     eff_pcie = bw["int4_kernel_zero_copy_gb_s"] / bw["h2d_pinned_gb_s"]
     b = bw.get("expert_bytes") or EXPERT_BYTES
-    rows, eff = [], {}
+    threads = lambda c: c.detail.get("cpu_threads") or bw.get("threads")  # noqa: E731 (the run's, else torch's default)
+    rows, rates = [], {}
     for budget in sorted({c.vram_budget_gb for c in cases}):
-        by = {c.detail.get("decode_miss_policy"): c for c in cases if c.vram_budget_gb == budget}
-        pcie, cpu_src = by.get("pcie"), by.get("hybrid") or by.get("cpu")
-        if not pcie or not cpu_src or not cpu_src.detail.get("cpu_expert_gb_s"):
-            continue
-        eff_cpu = eff[budget] = cpu_src.detail["cpu_expert_gb_s"] / host_bw
-        d = pcie.detail
-        misses = d["zero_copy_experts_per_token"]
-        # everything but the missed experts, as the pcie run measured it, plus the resident weights
-        # read at a desktop card's memory bandwidth
-        rest_ms = d["decode_ms_per_token"] - 1e3 * misses * b / (bw["int4_kernel_zero_copy_gb_s"] * 1e9)
-        rest_ms += 1e3 * d["resident_gb"] * GiB * (1 / (DESKTOP_GPU_GB_S * 1e9) - 1 / (bw["gpu_copy_gb_s"] * 1e9))
-        for label, pcie_gb_s, ddr in BOXES:
-            r_p, r_c = eff_pcie * pcie_gb_s, eff_cpu * ddr
-            both = min(r_p + r_c, MEMORY_READ_SHARE * ddr)      # PCIe reads come out of the same memory
-            tok = [1e3 / (rest_ms + 1e3 * misses * b / (rate * 1e9)) for rate in (r_p, r_c, both)]
-            rows.append(f"| {label} | {budget:g} GB | {misses:.0f} | {tok[0]:.0f} | {tok[1]:.0f} | **{tok[2]:.0f}** |")
+        pcie = next((c for c in cases if c.vram_budget_gb == budget and c.detail.get("decode_miss_policy") == "pcie"), None)
+        for n in sorted({threads(c) for c in cases if c.vram_budget_gb == budget}, reverse=True):
+            cpu_rate = {c.detail["decode_miss_policy"]: c.detail.get("cpu_expert_gb_s") for c in cases
+                        if c.vram_budget_gb == budget and threads(c) == n and c.detail.get("decode_miss_policy") in ("cpu", "hybrid")}
+            cpu_rate = {p: r for p, r in cpu_rate.items() if r}
+            if not pcie or not cpu_rate:
+                continue
+            alone = cpu_rate.get("cpu") or cpu_rate["hybrid"]      # the CPU computing every miss
+            beside = cpu_rate.get("hybrid") or cpu_rate["cpu"]     # the CPU's share of a hybrid token
+            rates[budget, n] = cpu_rate
+            d = pcie.detail
+            misses = d["zero_copy_experts_per_token"]
+            # everything but the missed experts, as the pcie run measured it, plus the resident
+            # weights read at a desktop card's memory bandwidth
+            rest_ms = d["decode_ms_per_token"] - 1e3 * misses * b / (bw["int4_kernel_zero_copy_gb_s"] * 1e9)
+            rest_ms += 1e3 * d["resident_gb"] * GiB * (1 / (DESKTOP_GPU_GB_S * 1e9) - 1 / (bw["gpu_copy_gb_s"] * 1e9))
+            for label, pcie_gb_s, ddr in BOXES:
+                memory = MEMORY_READ_SHARE * ddr
+                r_p = min(eff_pcie * pcie_gb_s, memory)
+                r_c = min(alone, memory)
+                both = min(r_p + min(beside, memory), memory)      # PCIe reads come out of the same memory
+                tok = [1e3 / (rest_ms + 1e3 * misses * b / (rate * 1e9)) for rate in (r_p, r_c, max(both, r_p, r_c))]
+                rows.append(f"| {label} | {budget:g} GB | {n} | {misses:.0f} | {tok[0]:.0f} | {tok[1]:.0f} | "
+                            f"**{tok[2]:.0f}** |")
     if not rows:
         return []
+    measured = "; ".join(f"at {g:g} GB and {n} threads " + ", ".join(f"{r:.1f} GB/s in the {p} run" for p, r in by.items())
+                         for (g, n), by in rates.items())
     return [f"**PROJECTION (not measured): decode tok/s on a desktop box, uniform routing**, from the runs below "
-            f"of commit {commit_of(group[0])}. Assumptions: the CPU kernel reaches the same share of the box's "
-            f"host-memory bandwidth as it did here ("
-            + ", ".join(f"{e:.0%} at {b:g} GB" for b, e in eff.items()) + f" of {host_bw:.0f} GB/s, twice the measured "
-            "host copy rate), with as many cores; the GPU's in-place reads reach the same share of the PCIe link as here "
-            f"({eff_pcie:.0%} of {bw['h2d_pinned_gb_s']:.1f} GB/s of pinned copies); PCIe reads come out of the same "
-            f"host memory, so both pipes together read at most {MEMORY_READ_SHARE:.0%} of it; everything but the "
-            "missed experts takes what it took in the pcie run, plus the resident weights read at "
-            f"{DESKTOP_GPU_GB_S:.0f} GB/s instead of {bw['gpu_copy_gb_s']:.0f}; the card of the same budget caches "
-            "the same share of the experts.", "",
-            "| box (projection) | budget | misses/token | PCIe only | CPU only | hybrid |", "|---|---|---|---|---|---|",
-            *rows, ""]
+            f"of commit {commit_of(group[0])}. Assumptions: the box's cores run the CPU kernel as fast as this "
+            f"machine's did with as many threads ({measured}; {read_is} {read:.0f} GB/s: the kernel is bound by its arithmetic here, "
+            "not by the memory), and no faster than the box's memory allows; the GPU's in-place reads reach the same "
+            f"share of the PCIe link as here ({eff_pcie:.0%} of {bw['h2d_pinned_gb_s']:.1f} GB/s of pinned copies); "
+            "PCIe reads come out of the same host memory, so each pipe alone and both together read at most "
+            f"{MEMORY_READ_SHARE:.0%} of it; everything but the missed experts takes what it took in the pcie run, "
+            f"plus the resident weights read at {DESKTOP_GPU_GB_S:.0f} GB/s instead of {bw['gpu_copy_gb_s']:.0f}; "
+            "the card of the same budget caches the same share of the experts.", "",
+            "| box (projection) | budget | CPU threads | misses/token | PCIe only | CPU only | hybrid |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def render_archive(folder: Path) -> list[str]:

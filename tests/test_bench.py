@@ -449,26 +449,35 @@ def test_a_scaled_budget_gives_each_layer_the_cache_share_of_the_full_model(budg
 
 
 def test_the_desktop_projection_follows_each_box_pipes_from_the_committed_runs():
-    """From the committed H200 runs (pcie, hybrid and cpu at 16 GB, one policy a run): a labelled
-    projection whose rows follow the box's pipes."""
+    """From the committed H100 runs (pcie, cpu and hybrid at 16 GB, hybrid again with 8 threads):
+    a labelled projection, a row per box and thread count, whose columns follow the pipes: PCIe
+    alone the link, the CPU alone the slower of its kernel and the box's memory, and both pipes
+    never more than that memory."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import report as rep
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    group = [r for _, r in rep.load_results(RESULTS) if r.run.kind == "engine-profile" and r.run.card == "NVIDIA H200"
-             and rep.commit_of(r) == "6638ac28"]
+    group = [r for _, r in rep.load_results(RESULTS) if r.run.kind == "engine-profile"
+             and r.run.card == "NVIDIA H100 80GB HBM3" and rep.commit_of(r) == "481e4ea5"]
     lines = rep.desktop_projection(group)
-    assert lines[0].startswith("**PROJECTION (not measured)")
-    rows = {ln.split(" | ")[0].lstrip("| "): [float(v.strip("* |")) for v in ln.split(" | ")[3:]]
+    assert lines[0].startswith("**PROJECTION (not measured)") and "the measured host read 94 GB/s" in lines[0]
+    rows = {tuple(ln.split(" | ")[i].lstrip("| ") for i in (0, 2)): [float(v.strip("* |")) for v in ln.split(" | ")[4:]]
             for ln in lines if ln.startswith("| PCIe 4.0")}
-    assert len(rows) == len(rep.BOXES)
-    x16_ddr5, x16_ddr4 = rows["PCIe 4.0 x16 + DDR5 dual channel"], rows["PCIe 4.0 x16 + DDR4 dual channel"]
-    x8_ddr5 = rows["PCIe 4.0 x8 + DDR5 dual channel"]
-    assert x8_ddr5[0] < x16_ddr5[0] and x8_ddr5[1] == x16_ddr5[1]       # PCIe alone follows the link
-    assert x16_ddr4[1] < x16_ddr5[1] and x16_ddr4[0] == x16_ddr5[0]     # the CPU alone follows the memory
-    for pcie_only, cpu_only, hybrid in rows.values():
-        assert hybrid > max(pcie_only, cpu_only)
+    assert {n for _, n in rows} == {"16", "8"} and len(rows) == 2 * len(rep.BOXES)
+    ddr5, ddr4 = "PCIe 4.0 x16 + DDR5 dual channel", "PCIe 4.0 x16 + DDR4 dual channel"
+    x8 = "PCIe 4.0 x8 + DDR5 dual channel"
+    for n in ("16", "8"):
+        assert rows[x8, n][0] < rows[ddr5, n][0] and rows[x8, n][1] == rows[ddr5, n][1]  # PCIe alone follows the link
+        assert rows[ddr4, n][1] < rows[ddr5, n][1] and rows[ddr4, n][0] == rows[ddr5, n][0]  # the CPU alone, the memory
+        for pipe in ("PCIe 4.0 x16", "PCIe 4.0 x8"):
+            for ddr in ("DDR5", "DDR4"):
+                pcie_only, cpu_only, hybrid = rows[f"{pipe} + {ddr} dual channel", n]
+                assert hybrid >= max(pcie_only, cpu_only)
+    # 16 threads read 70 GB/s, more than 85 % of dual-channel DDR5's 70: the memory is full without
+    # PCIe; 8 threads read 45 GB/s and leave room for it
+    assert rows[ddr5, "16"][2] == rows[ddr5, "16"][1]
+    assert rows[ddr5, "8"][1] < rows[ddr5, "8"][2] == rows[ddr5, "16"][2]
 
 
 def test_archived_hybrid_runs_show_each_miss_policy_and_the_labelled_projection():
