@@ -200,7 +200,7 @@ def machine_line(rows: list[Row]) -> str:
     if r.run.driver:
         parts.append(f"driver {r.run.driver}")
     measured = [f"{label} {bw[key]} GB/s" for key, label in (
-        ("cpu_copy_gb_s", "CPU copy"), ("h2d_pinned_gb_s", "host to GPU pinned"),
+        ("cpu_copy_gb_s", "CPU copy"), ("cpu_read_gb_s", "CPU read"), ("h2d_pinned_gb_s", "host to GPU pinned"),
         ("h2d_pageable_gb_s", "pageable"), ("gpu_copy_gb_s", "GPU memory")) if bw.get(key)]
     if measured:
         parts.append("measured: " + ", ".join(measured))
@@ -395,7 +395,8 @@ def render_profile(name: str, result: Result) -> list[str]:
         lines += [f"Machine, measured in the run: pinned host-to-device {bw['h2d_pinned_gb_s']:.1f} GB/s; the int4 "
                   f"kernel reading experts in place over PCIe {bw['int4_kernel_zero_copy_gb_s']:.1f} GB/s and from "
                   f"GPU memory {bw['int4_kernel_hbm_gb_s']:.0f} GB/s; device copy {bw['gpu_copy_gb_s']:.0f} GB/s; "
-                  f"host copy {bw['cpu_copy_gb_s']:.1f} GB/s.", ""]
+                  f"host copy {bw['cpu_copy_gb_s']:.1f} GB/s"
+                  + (f", host read {bw['cpu_read_gb_s']:.1f} GB/s." if bw.get("cpu_read_gb_s") else "."), ""]
     head = ("| budget | routing | cache share | decode tok/s | ms/token | hit rate | PCIe MB/token | bound tok/s | "
             "share of bound | prefill tok/s | GPU peak GiB | host peak GiB |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
