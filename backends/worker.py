@@ -47,13 +47,11 @@ def release_freed_memory() -> None:
     resident memory unless trimmed (about 0.1 GB of the 0.2 GB demo model's float32 weights; the
     amount varies from run to run with the arenas the loader's threads used)."""
     import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)    # the process's own C library
         if trim is not None:
             trim(0)
 

@@ -569,7 +569,9 @@ def desktop_projection(group: list[Result]) -> list[str]:
         return []
     eff_pcie = bw["int4_kernel_zero_copy_gb_s"] / bw["h2d_pinned_gb_s"]
     b = bw.get("expert_bytes") or EXPERT_BYTES
-    threads = lambda c: c.detail.get("cpu_threads") or bw.get("threads")  # noqa: E731 (the run's, else torch's default)
+    def threads(c: Case) -> int | None:
+        return c.detail.get("cpu_threads") or bw.get("threads")   # the run's, else torch's default
+
     rows, rates = [], {}
     for budget in sorted({c.vram_budget_gb for c in cases}):
         pcie = next((c for c in cases if c.vram_budget_gb == budget and c.detail.get("decode_miss_policy") == "pcie"), None)

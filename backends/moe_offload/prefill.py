@@ -93,10 +93,7 @@ class PrefillStream:
         """The ring slots of ``module``'s streamed experts, one chunk after another, each once its
         copy is done; a slot goes back to the copies when the caller asks for the next one (or
         the iteration ends), after the caller queued its work on it."""
-        m = self._next_module
-        if self.modules[m] is not module:
-            raise RuntimeError(f"prefill streamed layer {self.modules[m].layer} next, "
-                               f"but layer {module.layer} asked for its experts")
+        m = self._current(module)
         self._next_module += 1
         while self._used < len(self._plan) and self._plan[self._used][0] == m:
             s = self._used % self.slots
@@ -110,8 +107,16 @@ class PrefillStream:
 
     def streamed(self, module: "OffloadedExperts") -> list[int]:
         """The experts of ``module`` this forward streams, in ring order (chunk after chunk)."""
-        m = self.modules.index(module)
+        m = self._current(module)
         return [e for i, experts in self._plan if i == m for e in experts]
+
+    def _current(self, module: "OffloadedExperts") -> int:
+        """The index of the module whose experts the stream serves next, which must be ``module``."""
+        m = self._next_module
+        if self.modules[m] is not module:
+            raise RuntimeError(f"prefill streamed layer {self.modules[m].layer} next, "
+                               f"but layer {module.layer} asked for its experts")
+        return m
 
     # ---- the copies --------------------------------------------------------------------------------
     def _start(self) -> None:
